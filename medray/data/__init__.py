@@ -1,0 +1,20 @@
+"""Records, images and batches: everything between files in storage and model inputs.
+
+    >>> from medray.data import read_records, load_image, ChatCollator, Example
+    >>> recs = read_records("s3://bucket/vqa-rad/test.json")          # doctest: +SKIP
+    >>> img = load_image(storage.read_bytes(recs[0].image), recs[0].image)  # doctest: +SKIP
+    >>> batch = ChatCollator(processor)([Example(recs[0].to_messages(), [img])])  # doctest: +SKIP
+"""
+
+from .collate import IGNORE_INDEX, ChatCollator, Example, SampleTooLongError, assistant_spans
+from .images import (ImageDecodeError, ImageOptions, ImageTooLargeError, dicom_grey_to_uint8,
+                     is_dicom, load_image, window_linear)
+from .records import (CaptionRecord, ConversationRecord, MCQARecord, Record, RecordError,
+                      VQARecord, detect_kind, read_records, read_rows)
+
+__all__ = [
+    "IGNORE_INDEX", "ChatCollator", "Example", "SampleTooLongError", "assistant_spans",
+    "ImageDecodeError", "ImageOptions", "ImageTooLargeError", "dicom_grey_to_uint8", "is_dicom",
+    "load_image", "window_linear", "CaptionRecord", "ConversationRecord", "MCQARecord", "Record",
+    "RecordError", "VQARecord", "detect_kind", "read_records", "read_rows",
+]

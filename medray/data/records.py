@@ -1,0 +1,267 @@
+"""Typed training/eval records and their readers (JSON, JSONL, Parquet; local or s3://).
+
+Four shapes cover the seeds' datasets. Each record turns into content-part chat messages
+(`to_messages`), the one form the collator and the generation engine take:
+- ConversationRecord: LLaVA / LLaVA-Med instruction data (`conversations` with human/gpt turns);
+- VQARecord: VQA-RAD, SLAKE, PathVQA, in their native fields or LLaVA-Med's test.json form;
+- CaptionRecord: figure-caption pairs (PMC-OA, ROCO, LLaVA-Med alignment);
+- MCQARecord: MedQA, MedMCQA, PubMedQA multiple choice.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import PurePosixPath
+from typing import Any, Literal, Union
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from medray import storage
+
+IMAGE_TAG = "<image>"
+
+
+def _user(text: str, with_image: bool) -> dict:
+    parts: list[dict] = [{"type": "image"}] if with_image else []
+    parts.append({"type": "text", "text": text})
+    return {"role": "user", "content": parts}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, coerce_numbers_to_str=True)
+
+    id: str | None = Field(default=None, validation_alias=AliasChoices("id", "qid", "question_id", "img_id"))
+    image: str | None = Field(default=None, validation_alias=AliasChoices(
+        "image", "image_name", "img_name", "image_path", "name", "image_uri"))
+
+    def images(self) -> list[str]:
+        return [self.image] if self.image else []
+
+
+class Turn(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    role: Literal["human", "gpt"] = Field(validation_alias=AliasChoices("from", "role"))
+    value: str
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _norm_role(cls, v: str) -> str:
+        return {"user": "human", "assistant": "gpt"}.get(v, v)
+
+
+class ConversationRecord(_Record):
+    """{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}; "<image>" marks the image."""
+
+    kind: Literal["conversation"] = "conversation"
+    conversations: list[Turn]
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.conversations or self.conversations[0].role != "human":
+            raise ValueError("a conversation must start with a human turn")
+        return self
+
+    def to_messages(self, with_answer: bool = True) -> list[dict]:
+        out = []
+        placed = False
+        for turn in self.conversations:
+            if turn.role == "human":
+                # LLaVA moves the image to the front of the turn that mentions it; the
+                # first human turn gets it if no turn says "<image>".
+                has_tag = IMAGE_TAG in turn.value
+                text = turn.value.replace(IMAGE_TAG, "").strip()
+                with_image = bool(self.image) and not placed and (has_tag or not any(
+                    IMAGE_TAG in t.value for t in self.conversations))
+                placed = placed or with_image
+                out.append(_user(text, with_image))
+            else:
+                out.append(_assistant(turn.value))
+        if not with_answer and out and out[-1]["role"] == "assistant":
+            out = out[:-1]
+        return out
+
+
+class VQARecord(_Record):
+    """One image question with its answer; `answer_type` is OPEN or CLOSED (yes/no)."""
+
+    kind: Literal["vqa"] = "vqa"
+    question: str = Field(validation_alias=AliasChoices("question", "text", "query"))
+    answer: str | None = Field(default=None, validation_alias=AliasChoices("answer", "gt_answer"))
+    answer_type: Literal["OPEN", "CLOSED"] | None = None
+
+    @field_validator("answer_type", mode="before")
+    @classmethod
+    def _norm_type(cls, v):
+        return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_conversation(cls, data: Any):
+        # LLaVA-Med's downstream test.json: a two-turn conversation plus answer_type.
+        if isinstance(data, dict) and "conversations" in data and "question" not in data:
+            turns = data["conversations"]
+            data = {**data, "question": turns[0]["value"].replace(IMAGE_TAG, "").strip()}
+            if len(turns) > 1:
+                data["answer"] = turns[1]["value"]
+        return data
+
+    def to_messages(self, with_answer: bool = True) -> list[dict]:
+        out = [_user(self.question, bool(self.image))]
+        if with_answer and self.answer is not None:
+            out.append(_assistant(self.answer))
+        return out
+
+
+class CaptionRecord(_Record):
+    """A figure and its caption; trains as "describe the image" -> caption."""
+
+    kind: Literal["caption"] = "caption"
+    caption: str = Field(validation_alias=AliasChoices("caption", "fig_caption", "text_caption"))
+    prompt: str = "Describe the image."
+
+    def to_messages(self, with_answer: bool = True) -> list[dict]:
+        out = [_user(self.prompt, bool(self.image))]
+        return out + [_assistant(self.caption)] if with_answer else out
+
+
+class MCQARecord(_Record):
+    """A multiple-choice question: options A..E and the letter of the right one."""
+
+    kind: Literal["mcqa"] = "mcqa"
+    question: str
+    options: dict[str, str]
+    answer: str
+    """The letter of the correct option."""
+    context: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any):
+        if not isinstance(data, dict):
+            return data
+        d = dict(data)
+        if "QUESTION" in d:  # PubMedQA: yes / no / maybe over the abstract's contexts
+            d = {"id": d.get("id") or d.get("pmid"), "question": d["QUESTION"],
+                 "context": "\n".join(d.get("CONTEXTS", [])),
+                 "options": {"A": "yes", "B": "no", "C": "maybe"},
+                 "answer": {"yes": "A", "no": "B", "maybe": "C"}[d["final_decision"].lower()]}
+        elif "opa" in d:  # MedMCQA: opa..opd, cop is 1-based in the released files
+            d["options"] = {k: d[f"op{k.lower()}"] for k in "ABCD"}
+            d["answer"] = "ABCD"[int(d["cop"]) - 1]
+        elif "answer_idx" in d:  # MedQA (US): options dict + answer_idx letter
+            d["answer"] = d["answer_idx"]
+        if isinstance(d.get("options"), list):
+            d["options"] = {chr(ord("A") + i): o for i, o in enumerate(d["options"])}
+        return d
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.answer not in self.options:
+            raise ValueError(f"answer {self.answer!r} is not one of the options {sorted(self.options)}")
+        return self
+
+    def prompt(self) -> str:
+        lines = [f"Context: {self.context}"] if self.context else []
+        lines.append(f"Question: {self.question}")
+        lines += [f"{k}. {v}" for k, v in sorted(self.options.items())]
+        lines.append("Answer with the letter of the correct option.")
+        return "\n".join(lines)
+
+    def to_messages(self, with_answer: bool = True) -> list[dict]:
+        out = [_user(self.prompt(), False)]
+        if with_answer:
+            out.append(_assistant(f"{self.answer}. {self.options[self.answer]}"))
+        return out
+
+
+Record = Union[ConversationRecord, VQARecord, CaptionRecord, MCQARecord]
+RecordKind = Literal["conversation", "vqa", "caption", "mcqa"]
+_CLASSES: dict[str, type[_Record]] = {
+    "conversation": ConversationRecord, "vqa": VQARecord, "caption": CaptionRecord, "mcqa": MCQARecord,
+}
+
+
+class RecordError(ValueError):
+    """A records file, or a row in it, does not fit the expected shape (names file and row)."""
+
+
+def detect_kind(row: dict) -> RecordKind:
+    keys = set(row)
+    if "conversations" in keys:
+        return "vqa" if "answer_type" in keys else "conversation"
+    if keys & {"options", "opa", "QUESTION", "answer_idx"}:
+        return "mcqa"
+    if keys & {"caption", "fig_caption"}:
+        return "caption"
+    if keys & {"question", "text", "query"}:
+        return "vqa"
+    raise RecordError(f"cannot tell the record kind from keys {sorted(keys)}; pass kind=")
+
+
+def read_rows(uri: str) -> list[dict]:
+    """Raw rows of a .json (list, or dict keyed by id), .jsonl or .parquet file."""
+    data = storage.read_bytes(uri)
+    suffix = PurePosixPath(uri.split("?")[0]).suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    text = data.decode("utf-8")
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"{uri} line {n}: not JSON ({e.msg})") from e
+        return rows
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{uri}: not JSON ({e.msg} at line {e.lineno})") from e
+    if isinstance(obj, dict):  # e.g. PubMedQA's {pmid: {...}}
+        return [{"id": k, **v} for k, v in obj.items()]
+    return obj
+
+
+def read_records(uri: str, kind: RecordKind | Literal["auto"] = "auto",
+                 image_root: str | None = None) -> list[Record]:
+    """Parse a records file into typed records.
+
+    Relative image paths are resolved against `image_root` (default: the file's folder),
+    so a dataset keeps working when its folder is copied to S3.
+    """
+    rows = read_rows(uri)
+    if not rows:
+        return []
+    kind = detect_kind(rows[0]) if kind == "auto" else kind
+    if kind not in _CLASSES:
+        raise RecordError(f"unknown record kind {kind!r}; choose one of {sorted(_CLASSES)}")
+    cls = _CLASSES[kind]
+    root = image_root if image_root is not None else _parent(uri)
+    out = []
+    for n, row in enumerate(rows):
+        try:
+            rec = cls.model_validate(row)
+        except Exception as e:
+            raise RecordError(f"{uri} row {n}: not a {kind} record: {e}") from e
+        if rec.id is None:
+            rec.id = f"{n}"
+        if rec.image and root and not _is_absolute(rec.image):
+            rec.image = storage.join(root, rec.image)
+        out.append(rec)
+    return out
+
+
+def _parent(uri: str) -> str:
+    return uri.rsplit("/", 1)[0] if "/" in uri else "."
+
+
+def _is_absolute(path: str) -> bool:
+    return path.startswith(("/", "s3://", "file://"))

@@ -1,0 +1,20 @@
+"""Model URIs, loading, tiny models, chat templates and checkpoint conversion.
+
+    >>> from medray.models import load_model
+    >>> lm = load_model("s3://models/llava-med-v1.5")   # or a directory, or tiny://llava-mistral
+    ...                                                   # doctest: +SKIP
+    >>> lm.model, lm.processor, lm.family.name           # doctest: +SKIP
+"""
+
+from .families import FAMILIES, Family, family_of, get_family
+from .loading import (LoadedModel, ModelLoadError, default_device, default_dtype, load_model,
+                      load_processor, quantization_config, render_chat, resolve_model_uri)
+from .templates import TEMPLATES, get_template
+from .tiny import build_tokenizer, tiny_model_dir, write_tiny_model
+
+__all__ = [
+    "FAMILIES", "Family", "family_of", "get_family", "LoadedModel", "ModelLoadError",
+    "default_device", "default_dtype", "load_model", "load_processor", "quantization_config",
+    "render_chat", "resolve_model_uri", "TEMPLATES", "get_template", "build_tokenizer",
+    "tiny_model_dir", "write_tiny_model",
+]

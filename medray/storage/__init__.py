@@ -1,0 +1,55 @@
+"""Local paths and s3:// URIs behind one small API.
+
+    >>> from medray import storage
+    >>> storage.write_text("s3://bucket/runs/a/notes.txt", "hello")   # doctest: +SKIP
+    >>> storage.read_text("s3://bucket/runs/a/notes.txt")              # doctest: +SKIP
+    'hello'
+
+Module-level functions use a default `Storage` configured from the environment
+(AWS_ENDPOINT_URL, AWS_* credentials, MEDRAY_S3_ALLOWED_PREFIXES). Build a `Storage`
+yourself to use other settings. Nothing here knows about models or Ray.
+"""
+
+from __future__ import annotations
+
+from ._cache import SyncResult, cache_root, sync_prefix
+from ._store import AccessDenied, FileInfo, Storage, StorageConfig, StorageError, default_storage
+from ._uri import S3Location, is_s3, join, local_path, parse_s3
+
+__all__ = [
+    "AccessDenied", "FileInfo", "S3Location", "Storage", "StorageConfig", "StorageError",
+    "SyncResult", "cache_root", "default_storage", "is_s3", "join", "local_path", "parse_s3",
+    "read_bytes", "read_text", "write_bytes", "write_text", "list_files", "exists",
+    "atomic_writer", "upload_dir", "sync_prefix",
+]
+
+def read_bytes(uri: str) -> bytes:
+    return default_storage().read_bytes(uri)
+
+
+def read_text(uri: str) -> str:
+    return default_storage().read_text(uri)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    default_storage().write_bytes(uri, data)
+
+
+def write_text(uri: str, text: str) -> None:
+    default_storage().write_text(uri, text)
+
+
+def list_files(prefix: str, **kwargs) -> list[FileInfo]:
+    return default_storage().list_files(prefix, **kwargs)
+
+
+def exists(uri: str) -> bool:
+    return default_storage().exists(uri)
+
+
+def atomic_writer(uri: str, mode: str = "wb"):
+    return default_storage().atomic_writer(uri, mode)
+
+
+def upload_dir(path, uri: str) -> list[str]:
+    return default_storage().upload_dir(path, uri)
