@@ -1,0 +1,151 @@
+"""The `medray` command. Each subcommand parses its flags and calls into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _tiny_model(args) -> int:
+    from medray.models import write_tiny_model
+
+    out = write_tiny_model(args.family, args.out, seed=args.seed, chat_template=args.chat_template)
+    print(out)
+    return 0
+
+
+def _convert_llava(args) -> int:
+    from medray.models.convert import convert_llava
+
+    print(convert_llava(args.src, args.out, vision_tower=args.vision_tower,
+                        chat_template=args.chat_template, allow_pickle=args.allow_pickle))
+    return 0
+
+
+def _apply_delta(args) -> int:
+    import tempfile
+
+    from medray.models.convert import apply_delta, convert_llava
+
+    if not args.to_hf:
+        print(apply_delta(args.base, args.delta, args.out, allow_pickle=args.allow_pickle))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="medray-delta-") as tmp:
+        merged = apply_delta(args.base, args.delta, tmp, allow_pickle=args.allow_pickle)
+        print(convert_llava(merged, args.out, vision_tower=args.vision_tower))
+    return 0
+
+
+def _ask(args) -> int:
+    from medray import storage
+    from medray.data import load_image
+    from medray.infer.engine import GenerationEngine, GenerationSettings, Request
+    from medray.models import load_model
+
+    lm = load_model(args.model, adapter=args.adapter, trust_remote_code=args.trust_remote_code)
+    content: list[dict] = []
+    images = []
+    if args.image:
+        images.append(load_image(storage.read_bytes(args.image), args.image))
+        content.append({"type": "image"})
+    content.append({"type": "text", "text": args.question})
+    engine = GenerationEngine(lm)
+    answer = engine.generate([Request([{"role": "user", "content": content}], images)],
+                             GenerationSettings(max_new_tokens=args.max_new_tokens,
+                                                temperature=args.temperature))[0]
+    print(json.dumps({"model": args.model, "question": args.question, "answer": answer.text,
+                      "completion_tokens": answer.completion_tokens}))
+    return 0
+
+
+def _demo(args) -> int:
+    from medray.demo import run_demo
+
+    return run_demo(workdir=args.workdir, s3_endpoint=args.s3_endpoint, model=args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medray.models import FAMILIES, TEMPLATES
+
+    p = argparse.ArgumentParser(prog="medray", description=(
+        "Fine-tune, batch-run and serve medical vision-language models on Ray. "
+        "Model URIs: a local HF directory, s3://bucket/prefix, or tiny://FAMILY[?seed=N]."))
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("tiny-model", help="write a tiny random-init HF model directory (offline)",
+                       description="Write a tiny random-init model, with its tokenizer and processor, "
+                                   "as a normal HF directory. Families: " +
+                                   "; ".join(f"{f.name} ({f.seeds})" for f in FAMILIES.values()))
+    t.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--seed", type=int, default=0, help="weights and tokenizer are a function of this")
+    t.add_argument("--chat-template", choices=sorted(TEMPLATES), default=None,
+                   help="override the family's default prompt format")
+    t.set_defaults(func=_tiny_model)
+
+    c = sub.add_parser("convert", help="convert checkpoints into HF directories",
+                       description="Convert checkpoints published in LLaVA's own format.")
+    csub = c.add_subparsers(dest="convert_command", required=True, metavar="KIND")
+    cl = csub.add_parser("llava", help="LLaVA-format checkpoint (llava_llama / llava_mistral) -> HF Llava",
+                         description="Turn a LLaVA-format checkpoint (e.g. llava-med-v1.5-mistral-7b) "
+                                     "into an HF LlavaForConditionalGeneration directory.")
+    cl.add_argument("src", help="source directory (local or s3://)")
+    cl.add_argument("out", help="output directory")
+    cl.add_argument("--vision-tower", help="HF CLIP directory, when the checkpoint does not hold the "
+                                           "tower or names one medray does not know")
+    cl.add_argument("--chat-template", choices=sorted(TEMPLATES),
+                    help="prompt format (default: mistral_instruct for llava_mistral, vicuna_v1 for llava_llama)")
+    cl.add_argument("--allow-pickle", action="store_true",
+                    help="also read pytorch_model*.bin (weights-only unpickler); output is safetensors")
+    cl.set_defaults(func=_convert_llava)
+    cd = csub.add_parser("apply-delta", help="apply LLaVA-Med v1 delta weights to a base LLaMA",
+                         description="target = base + delta, LLaVA-Med v1's release scheme. Writes "
+                                     "LLaVA's format, or an HF directory with --to-hf.")
+    cd.add_argument("--base", required=True, help="base LLaMA HF directory (local or s3://)")
+    cd.add_argument("--delta", required=True, help="delta checkpoint directory (local or s3://)")
+    cd.add_argument("out", help="output directory")
+    cd.add_argument("--to-hf", action="store_true", help="convert the result into an HF Llava directory")
+    cd.add_argument("--vision-tower", help="with --to-hf: HF CLIP directory for the tower")
+    cd.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model*.bin")
+    cd.set_defaults(func=_apply_delta)
+
+    a = sub.add_parser("ask", help="ask a model one question, optionally about one image",
+                       description="Load a model URI and answer one question; prints JSON.")
+    a.add_argument("--model", required=True, help="model URI")
+    a.add_argument("--adapter", help="PEFT adapter directory (local or s3://)")
+    a.add_argument("--image", help="image URI (PNG, JPEG, TIFF or DICOM; local or s3://)")
+    a.add_argument("--question", required=True)
+    a.add_argument("--max-new-tokens", type=int, default=32)
+    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    a.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the model (off by default)")
+    a.set_defaults(func=_ask)
+
+    d = sub.add_parser("demo", help="run the main job on an embedded default (local Ray, local S3, tiny model)",
+                       description="Start a local S3 endpoint and Ray, put a tiny LLaVA and images in S3, "
+                                   "and answer questions about them from Ray workers.")
+    d.add_argument("--workdir", default="out/demo", help="where local outputs go")
+    d.add_argument("--s3-endpoint", help="use this S3 endpoint (AWS_* credentials from the environment) "
+                                         "instead of starting a local one")
+    d.add_argument("--model", default="tiny://llava-mistral", help="model URI to serve the questions")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Errors the user can act on get one clear line, not a traceback.
+        print(f"medray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
