@@ -1,0 +1,87 @@
+"""Shared fixtures: a loopback S3 endpoint, a session-wide local Ray, tiny models.
+
+Everything is real: moto's server is a separate process spoken to over HTTP, Ray is a
+real local cluster, and tiny models are written to disk and loaded back through
+medray's own loaders.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from medray.models import write_tiny_model
+from medray.storage.local_s3 import LocalS3Server
+
+FAMILY_NAMES = ["llava-mistral", "llava-llama", "llama", "mixtral", "git"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep tiny:// builds and S3 mirrors out of the user's ~/.cache."""
+    old = os.environ.get("MEDRAY_CACHE_DIR")
+    os.environ["MEDRAY_CACHE_DIR"] = str(tmp_path_factory.mktemp("medray-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MEDRAY_CACHE_DIR", None)
+    else:
+        os.environ["MEDRAY_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port; AWS_* env points every client at it."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                            "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    with LocalS3Server() as server:
+        os.environ.update(server.env)
+        yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A fresh, empty bucket; returns its s3:// URI."""
+    from medray.storage import default_storage
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    default_storage().client.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, tmp_path_factory):
+    """One local Ray for the whole run, sized for a 2-core machine."""
+    import ray
+
+    # A stale pointer to a dead cluster makes ray.init try to join it.
+    Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MEDRAY_"))}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model directory per family, written by the same code as `medray tiny-model`."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: write_tiny_model(f, root / f, seed=0) for f in FAMILY_NAMES}
