@@ -104,7 +104,7 @@ class Storage:
             from botocore.config import Config
 
             cfg = Config(
-                retries={"max_attempts": self.config.max_attempts, "mode": "standard"},
+                retries={"total_max_attempts": self.config.max_attempts, "mode": "standard"},
                 connect_timeout=self.config.connect_timeout_s,
                 read_timeout=self.config.read_timeout_s,
             )
