@@ -70,21 +70,29 @@ def _resolve_local(uri: str | Path) -> Path:
     return storage.sync_prefix(uri).path if storage.is_s3(uri) else storage.local_path(uri)
 
 
-def _vision_setup(tower: str, src_cfg: dict):
+def _clip_processor(image_size: int):
+    from transformers import CLIPImageProcessor
+
+    # CLIPImageProcessor's defaults are OpenAI CLIP's mean/std; only the size varies.
+    return CLIPImageProcessor(size={"shortest_edge": image_size},
+                              crop_size={"height": image_size, "width": image_size})
+
+
+def _vision_setup(tower: str):
     """(CLIPVisionConfig, CLIPImageProcessor, tower dir or None) for the tower LLaVA named."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig
 
     local = None if tower in KNOWN_TOWERS else _resolve_local(tower)
     if local is not None and (local / "config.json").is_file():
         vcfg = CLIPVisionConfig.from_pretrained(local)
-        proc = CLIPImageProcessor.from_pretrained(local)
+        if (local / "preprocessor_config.json").is_file() or (local / "processor_config.json").is_file():
+            proc = CLIPImageProcessor.from_pretrained(local)
+        else:
+            proc = _clip_processor(vcfg.image_size)
         return vcfg, proc, local
     if tower in KNOWN_TOWERS:
         spec = KNOWN_TOWERS[tower]
-        size = spec["image_size"]
-        return (CLIPVisionConfig(**spec),
-                CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-                None)
+        return CLIPVisionConfig(**spec), _clip_processor(spec["image_size"]), None
     raise ModelLoadError(
         f"vision tower {tower!r} is neither a local CLIP directory nor one of {sorted(KNOWN_TOWERS)}; "
         "pass --vision-tower DIR (an HF CLIP directory, local or s3://)")
@@ -154,7 +162,7 @@ def convert_llava(src: str | Path, out: str | Path, *, vision_tower: str | None 
     tower = vision_tower or src_cfg.get("mm_vision_tower")
     if not tower:
         raise ModelLoadError(f"{src} names no vision tower (mm_vision_tower); pass --vision-tower")
-    vcfg, image_processor, tower_dir = _vision_setup(tower, src_cfg)
+    vcfg, image_processor, tower_dir = _vision_setup(tower)
 
     new_sd = {}
     for k, v in sd.items():
@@ -206,7 +214,12 @@ def convert_llava(src: str | Path, out: str | Path, *, vision_tower: str | None 
     )
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(new_sd, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(new_sd, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches: usually the tower config is not the tower
+        raise ModelLoadError(f"weights of {src} do not fit the config built for them (vision tower "
+                             f"{tower!r}); pass --vision-tower DIR with the matching CLIP config. "
+                             f"First mismatch: {str(e).splitlines()[1].strip()}") from e
     if missing or unexpected:
         raise ModelLoadError(f"converted weights do not fit the HF model: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
