@@ -124,7 +124,9 @@ def test_apply_delta_recovers_the_target(tmp_path):
 
 def test_pickle_checkpoints_need_explicit_consent(tmp_path):
     hf = write_tiny_model("llava-mistral", tmp_path / "hf")
-    src = write_llava_format(hf, tmp_path / "llava")
+    tower = tmp_path / "clip"
+    LlavaForConditionalGeneration.from_pretrained(hf).model.vision_tower.save_pretrained(tower)
+    src = write_llava_format(hf, tmp_path / "llava", tower_ref=str(tower))
     sd = read_state_dict(src)
     (src / "model.safetensors").unlink()
     torch.save(sd, src / "pytorch_model.bin")
