@@ -15,7 +15,8 @@ import json
 from pathlib import PurePosixPath
 from typing import Any, Literal, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from medray import storage
 
@@ -249,14 +250,22 @@ def read_records(uri: str, kind: RecordKind | Literal["auto"] = "auto",
     for n, row in enumerate(rows):
         try:
             rec = cls.model_validate(row)
-        except Exception as e:
-            raise RecordError(f"{uri} row {n}: not a {kind} record: {e}") from e
+        except ValidationError as e:
+            raise RecordError(f"{uri} row {n}: not a {kind} record: {_describe(e)}") from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecordError(f"{uri} row {n}: not a {kind} record: {e!r}") from e
         if rec.id is None:
             rec.id = f"{n}"
         if rec.image and root and not _is_absolute(rec.image):
             rec.image = storage.join(root, rec.image)
         out.append(rec)
     return out
+
+
+def _describe(e: ValidationError) -> str:
+    # One line per problem, "field: what is wrong", instead of pydantic's multi-line report.
+    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'row'}: {err['msg']}"
+                     for err in e.errors())
 
 
 def _parent(uri: str) -> str:
