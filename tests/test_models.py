@@ -224,3 +224,18 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     assert cli_main(["ask", "--model", str(tmp_path / "nope"), "--question", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medray: error:") and "does not exist" in err
+
+
+def test_ask_answers_about_a_dicom_in_s3(tiny_dirs, bucket, capsys):
+    from pydicom.data import get_testdata_file
+
+    uri = f"{bucket}/scans/ct.dcm"
+    storage.write_bytes(uri, Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    assert cli_main(["ask", "--model", str(tiny_dirs["llava-mistral"]), "--image", uri,
+                     "--question", "What modality is this?", "--max-new-tokens", "4"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["question"] == "What modality is this?" and out["completion_tokens"] > 0
+    storage.write_bytes(f"{bucket}/scans/broken.dcm", b"\x00" * 128 + b"DICM" + b"\x01" * 40)
+    assert cli_main(["ask", "--model", str(tiny_dirs["llava-mistral"]), "--image", f"{bucket}/scans/broken.dcm",
+                     "--question", "?"]) == 2
+    assert "broken.dcm" in capsys.readouterr().err

@@ -168,3 +168,18 @@ def test_pyarrow_filesystem_reaches_the_same_endpoint(bucket):
     pq.write_table(pa.table({"x": [1, 2, 3]}), path, filesystem=fs)
     assert storage.exists(f"{bucket}/tables/t.parquet")
     assert pq.read_table(path, filesystem=fs).column("x").to_pylist() == [1, 2, 3]
+
+
+def test_mirror_refuses_keys_that_escape_it(bucket, tmp_path):
+    storage.default_storage().client.put_object(Bucket=bucket[len("s3://"):], Key="m/../../evil.txt", Body=b"x")
+    with pytest.raises(storage.StorageError, match="escapes"):
+        sync_prefix(f"{bucket}/m", tmp_path / "mirror" / "m")
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_upload_of_a_mirror_skips_its_bookkeeping(bucket, tmp_path):
+    storage.write_text(f"{bucket}/src/config.json", "{}")
+    mirror = sync_prefix(f"{bucket}/src", tmp_path / "mirror").path
+    assert (mirror / ".medray-etags.json").exists()
+    written = storage.upload_dir(mirror, f"{bucket}/copy")
+    assert written == [f"{bucket}/copy/config.json"]

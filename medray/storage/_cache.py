@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._store import Storage, default_storage
+from ._store import Storage, StorageError, default_storage
 from ._uri import parse_s3
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,13 @@ def sync_prefix(uri: str, dest: Path | None = None, *, storage: Storage | None =
         index_path = dest / INDEX
         index = json.loads(index_path.read_text()) if index_path.exists() else {}
         downloaded = []
+        root = dest.resolve()
         for obj in objects:
             rel = obj.uri[len(base):]
             local = dest / rel
+            # A key such as "a/../../x" must not write outside the mirror.
+            if not local.resolve().is_relative_to(root) or rel.startswith(".medray-"):
+                raise StorageError(f"refusing to mirror {obj.uri}: its key escapes {uri}")
             if index.get(rel) == obj.etag and local.is_file() and local.stat().st_size == obj.size:
                 continue
             storage.download_file(obj.uri, local)

@@ -280,7 +280,7 @@ class Storage:
         root = Path(path)
         written = []
         for p in sorted(root.rglob("*")):
-            if p.is_file():
+            if p.is_file() and not p.name.startswith(".medray-"):  # skip mirror bookkeeping
                 dest = f"{uri.rstrip('/')}/{p.relative_to(root).as_posix()}" if is_s3(uri) \
                     else str(local_path(uri) / p.relative_to(root))
                 self.upload_file(p, dest)
