@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; a machine with torch already in $(VENV) keeps its own build.
 TORCH_VERSION ?= 2.13.0
+# On images that ship torch system-wide (e.g. rayproject/ray GPU images), use
+# VENV_FLAGS=--system-site-packages so the venv sees and keeps that torch.
+VENV_FLAGS ?=
 # deepspeed JIT-builds ops on first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/medray/torch_extensions
 
@@ -13,7 +16,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/medray/torch_extensions
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
 	# Pin whatever torch is installed, so no dependency can swap in a multi-GB CUDA build.
