@@ -60,6 +60,17 @@ def _ask(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from medray.train import load_manifest, run_curriculum
+
+    results = run_curriculum(load_manifest(args.manifest, args.set))
+    for r in results:
+        state = "skipped (done)" if r.skipped else f"trained in {r.seconds:.0f} s"
+        loss = r.metrics.get("loss")
+        print(f"{r.name:<16} {state:<20} loss {loss if loss is None else round(loss, 4)}  ->  {r.model}")
+    return 0
+
+
 def _demo(args) -> int:
     from medray.demo import run_demo
 
@@ -123,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trust-remote-code", action="store_true",
                    help="run Python code shipped with the model (off by default)")
     a.set_defaults(func=_ask)
+
+    tr = sub.add_parser("train", help="run a curriculum manifest on Ray Train",
+                        description="Run each stage of a curriculum manifest with Ray Train, on the Ray "
+                                    "cluster in RAY_ADDRESS (or a running one), else on a local one. "
+                                    "Finished stages are skipped; interrupted ones resume.")
+    tr.add_argument("manifest", help="manifest YAML (local or s3://)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a manifest value, e.g. output=/tmp/run or stages.align.max_steps=5")
+    tr.set_defaults(func=_train)
 
     d = sub.add_parser("demo", help="run the main job on an embedded default (local Ray, local S3, tiny model)",
                        description="Start a local S3 endpoint and Ray, put a tiny LLaVA and images in S3, "

@@ -8,7 +8,6 @@ as they land.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -18,31 +17,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BUCKET = "medray-demo"
-
-
-def synthetic_chest(side: str, size: int = 64, seed: int = 0):
-    """A chest-x-ray-like image: two dark lungs, and a bright blob in one of them (or none)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    img = np.full((size, size), 90, dtype=np.float64) + rng.normal(0, 6, (size, size))
-    yy, xx = np.mgrid[:size, :size]
-    for cx in (size * 0.3, size * 0.7):
-        lung = ((xx - cx) / (size * 0.16)) ** 2 + ((yy - size * 0.5) / (size * 0.32)) ** 2 <= 1
-        img[lung] = 40 + rng.normal(0, 4, lung.sum())
-    if side in ("left", "right"):
-        # Radiological convention: the patient's left is on the image's right.
-        cx = size * (0.7 if side == "left" else 0.3)
-        blob = (xx - cx) ** 2 + (yy - size * 0.45) ** 2 <= (size * 0.08) ** 2
-        img[blob] = 200
-    return Image.fromarray(np.clip(img, 0, 255).astype("uint8")).convert("RGB")
-
-
-def _png_bytes(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _answer_in_ray(model_uri: str, image_uri: str, question: str) -> dict:
@@ -72,6 +46,7 @@ def run_demo(workdir: str = "out/demo", s3_endpoint: str | None = None,
     from pydicom.data import get_testdata_file
 
     from medray import storage
+    from medray.data.synthetic import chest_image, png_bytes
     from medray.models import resolve_model_uri
     from medray.storage.local_s3 import LocalS3Server
 
@@ -97,7 +72,7 @@ def run_demo(workdir: str = "out/demo", s3_endpoint: str | None = None,
         images = {}
         for side in ("left", "right", "none"):
             uri = f"s3://{BUCKET}/images/chest-{side}.png"
-            store.write_bytes(uri, _png_bytes(synthetic_chest(side)))
+            store.write_bytes(uri, png_bytes(chest_image(side)))
             images[uri] = "Is there an opacity?"
         dcm = f"s3://{BUCKET}/images/CT_small.dcm"
         store.write_bytes(dcm, Path(get_testdata_file("CT_small.dcm")).read_bytes())

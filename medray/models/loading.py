@@ -143,6 +143,15 @@ def load_model(uri: str, *, device: str | None = None, dtype: torch.dtype | str 
     'llava-mistral'
     """
     path = resolve_model_uri(uri)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        # A PEFT adapter directory stands for its base + the adapter, as with AutoPeftModel.
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ModelLoadError(f"{uri} is a PEFT adapter that names no base model")
+        if adapter:
+            raise ModelLoadError(f"{uri} is itself an adapter; load its base with adapter={uri!r} instead")
+        return load_model(base, device=device, dtype=dtype, quantization=quantization, adapter=uri,
+                          trust_remote_code=trust_remote_code)
     config = read_config(path)
     if config.get("model_type") in ORIGINAL_LLAVA_TYPES and config.get("model_type") != "llava":
         raise ModelLoadError(

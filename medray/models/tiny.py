@@ -8,9 +8,12 @@ narrower layers.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -166,19 +169,27 @@ def tiny_model_dir(family: str, seed: int = 0, *, cache: Path) -> Path:
     """The cached directory for tiny://family?seed=N, built once per (family, seed, recipe)."""
     get_family(family)
     dest = cache / "tiny" / f"{family}-seed{seed}-v{TINY_VERSION}"
-    if (dest / "config.json").exists():
+    if (dest / "model.safetensors").exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the destination and rename: concurrent builders (Ray workers on one
-    # node) each finish a complete copy and the first rename wins.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        write_tiny_model(family, tmp, seed=seed)
+    # One builder per node at a time (Ray workers on one node share the cache).
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (dest / "model.safetensors").exists():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # transformers' save_pretrained writes nothing on ranks other than 0 of an
+                # initialised process group, so a Train worker builds in a clean process.
+                subprocess.run([sys.executable, "-m", "medray.cli", "tiny-model", "--family", family,
+                                "--out", str(tmp), "--seed", str(seed)], check=True,
+                               stdout=subprocess.DEVNULL)
+            else:
+                write_tiny_model(family, tmp, seed=seed)
+            if not (tmp / "model.safetensors").exists():
+                raise RuntimeError(f"building tiny://{family} wrote no weights")
             os.rename(tmp, dest)
-        except OSError:
-            if not (dest / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -1,0 +1,22 @@
+"""Entrypoint for `ray job submit --working-dir . -- python jobs/train.py MANIFEST [--set k=v ...]`."""
+
+import argparse
+import logging
+import sys
+
+from medray.train import load_manifest, run_curriculum
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("manifest")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for result in run_curriculum(load_manifest(args.manifest, args.set)):
+        logging.info("stage %s: %s -> %s", result.name, "skipped" if result.skipped else "trained", result.model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Running a curriculum: one Ray Train run per stage, each starting from the last result.
+
+Layout under `output` (a directory or s3:// prefix):
+
+    <output>/<stage>/              the stage's model (HF directory, or PEFT adapter directory)
+    <output>/<stage>/adapter/      LoRA stages that merge: the adapter as well
+    <output>/<stage>/metrics.jsonl, loss.png
+    <output>/<stage>/medray_stage.json   written last: the stage is done
+    <output>/_data/<stage>/        synthetic corpora, when a stage generates one
+    <output>/_ray/<stage>-<hash>/  Ray Train runs and their checkpoints
+
+A stage whose medray_stage.json exists with the same config fingerprint is skipped, so a
+rerun of a finished curriculum does no work. An unfinished stage's Ray Train run has a
+name derived from that fingerprint: resubmitting the same manifest resumes it from its
+latest checkpoint, while a changed manifest starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from medray import storage
+from medray.data.synthetic import write_synthetic
+
+from .config import Curriculum, StageConfig
+
+log = logging.getLogger(__name__)
+
+DONE_MARKER = "medray_stage.json"
+
+
+class StageConflict(RuntimeError):
+    """The output already holds a stage made from a different configuration."""
+
+
+@dataclass
+class StageResult:
+    name: str
+    model: str
+    """URI of the stage's model directory."""
+    skipped: bool
+    seconds: float
+    metrics: dict
+
+
+def stage_data(cur: Curriculum, stage: StageConfig) -> str:
+    """The records URI for a stage, generating the synthetic corpus if the stage asks for one."""
+    if stage.data.records:
+        return stage.data.records
+    syn = stage.data.synthetic
+    dest = storage.join(cur.output, "_data", stage.name)
+    records = storage.join(dest, "records.jsonl")
+    if not storage.exists(records):
+        write_synthetic(syn.kind, dest, n=syn.n, seed=syn.seed, image_size=syn.image_size,
+                        dicom_fraction=syn.dicom_fraction)
+    return records
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Joins RAY_ADDRESS / a running cluster when there is one (as under `ray job submit`),
+        # else starts a local one.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def _runtime_env() -> dict:
+    # Workers need the same S3 endpoint, credentials and cache settings as the driver.
+    keys = [k for k in os.environ if k.startswith(("AWS_", "MEDRAY_"))] + \
+        [k for k in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HOME") if k in os.environ]
+    return {"env_vars": {k: os.environ[k] for k in keys}}
+
+
+def run_stage(cur: Curriculum, index: int, start_model: str) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .loop import train_worker
+
+    stage = cur.stages[index]
+    use_gpu = stage.gpus_per_worker > 0
+    resources = {"CPU": stage.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = stage.gpus_per_worker
+    fs, path = storage.default_storage().filesystem_for(storage.join(cur.output, "_ray"))
+    if not storage.is_s3(cur.output):
+        os.makedirs(path, exist_ok=True)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "stage": stage.model_dump(mode="json"), "start_model": start_model,
+            "records": stage_data(cur, stage), "seed": cur.stage_seed(stage),
+            "export_to": storage.join(cur.output, stage.name),
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{stage.name}-{cur.fingerprint(index)}", storage_path=path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=stage.max_failures),
+            worker_runtime_env=_runtime_env(),
+        ),
+    )
+    trainer.fit()
+    # The run's own metrics belong to its last checkpoint; the stage's final row is in
+    # the metrics.jsonl that rank 0 exported with the model.
+    rows = storage.read_text(storage.join(cur.output, stage.name, "metrics.jsonl")).splitlines()
+    return json.loads(rows[-1]) if rows else {}
+
+
+def run_curriculum(cur: Curriculum) -> list[StageResult]:
+    """Run every stage not yet done; returns what each stage produced."""
+    _ensure_ray()
+    results = []
+    previous = cur.base_model
+    for index, stage in enumerate(cur.stages):
+        dest = storage.join(cur.output, stage.name)
+        marker = storage.join(dest, DONE_MARKER)
+        fingerprint = cur.fingerprint(index)
+        start = stage.model or previous
+        if storage.exists(marker):
+            done = json.loads(storage.read_text(marker))
+            if done.get("fingerprint") != fingerprint:
+                raise StageConflict(
+                    f"{dest} holds stage {stage.name!r} trained from a different configuration; "
+                    "use another output, or delete that stage (and the ones after it) to retrain")
+            log.info("stage %s: done already (%s), skipping", stage.name, dest)
+            results.append(StageResult(stage.name, dest, True, 0.0, done.get("metrics", {})))
+            previous = dest
+            continue
+        log.info("stage %s: %s from %s on %d worker(s)", stage.name, stage.strategy, start, stage.workers)
+        t0 = time.perf_counter()
+        metrics = run_stage(cur, index, start)
+        seconds = time.perf_counter() - t0
+        storage.write_text(marker, json.dumps({
+            "stage": stage.name, "fingerprint": fingerprint, "start_model": start,
+            "config": stage.model_dump(mode="json"), "seconds": round(seconds, 1),
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))},
+        }, indent=2))
+        results.append(StageResult(stage.name, dest, False, seconds, metrics))
+        previous = dest
+    return results
