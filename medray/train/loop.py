@@ -98,14 +98,14 @@ def train_worker(config: dict) -> None:
     strategy.setup(model)
     n_params = sum(p.numel() for p in strategy.module.parameters())
 
-    step = 0
+    step = resumed_from = 0
     metrics = MetricsLog()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             strategy.load(d)
             extra = json.loads(Path(d, f"worker-{rank}.json").read_text())
-        step = extra["step"]
+        step = resumed_from = extra["step"]
         _set_rng_state(extra["rng"])
         metrics.rows = extra["metrics"]
         if rank == 0:
@@ -132,7 +132,7 @@ def train_worker(config: dict) -> None:
             dt = time.perf_counter() - window["t0"]
             row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_sum / micro_n,
                    "lr": strategy.lr(), "samples_per_s": samples / dt, "tokens_per_s": tokens / dt,
-                   "grad_norm": grad_norm}
+                   "grad_norm": grad_norm, "resumed_from": resumed_from}
             peak = peak_flops(device)
             if peak:
                 # 6 x params x tokens: forward + backward of a dense transformer.

@@ -1,0 +1,264 @@
+"""Curricula on real Ray Train workers (2 workers, gloo, tiny models, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from medray.models import load_model, resolve_model_uri
+from medray.train import Curriculum, StageConflict, load_manifest, run_curriculum
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stage(**overrides) -> dict:
+    stage = {"name": "s", "data": {"synthetic": {"kind": "text-qa", "n": 64, "seed": 1}}, "train": ["llm"],
+             "lr": 2e-3, "micro_batch_size": 8, "global_batch_size": 16, "max_steps": 8,
+             "max_length": 96, "checkpoint_every": 4, "log_every": 2, "workers": 2, "cpus_per_worker": 0.5}
+    stage.update(overrides)
+    return stage
+
+
+def _curriculum(output, stages, base="tiny://llama") -> Curriculum:
+    return Curriculum.model_validate({"base_model": base, "output": str(output), "stages": stages})
+
+
+def _losses(stage_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(model_dir) / "model.safetensors")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_each_strategy_trains_and_the_loss_goes_down(strategy, ray_cluster, tmp_path):
+    (result,) = run_curriculum(_curriculum(tmp_path, [_stage(strategy=strategy)]))
+    losses = _losses(tmp_path / "s")
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert json.loads((tmp_path / "s" / "medray_stage.json").read_text())["config"]["strategy"] == strategy
+    assert result.metrics["loss"] == pytest.approx(losses[-1])
+
+
+def test_tiny_llava_med_curriculum_freezes_exactly_what_each_stage_says(ray_cluster, tmp_path):
+    cur = load_manifest(REPO / "manifests/tiny/llava-med.yaml", [f"output={tmp_path}"])
+    results = run_curriculum(cur)
+    assert [r.skipped for r in results] == [False, False]
+
+    base = _weights(resolve_model_uri(cur.base_model))
+    align, instruct = _weights(tmp_path / "align"), _weights(tmp_path / "instruct")
+    assert base.keys() == align.keys() == instruct.keys()
+
+    def changed(a, b, key):
+        return not torch.equal(a[key], b[key])
+
+    for key in base:  # stage align: the projector and nothing else
+        if key.startswith("multi_modal_projector."):
+            assert changed(base, align, key), key
+        else:
+            assert not changed(base, align, key), key
+    for key in base:  # stage instruct: the vision tower stays bit-identical
+        if key.startswith("vision_tower."):
+            assert not changed(align, instruct, key), key
+    llm = [k for k in base if k.startswith("language_model.")]
+    assert all(changed(align, instruct, k) for k in llm if "layers" in k)
+
+    for stage in ("align", "instruct"):
+        d = tmp_path / stage
+        assert Image.open(d / "loss.png").size == (640, 360)
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert {"loss", "lr", "samples_per_s", "tokens_per_s"} <= set(rows[-1])
+    assert _losses(tmp_path / "instruct")[-1] < _losses(tmp_path / "instruct")[0]
+
+    # The result is a model medray loads directly.
+    lm = load_model(str(tmp_path / "instruct"))
+    assert lm.family.name == "llava-mistral"
+
+    # A rerun of the finished curriculum does no work.
+    stamp = (tmp_path / "instruct" / "model.safetensors").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = run_curriculum(load_manifest(REPO / "manifests/tiny/llava-med.yaml", [f"output={tmp_path}"]))
+    assert [r.skipped for r in again] == [True, True]
+    assert time.perf_counter() - t0 < 10
+    assert (tmp_path / "instruct" / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(StageConflict, match="different configuration"):
+        run_curriculum(load_manifest(REPO / "manifests/tiny/llava-med.yaml",
+                                     [f"output={tmp_path}", "stages.align.lr=0.5"]))
+
+
+def test_lora_then_qlora_babydoctor(ray_cluster, tmp_path):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    cur = load_manifest(REPO / "manifests/tiny/babydoctor.yaml", [f"output={tmp_path}"])
+    run_curriculum(cur)
+    base_dir = resolve_model_uri(cur.base_model)
+    base = _weights(base_dir)
+    merged = _weights(tmp_path / "lora")
+    adapter = load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors")
+
+    # Base weights untouched: everything LoRA does not target, and the tower, is bit-identical.
+    targeted = ("q_proj", "k_proj", "v_proj", "o_proj")
+    for key, value in base.items():
+        if key.startswith("language_model.") and any(t in key for t in targeted) and key.endswith("weight"):
+            continue
+        if key.startswith("multi_modal_projector."):
+            continue  # trained in full (modules_to_save)
+        assert torch.equal(value, merged[key]), key
+
+    # The merged export equals base + (alpha / r) * B @ A, computed by hand.
+    a_key = next(k for k in adapter if "layers.0.self_attn.q_proj.lora_A" in k)
+    lora_a, lora_b = adapter[a_key], adapter[a_key.replace("lora_A", "lora_B")]
+    assert lora_b.abs().sum() > 0
+    w_key = "language_model.model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[w_key], base[w_key] + (16 / 8) * lora_b @ lora_a, rtol=0, atol=1e-6)
+
+    # And equals what PEFT's own merge of the saved adapter gives.
+    peft_merged = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir),
+                                            tmp_path / "lora" / "adapter").merge_and_unload()
+    reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lora").state_dict()
+    for key, value in peft_merged.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-6)
+
+    # QLoRA on the 4-bit base: the adapter really trained (B starts at zero).
+    qadapter = load_file(tmp_path / "qlora" / "adapter" / "adapter_model.safetensors")
+    b_keys = [k for k in qadapter if "lora_B" in k]
+    assert b_keys and all(qadapter[k].abs().sum() > 0 for k in b_keys)
+    assert _losses(tmp_path / "qlora")[-1] < _losses(tmp_path / "qlora")[0]
+    assert load_model(str(tmp_path / "qlora")).family.name == "llava-llama"
+
+
+def test_moe_lora_reaches_experts_and_router(ray_cluster, tmp_path):
+    run_curriculum(load_manifest(REPO / "manifests/tiny/bimedix.yaml", [f"output={tmp_path}"]))
+    adapter = load_file(tmp_path / "qlora" / "adapter" / "adapter_model.safetensors")
+    for layer in (0, 1):
+        prefix = f"base_model.model.model.layers.{layer}.mlp."
+        router = [k for k in adapter if k.startswith(prefix + "gate.lora_B")]
+        experts = [k for k in adapter if k.startswith(prefix + "experts") and "lora_B" in k]
+        assert len(router) == 1 and len(experts) == 2  # gate_up_proj and down_proj
+        assert all(adapter[k].abs().sum() > 0 for k in router + experts)
+
+
+def test_unmerged_lora_stage_is_a_loadable_adapter(ray_cluster, tmp_path):
+    run_curriculum(load_manifest(REPO / "manifests/tiny/med-alpaca.yaml", [f"output={tmp_path}"]))
+    stage = tmp_path / "lora"
+    assert (stage / "adapter_config.json").is_file() and not (stage / "config.json").exists()
+    assert json.loads((stage / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny://llama"
+    lm = load_model(str(stage))
+    base = load_model("tiny://llama")
+    ids = torch.tensor([[1, 20, 30, 40]])
+    assert not torch.allclose(lm.model(input_ids=ids).logits, base.model(input_ids=ids).logits, atol=1e-4)
+
+
+def _kill_a_worker_after_first_checkpoint(output: Path, killed: list) -> threading.Thread:
+    from ray.util.state import list_actors
+
+    def run():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if list(output.glob("_ray/*/checkpoint_*")):
+                actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                if actors:
+                    os.kill(actors[-1].pid, signal.SIGKILL)
+                    killed.append(actors[-1].pid)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_worker_loss_and_resubmission_resume_to_identical_weights(ray_cluster, tmp_path):
+    stage = _stage(max_steps=24, checkpoint_every=4, log_every=4, micro_batch_size=4, global_batch_size=8,
+                   lora={"r": 4, "alpha": 8, "dropout": 0.1, "merge": True}, train=[])
+
+    run_curriculum(_curriculum(tmp_path / "clean", [stage]))
+    clean = _weights(tmp_path / "clean" / "s")
+
+    # A worker dies mid-stage; Ray Train restarts the group, which resumes from the checkpoint.
+    killed: list = []
+    thread = _kill_a_worker_after_first_checkpoint(tmp_path / "restarted", killed)
+    run_curriculum(_curriculum(tmp_path / "restarted", [{**stage, "max_failures": 2}]))
+    thread.join()
+    assert killed, "no worker was killed"
+    restarted = _weights(tmp_path / "restarted" / "s")
+    assert max(r.get("resumed_from", 0) for r in map(json.loads, (tmp_path / "restarted" / "s" / "metrics.jsonl")
+               .read_text().splitlines())) > 0
+    assert all(torch.equal(clean[k], restarted[k]) for k in clean)
+
+    # With no retries the run fails; resubmitting the same curriculum resumes it.
+    killed.clear()
+    thread = _kill_a_worker_after_first_checkpoint(tmp_path / "resubmitted", killed)
+    with pytest.raises(Exception):
+        run_curriculum(_curriculum(tmp_path / "resubmitted", [{**stage, "max_failures": 0}]))
+    thread.join()
+    assert killed and not (tmp_path / "resubmitted" / "s" / "medray_stage.json").exists()
+    run_curriculum(_curriculum(tmp_path / "resubmitted", [{**stage, "max_failures": 0}]))
+    rows = [json.loads(x) for x in (tmp_path / "resubmitted" / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["resumed_from"] for r in rows) > 0
+    resubmitted = _weights(tmp_path / "resubmitted" / "s")
+    assert all(torch.equal(clean[k], resubmitted[k]) for k in clean)
+
+
+def _free_port() -> int:
+    from medray.storage.local_s3 import free_port
+
+    return free_port()
+
+
+def test_ray_job_submit_runs_the_tiny_manifest(tmp_path):
+    """`ray start --head` + `ray job submit` with Ray 2.60's token authentication."""
+    bindir = Path(sys.executable).parent
+    ray_bin = str(bindir / "ray")
+    temp = Path(f"/tmp/rj{os.getpid()}")
+    ports = {k: _free_port() for k in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                       "dashboard-agent-grpc-port", "metrics-export-port",
+                                       "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+                                       "ray-client-server-port")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MEDRAY_CACHE"))}
+    env.update(RAY_AUTH_MODE="token", PATH=f"{bindir}:{env.get('PATH', '')}")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats",
+         *[f"--{k}={v}" for k, v in ports.items()]],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{ports['dashboard-port']}"
+        out = tmp_path / "out"
+        cmd = [ray_bin, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
+               "python", "jobs/train.py", "manifests/tiny/llava-med.yaml", "--set", f"output={out}",
+               "--set", "stages.align.max_steps=2", "--set", "stages.instruct.max_steps=2"]
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard takes a few seconds to come up
+            probe = subprocess.run([ray_bin, "job", "list", f"--address={address}"], env=env,
+                                   capture_output=True, text=True, timeout=60)
+            if probe.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout.lower()
+        for stage in ("align", "instruct"):
+            assert (out / stage / "medray_stage.json").is_file()
+            assert (out / stage / "model.safetensors").is_file()
+    finally:
+        head.send_signal(signal.SIGINT)  # --block: stops this head's processes only
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""Curriculum manifests: validation, overrides, and every shipped manifest loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medray.train import Curriculum, ManifestError, load_manifest
+from medray.train._data import StepSampler
+from medray.train.strategies import lr_lambda
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = sorted((REPO / "manifests").rglob("*.yaml"))
+TRAIN_MANIFESTS = [m for m in MANIFESTS if "serve" not in m.parts]
+
+
+def _write(tmp_path, text: str) -> Path:
+    p = tmp_path / "m.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+base_model: tiny://llava-mistral
+output: /tmp/x
+stages:
+  - name: align
+    data: {synthetic: {kind: chest-captions, n: 32}}
+    train: [projector]
+    micro_batch_size: 4
+    workers: 2
+"""
+
+
+@pytest.mark.parametrize("path", TRAIN_MANIFESTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_manifest_validates(path):
+    cur = load_manifest(path, ["output=/tmp/elsewhere"])
+    assert cur.output == "/tmp/elsewhere" and cur.stages
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("#"), "each manifest starts with a comment saying what it is"
+    assert "medray train" in path.read_text() or "ray job submit" in path.read_text()
+
+
+def test_tiny_llava_med_has_align_then_instruct():
+    cur = load_manifest(REPO / "manifests/tiny/llava-med.yaml")
+    assert [s.name for s in cur.stages] == ["align", "instruct"]
+    assert cur.stages[0].train == ["projector"] and sorted(cur.stages[1].train) == ["llm", "projector"]
+
+
+def test_seed_recipes_carry_published_hyperparameters():
+    llava = load_manifest(REPO / "manifests/llava-med/curriculum.yaml")
+    s1, s2 = llava.stages[:2]
+    assert (s1.lr, s1.epochs, s1.global_batch_size, s1.train) == (2e-3, 1, 128, ["projector"])
+    assert (s2.lr, s2.epochs, s2.strategy, s2.schedule, s2.warmup_ratio, s2.max_length, s2.precision,
+            s2.gradient_checkpointing) == (2e-5, 3, "fsdp", "cosine", 0.03, 2048, "bf16", True)
+    alpaca = load_manifest(REPO / "manifests/med-alpaca/lora.yaml").stages[0]
+    assert (alpaca.global_batch_size, alpaca.lr, alpaca.epochs, alpaca.max_length) == (128, 1e-4, 3, 512)
+    baby = load_manifest(REPO / "manifests/babydoctor/lora-qlora.yaml").stages
+    assert [s.quantization for s in baby] == ["none", "nf4"] and all(s.epochs == 1 for s in baby)
+    bimedix = load_manifest(REPO / "manifests/bimedix/qlora.yaml").stages[0]
+    assert bimedix.quantization == "nf4" and "gate" in bimedix.lora.target_modules
+    assert bimedix.lora.target_parameters == ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def test_unknown_keys_are_named(tmp_path):
+    with pytest.raises(ManifestError, match=r"unknown key 'stages.0.learning_rate'"):
+        load_manifest(_write(tmp_path, BASE + "    learning_rate: 0.1\n"))
+    with pytest.raises(ManifestError, match=r"unknown key 'outptu'"):
+        load_manifest(_write(tmp_path, BASE.replace("output:", "outptu:")))
+
+
+def test_overrides_address_stages_by_name_or_index(tmp_path):
+    p = _write(tmp_path, BASE)
+    cur = load_manifest(p, ["output=s3://b/run", "stages.align.max_steps=5", "stages.0.lr=0.01"])
+    assert (cur.output, cur.stages[0].max_steps, cur.stages[0].lr) == ("s3://b/run", 5, 0.01)
+    with pytest.raises(ManifestError, match="no stage 'nope'"):
+        load_manifest(p, ["stages.nope.lr=1"])
+    with pytest.raises(ManifestError, match="expected key=value"):
+        load_manifest(p, ["output"])
+
+
+def test_batch_arithmetic(tmp_path):
+    p = _write(tmp_path, BASE)
+    cur = load_manifest(p, ["stages.align.global_batch_size=32"])
+    assert cur.stages[0].accum == 4 and cur.stages[0].examples_per_step == 32
+    with pytest.raises(ManifestError, match="not a multiple"):
+        load_manifest(p, ["stages.align.global_batch_size=30"])
+    with pytest.raises(ManifestError, match="contradicts"):
+        load_manifest(p, ["stages.align.global_batch_size=32", "stages.align.grad_accum=2"])
+
+
+@pytest.mark.parametrize("patch,message", [
+    ("stages.align.train=[]", "trains nothing"),
+    ("stages.align.quantization=nf4", "add `lora`"),
+    ("stages.align.train=[retina]", "stages.0.train.0"),
+    ("stages.align.lr=0", "lr"),
+    ("stages.align.offload_params=true", "deepspeed_zero3"),
+    ("stages.align.name=bad/name", "name"),
+])
+def test_invalid_stages_are_explained(tmp_path, patch, message):
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(_write(tmp_path, BASE), [patch])
+
+
+def test_fingerprint_ignores_bookkeeping_but_not_hyperparameters(tmp_path):
+    p = _write(tmp_path, BASE)
+    a = load_manifest(p)
+    assert a.fingerprint(0) == load_manifest(p, ["stages.align.log_every=3", "output=/elsewhere"]).fingerprint(0)
+    assert a.fingerprint(0) != load_manifest(p, ["stages.align.lr=0.5"]).fingerprint(0)
+
+
+def test_sampler_covers_each_epoch_once_and_is_addressable():
+    s = StepSampler(50, world=2, micro_batch=3, accum=2, seed=7)
+    assert s.steps_per_epoch == 4  # 12 examples per step; the 2 left over sit this epoch out
+    seen = [i for step in range(4) for m in range(2) for r in range(2) for i in s.indices(step, m, r)]
+    assert len(seen) == len(set(seen)) == 48
+    assert s.indices(5, 1, 1) == StepSampler(50, world=2, micro_batch=3, accum=2, seed=7).indices(5, 1, 1)
+    assert s.indices(4, 0, 0) != s.indices(0, 0, 0)  # a new permutation each epoch
+
+
+def test_schedule_warms_up_then_decays():
+    from medray.train import StageConfig
+
+    stage = StageConfig.model_validate({"name": "s", "data": {"records": "x.jsonl"}, "train": ["llm"],
+                                        "warmup_ratio": 0.1, "schedule": "cosine"})
+    f = lr_lambda(stage, 100)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5, abs=0.02) and f(100) == pytest.approx(0.0)
+
+
+def test_curriculum_requires_merge_before_chaining():
+    with pytest.raises(ValueError, match="merge: true"):
+        Curriculum.model_validate({"base_model": "tiny://llama", "output": "/tmp/o", "stages": [
+            {"name": "a", "data": {"records": "r.jsonl"}, "lora": {"merge": False}},
+            {"name": "b", "data": {"records": "r.jsonl"}, "train": ["llm"]}]})
