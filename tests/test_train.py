@@ -163,17 +163,35 @@ def test_unmerged_lora_stage_is_a_loadable_adapter(ray_cluster, tmp_path):
     assert not torch.allclose(lm.model(input_ids=ids).logits, base.model(input_ids=ids).logits, atol=1e-4)
 
 
-def _kill_a_worker_after_first_checkpoint(output: Path, killed: list) -> threading.Thread:
-    from ray.util.state import list_actors
+def _train_worker_pids() -> list[int]:
+    import psutil
 
+    # Ray names its actor processes "ray::RayTrainWorker..." in the process title.
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def _checkpoint_registered(output: Path) -> bool:
+    # A checkpoint directory appears while it is being written; Ray Train restores from it
+    # only once the controller has registered it in its snapshot.
+    for snap in output.glob("_ray/*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text()).get("latest_checkpoint_result"):
+                return True
+        except ValueError:
+            pass  # caught mid-write
+    return False
+
+
+def _kill_a_worker_after_first_checkpoint(output: Path, killed: list) -> threading.Thread:
     def run():
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if list(output.glob("_ray/*/checkpoint_*")):
-                actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-                if actors:
-                    os.kill(actors[-1].pid, signal.SIGKILL)
-                    killed.append(actors[-1].pid)
+            if _checkpoint_registered(output):
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
                     return
             time.sleep(0.05)
 
