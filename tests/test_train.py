@@ -280,3 +280,22 @@ def test_ray_job_submit_runs_the_tiny_manifest(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.gpu
+def test_fsdp_bf16_with_nccl_on_gpu(ray_cluster, tmp_path):
+    stage = _stage(strategy="fsdp", precision="bf16", workers=1, gpus_per_worker=1, cpus_per_worker=1,
+                   global_batch_size=8)
+    run_curriculum(_curriculum(tmp_path, [stage]))
+    losses = _losses(tmp_path / "s")
+    assert losses[-1] < losses[0] - 0.3
+
+
+@pytest.mark.gpu
+def test_qlora_with_bitsandbytes_cuda_kernels(ray_cluster, tmp_path):
+    stage = _stage(quantization="nf4", train=[], precision="bf16", workers=1, gpus_per_worker=1,
+                   cpus_per_worker=1, global_batch_size=8,
+                   lora={"r": 8, "alpha": 16, "dropout": 0.0, "merge": True})
+    run_curriculum(_curriculum(tmp_path, [stage]))
+    adapter = load_file(tmp_path / "s" / "adapter" / "adapter_model.safetensors")
+    assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)

@@ -151,6 +151,9 @@ def train_worker(config: dict) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
         elif do_log:
             ray.train.report({"step": step, **metrics.rows[-1]})
+        if do_log or do_ckpt:
+            # Throughput counts training only, not the time spent saving or reporting.
+            window["t0"] = time.perf_counter()
 
     trainable = strategy.trainable_full()
     if rank == 0:
