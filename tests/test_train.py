@@ -299,3 +299,18 @@ def test_qlora_with_bitsandbytes_cuda_kernels(ray_cluster, tmp_path):
     run_curriculum(_curriculum(tmp_path, [stage]))
     adapter = load_file(tmp_path / "s" / "adapter" / "adapter_model.safetensors")
     assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)
+
+
+def test_curriculum_on_s3_checkpoints_and_results(ray_cluster, bucket):
+    from medray import storage
+
+    output = f"{bucket}/runs/alpaca"
+    cur = _curriculum(output, [_stage(max_steps=4, checkpoint_every=2, log_every=2)])
+    (result,) = run_curriculum(cur)
+    assert result.model == f"{output}/s" and not result.skipped
+    names = {f.uri[len(output) + 1:] for f in storage.list_files(output)}
+    assert {"s/model.safetensors", "s/config.json", "s/metrics.jsonl", "s/loss.png",
+            "s/medray_stage.json", "_data/s/records.jsonl"} <= names
+    assert any(n.startswith("_ray/") and "/checkpoint_" in n for n in names)  # periodic checkpoints in S3
+    assert load_model(f"{output}/s").family.name == "llama"
+    assert [r.skipped for r in run_curriculum(cur)] == [True]

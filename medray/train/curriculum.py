@@ -69,11 +69,14 @@ def _ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
-def _runtime_env() -> dict:
+def _runtime_env(stage: StageConfig) -> dict:
     # Workers need the same S3 endpoint, credentials and cache settings as the driver.
     keys = [k for k in os.environ if k.startswith(("AWS_", "MEDRAY_"))] + \
         [k for k in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HOME") if k in os.environ]
-    return {"env_vars": {k: os.environ[k] for k in keys}}
+    env = {k: os.environ[k] for k in keys}
+    if stage.gpus_per_worker == 0:
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU workers: gloo comms, CPU ops
+    return {"env_vars": env}
 
 
 def run_stage(cur: Curriculum, index: int, start_model: str) -> dict:
@@ -103,7 +106,7 @@ def run_stage(cur: Curriculum, index: int, start_model: str) -> dict:
             name=f"{stage.name}-{cur.fingerprint(index)}", storage_path=path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=stage.max_failures),
-            worker_runtime_env=_runtime_env(),
+            worker_runtime_env=_runtime_env(stage),
         ),
     )
     trainer.fit()
