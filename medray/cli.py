@@ -71,6 +71,39 @@ def _train(args) -> int:
     return 0
 
 
+def _infer(args) -> int:
+    from medray.infer.pipeline import InferConfig, run_inference
+
+    fields = InferConfig.model_fields
+    cfg = InferConfig.model_validate({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    print(run_inference(cfg).line())
+    return 0
+
+
+def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `medray infer` flags; jobs/infer.py takes the same ones."""
+    parser.add_argument("--model", required=True, help="model URI (directory, s3://, tiny://)")
+    parser.add_argument("--adapter", help="PEFT adapter directory (local or s3://)")
+    parser.add_argument("--input", required=True, help="image prefix (recursive) or JSONL/Parquet manifest")
+    parser.add_argument("--output", required=True, help="prefix for result shards")
+    parser.add_argument("--task", choices=["caption", "vqa", "chat"], default="caption")
+    parser.add_argument("--question", help="vqa: question for every image; chat: the prompt")
+    parser.add_argument("--format", choices=["parquet", "jsonl"], default="parquet")
+    parser.add_argument("--include", help="glob the image paths must match (relative to --input)")
+    parser.add_argument("--exclude", help="glob of image paths to leave out")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch-size", type=int, help="rows per generate call")
+    parser.add_argument("--min-actors", type=int)
+    parser.add_argument("--max-actors", type=int)
+    parser.add_argument("--gpus-per-actor", type=float)
+    parser.add_argument("--cpus-per-actor", type=float)
+    parser.add_argument("--rows-per-shard", type=int)
+
+
 def _demo(args) -> int:
     from medray.demo import run_demo
 
@@ -143,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a manifest value, e.g. output=/tmp/run or stages.align.max_steps=5")
     tr.set_defaults(func=_train)
+
+    inf = sub.add_parser("infer", help="batch captioning / VQA over an image corpus on Ray Data",
+                         description="Caption or question every image under a prefix (or every row of a "
+                                     "manifest) and write Parquet/JSONL shards to an output prefix. "
+                                     "Reruns process only the rows not yet written.")
+    add_infer_arguments(inf)
+    inf.set_defaults(func=_infer)
 
     d = sub.add_parser("demo", help="run the main job on an embedded default (local Ray, local S3, tiny model)",
                        description="Start a local S3 endpoint and Ray, put a tiny LLaVA and images in S3, "

@@ -1,5 +1,5 @@
 """Generation: the engine shared by batch inference, serving and the demo."""
 
-from .engine import Answer, GenerationEngine, GenerationSettings, Request
+from .engine import Answer, Encoded, GenerationEngine, GenerationSettings, Request, encode_request
 
-__all__ = ["Answer", "GenerationEngine", "GenerationSettings", "Request"]
+__all__ = ["Answer", "Encoded", "GenerationEngine", "GenerationSettings", "Request", "encode_request"]

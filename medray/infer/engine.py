@@ -54,6 +54,29 @@ class Answer:
     """'stop' (EOS or a stop string) or 'length'."""
 
 
+@dataclass
+class Encoded:
+    """One request after preprocessing: what a generation worker needs, nothing more."""
+
+    input_ids: list[int]
+    pixel_values: Any = None
+    """numpy float32 (n_images, 3, H, W), or None for text-only requests."""
+
+
+def encode_request(processor, request: Request) -> Encoded:
+    """Render the chat template and run the processor: the CPU half of generation.
+
+    Separate from generation so a pipeline can run it on CPU workers and ship only ids
+    and pixels to the GPU actors.
+    """
+    prompt = render_chat(processor, request.messages, add_generation_prompt=True)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if request.images:
+        out = processor(text=[prompt], images=request.images, add_special_tokens=False, return_tensors="np")
+        return Encoded(out["input_ids"][0].tolist(), out["pixel_values"].astype("float32"))
+    return Encoded(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 class GenerationEngine:
     """Batched generation over a LoadedModel."""
 
@@ -62,36 +85,42 @@ class GenerationEngine:
         self.tokenizer = loaded.tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # Decoder-only models must be left-padded so every row's last token is its prompt's.
-        self.tokenizer.padding_side = "left"
 
     def prompt(self, messages: list[dict]) -> str:
         return render_chat(self.loaded.processor, messages, add_generation_prompt=True)
 
-    def _inputs(self, requests: Sequence[Request]) -> dict:
-        prompts = [self.prompt(r.messages) for r in requests]
-        images = [img for r in requests for img in r.images]
-        proc = self.loaded.processor
-        if images:
-            inputs = proc(text=prompts, images=images, padding=True, add_special_tokens=False,
-                          return_tensors="pt")
-        else:
-            inputs = self.tokenizer(prompts, padding=True, add_special_tokens=False, return_tensors="pt")
+    def encode(self, request: Request) -> Encoded:
+        return encode_request(self.loaded.processor, request)
+
+    def _collate(self, encoded: Sequence[Encoded]) -> dict:
+        # Left padding: every row's prompt ends at the last position, where generation starts.
+        width = max(len(e.input_ids) for e in encoded)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            n = len(e.input_ids)
+            ids[row, width - n:] = torch.tensor(e.input_ids)
+            mask[row, width - n:] = 1
         device = self.loaded.device
-        dtype = next(self.loaded.model.parameters()).dtype
-        out = {}
-        for k, v in inputs.items():
-            if not torch.is_tensor(v):
-                continue
-            v = v.to(device)
-            out[k] = v.to(dtype) if v.is_floating_point() and dtype.is_floating_point else v
-        return out
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        pixels = [e.pixel_values for e in encoded if e.pixel_values is not None]
+        if pixels:
+            dtype = next(self.loaded.model.parameters()).dtype
+            stacked = torch.cat([torch.as_tensor(p) for p in pixels])
+            inputs["pixel_values"] = stacked.to(device, dtype if dtype.is_floating_point else torch.float32)
+        return inputs
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], settings: GenerationSettings = GenerationSettings()) -> list[Answer]:
-        if not requests:
+        return self.generate_encoded([self.encode(r) for r in requests], settings)
+
+    @torch.inference_mode()
+    def generate_encoded(self, encoded: Sequence[Encoded],
+                         settings: GenerationSettings = GenerationSettings()) -> list[Answer]:
+        if not encoded:
             return []
-        inputs = self._inputs(requests)
+        inputs = self._collate(encoded)
         gen_kwargs: dict = dict(max_new_tokens=settings.max_new_tokens,
                                 pad_token_id=self.tokenizer.pad_token_id)
         if settings.temperature > 0:
@@ -104,10 +133,10 @@ class GenerationEngine:
             gen_kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
         output = self.loaded.model.generate(**inputs, **gen_kwargs)
         prompt_len = inputs["input_ids"].shape[1]
+        eos_ids = self._eos_ids()
         answers = []
-        for row in range(len(requests)):
+        for row in range(len(encoded)):
             new = output[row, prompt_len:].tolist()
-            eos_ids = self._eos_ids()
             finish = "length"
             if any(t in eos_ids for t in new):
                 new = new[: min(new.index(t) for t in eos_ids if t in new)]
@@ -117,8 +146,7 @@ class GenerationEngine:
             for s in settings.stop:
                 if s in text:
                     text, finish = text[: text.index(s)], "stop"
-            prompt_tokens = int(inputs["attention_mask"][row].sum())
-            answers.append(Answer(text.strip(), prompt_tokens, len(new), finish))
+            answers.append(Answer(text.strip(), len(encoded[row].input_ids), len(new), finish))
         return answers
 
     def _eos_ids(self) -> set[int]:

@@ -1,0 +1,346 @@
+"""Offline batch inference over image corpora on Ray Data.
+
+    listing (driver) -> read + decode + preprocess (CPU tasks) -> generate (actor pool)
+                     -> write shards (CPU tasks) -> progress and summary (driver)
+
+Exactly once and resumable: every input row has a stable id. Shards are written
+atomically under names derived from the ids they hold, so a retried write replaces its
+own shard instead of adding a copy. A rerun first reads the ids already in the output
+prefix and sends only the missing rows down the pipeline. A row whose image cannot be read
+is written with its error; it never fails the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from medray import storage
+
+from .engine import GenerationSettings
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
+CAPTION_PROMPT = "Describe the image."
+
+
+class InferConfig(BaseModel):
+    """One batch-inference run. Field names match the `medray infer` flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    """Model URI: a directory, s3://bucket/prefix or tiny://family."""
+    adapter: str | None = None
+    """PEFT adapter directory applied on top of the model."""
+    input: str
+    """A prefix of images (listed recursively) or a JSONL / Parquet manifest of rows."""
+    output: str
+    """Prefix that receives the result shards."""
+    task: Literal["caption", "vqa", "chat"] = "caption"
+    question: str | None = None
+    """vqa: the question for every image (rows may carry their own); chat: the prompt."""
+    format: Literal["parquet", "jsonl"] = "parquet"
+    include: str | None = None
+    """Glob (relative to the input prefix) that images must match."""
+    exclude: str | None = None
+    """Glob of images to leave out."""
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0)
+    """0 = greedy, deterministic."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    batch_size: int = Field(8, ge=1)
+    """Rows per generate call."""
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    """Fractional by default: on a 2-CPU machine whole-CPU actors starve the read tasks."""
+    rows_per_shard: int = Field(256, ge=1)
+    max_pixels: int = Field(64_000_000, ge=1)
+    max_image_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    """Larger files fail their row without being read."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_actors < self.min_actors:
+            raise ValueError("max_actors must be >= min_actors")
+        if self.task == "chat" and not self.question:
+            raise ValueError("task chat needs --question (the prompt)")
+        return self
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                  top_p=self.top_p, stop=tuple(self.stop), seed=self.seed)
+
+
+@dataclass
+class Summary:
+    rows: int
+    """Rows written by this run."""
+    errors: int
+    skipped: int
+    """Rows already in the output from an earlier run."""
+    seconds: float
+    generated_tokens: int
+    output: str
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        return (f"{self.rows} rows ({self.errors} errors, {self.skipped} already done) in {self.seconds:.1f} s: "
+                f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} generated tokens/s -> {self.output}")
+
+
+# ------------------------------------------------------------------------------ listing
+def _is_manifest(uri: str) -> bool:
+    return uri.lower().endswith((".jsonl", ".json", ".parquet"))
+
+
+def list_rows(cfg: InferConfig) -> list[dict]:
+    """Input rows with stable ids: {id, image, question, references}."""
+    if _is_manifest(cfg.input):
+        from medray.data.records import read_rows
+
+        base = cfg.input.rsplit("/", 1)[0] if "/" in cfg.input else "."
+        rows = []
+        for n, raw in enumerate(read_rows(cfg.input)):
+            image = raw.get("image") or raw.get("image_uri") or raw.get("image_name") or raw.get("img_name")
+            if image and not str(image).startswith(("/", "s3://")):
+                image = storage.join(base, str(image))
+            rid = raw.get("id", raw.get("question_id", raw.get("qid", n)))
+            question = raw.get("question", raw.get("text"))
+            refs = raw.get("answer", raw.get("answers", raw.get("gt_answer")))
+            rows.append({"id": str(rid), "image": image or "", "question": question or "",
+                         "references": json.dumps(refs) if refs is not None else ""})
+        ids = [r["id"] for r in rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{cfg.input}: row ids are not unique; give each row an id")
+        return rows
+    files = storage.list_files(cfg.input, include=cfg.include, exclude=cfg.exclude)
+    base = cfg.input.rstrip("/") + "/"
+    return [{"id": f.uri[len(base):] if f.uri.startswith(base) else f.uri, "image": f.uri, "question": "",
+             "references": ""}
+            for f in files if f.uri.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def done_ids(cfg: InferConfig) -> set[str]:
+    """Ids already written under the output prefix (by earlier runs)."""
+    done: set[str] = set()
+    if storage.is_s3(cfg.output) or storage.local_path(cfg.output).exists():
+        for f in storage.list_files(cfg.output, include="part-*"):
+            done.update(r["id"] for r in read_shard(f.uri))
+    return done
+
+
+def read_shard(uri: str) -> list[dict]:
+    data = storage.read_bytes(uri)
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------ stages
+_PROCESSORS: dict = {}
+# Rows without an image carry an empty 4-D array, so the column stays a tensor column.
+_NO_PIXELS = np.zeros((0, 0, 0, 0), dtype=np.float32)
+
+
+def _processor(model_uri: str):
+    # One processor per worker process, loaded on first use.
+    if model_uri not in _PROCESSORS:
+        from medray.models import family_of, load_processor, resolve_model_uri
+        from medray.models.loading import read_config
+
+        path = resolve_model_uri(model_uri)
+        config_dir = path
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            config_dir = resolve_model_uri(base)
+        family = family_of(read_config(config_dir))
+        _PROCESSORS[model_uri] = (load_processor(config_dir, family), family)
+    return _PROCESSORS[model_uri]
+
+
+def messages_for(task: str, family_kind: str, question: str, with_image: bool) -> list[dict]:
+    if family_kind == "captioner":  # GIT: the prompt, if any, prefixes the caption
+        text = "" if task == "caption" else question
+    else:
+        text = question or CAPTION_PROMPT if task == "caption" else question
+    content = ([{"type": "image"}] if with_image and family_kind == "vlm" else []) + \
+        ([{"type": "text", "text": text}] if text or family_kind != "captioner" else [])
+    return [{"role": "user", "content": content}]
+
+
+def preprocess(batch: dict, *, cfg: dict) -> dict:
+    """CPU stage: read bytes, decode, render the prompt, run the processor. Errors stay per row."""
+    from medray.data import ImageOptions, load_image
+
+    from .engine import Request, encode_request
+
+    conf = InferConfig.model_validate(cfg)
+    processor, family = _processor(conf.model)
+    n = len(batch["id"])
+    input_ids, pixels, errors, questions = [], [], [], []
+    for i in range(n):
+        uri, question = str(batch["image"][i]), str(batch["question"][i]) or (conf.question or "")
+        if conf.task == "caption":
+            question = question or (conf.question or "")
+        questions.append(question)
+        try:
+            if conf.task == "vqa" and not question:
+                raise ValueError("no question: give --question or a question per row")
+            images = []
+            if uri:
+                info = storage.default_storage().list_files(uri) if storage.is_s3(uri) else None
+                size = info[0].size if info else storage.local_path(uri).stat().st_size
+                if size > conf.max_image_bytes:
+                    raise ValueError(f"{uri} is {size} bytes, over the limit of {conf.max_image_bytes}")
+                images = [load_image(storage.read_bytes(uri), uri, ImageOptions(max_pixels=conf.max_pixels))]
+            elif family.kind != "text":
+                raise ValueError("row has no image")
+            enc = encode_request(processor, Request(messages_for(conf.task, family.kind, question, bool(images)),
+                                                    images))
+            input_ids.append(np.asarray(enc.input_ids, dtype=np.int64))
+            pixels.append(enc.pixel_values)
+            errors.append("")
+        except Exception as e:  # recorded on the row; the job goes on
+            input_ids.append(np.zeros(0, dtype=np.int64))
+            pixels.append(None)
+        if pixels[-1] is None:
+            pixels[-1] = _NO_PIXELS
+            errors.append(f"{type(e).__name__}: {e}")
+    out = {k: batch[k] for k in ("id", "image", "references")}
+    out["question"] = np.array(questions, dtype=object)
+    out["input_ids"] = np.array(input_ids + [None], dtype=object)[:-1]  # keep a 1-D object array
+    out["pixel_values"] = np.array(pixels + [None], dtype=object)[:-1]
+    out["error"] = np.array(errors, dtype=object)
+    return out
+
+
+class Generator:
+    """Actor stage: one model per actor, generate() over the preprocessed rows."""
+
+    def __init__(self, cfg: dict):
+        from medray.models import load_model
+
+        from .engine import GenerationEngine
+
+        self.cfg = InferConfig.model_validate(cfg)
+        self.engine = GenerationEngine(load_model(self.cfg.model, adapter=self.cfg.adapter))
+        self.generation = json.dumps({"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
+                                      "top_p": self.cfg.top_p, "stop": self.cfg.stop, "seed": self.cfg.seed})
+
+    def __call__(self, batch: dict) -> dict:
+        from .engine import Encoded
+
+        n = len(batch["id"])
+        answers = [""] * n
+        completion = np.zeros(n, dtype=np.int64)
+        latency = np.zeros(n, dtype=np.float64)
+        ok = [i for i in range(n) if not batch["error"][i]]
+        for start in range(0, len(ok), self.cfg.batch_size):
+            chunk = ok[start: start + self.cfg.batch_size]
+            encoded = [Encoded(batch["input_ids"][i].tolist(),
+                               np.array(batch["pixel_values"][i]) if batch["pixel_values"][i].size else None)
+                       for i in chunk]
+            t0 = time.perf_counter()
+            results = self.engine.generate_encoded(encoded, self.cfg.settings)
+            dt = time.perf_counter() - t0
+            for i, r in zip(chunk, results):
+                answers[i], completion[i], latency[i] = r.text, r.completion_tokens, dt
+        return {
+            "id": batch["id"], "image": batch["image"], "question": batch["question"],
+            "answer": np.array(answers, dtype=object), "references": batch["references"],
+            "model": np.array([self.cfg.model] * n, dtype=object),
+            "generation": np.array([self.generation] * n, dtype=object),
+            "latency_s": latency, "completion_tokens": completion, "error": batch["error"],
+        }
+
+
+COLUMNS = ["id", "image", "question", "answer", "references", "model", "generation", "latency_s",
+           "completion_tokens", "error"]
+
+
+def write_shard(batch: dict, *, output: str, fmt: str) -> dict:
+    """Write one shard atomically; its name is a hash of its ids, so a retry overwrites it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [str(x) for x in batch["id"]]
+    name = "part-" + hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:20] + \
+        (".parquet" if fmt == "parquet" else ".jsonl")
+    rows = {c: [x.item() if hasattr(x, "item") else x for x in batch[c]] for c in COLUMNS}
+    with storage.atomic_writer(storage.join(output, name)) as f:
+        if fmt == "parquet":
+            pq.write_table(pa.table(rows), f)
+        else:
+            for i in range(len(ids)):
+                f.write((json.dumps({c: rows[c][i] for c in COLUMNS}) + "\n").encode())
+    return {"id": batch["id"], "error": batch["error"], "completion_tokens": batch["completion_tokens"]}
+
+
+# ------------------------------------------------------------------------------ driver
+def run_inference(cfg: InferConfig, *, progress: bool = True) -> Summary:
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    t0 = time.perf_counter()
+    rows = list_rows(cfg)
+    done = done_ids(cfg)
+    todo = [r for r in rows if r["id"] not in done]
+    log.info("%d input rows, %d already written, %d to do", len(rows), len(rows) - len(todo), len(todo))
+    if not todo:
+        return Summary(0, 0, len(rows) - len(todo), time.perf_counter() - t0, 0, cfg.output)
+
+    conf = cfg.model_dump(mode="json")
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 200)))
+    ds = ds.map_batches(preprocess, fn_kwargs={"cfg": conf}, batch_size=cfg.batch_size, num_cpus=0.5,
+                        batch_format="numpy")
+    ds = ds.map_batches(
+        Generator, fn_constructor_kwargs={"cfg": conf}, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        num_gpus=cfg.gpus_per_actor or None, num_cpus=cfg.cpus_per_actor,
+        # A dead actor is replaced and the rows it held are sent again.
+        max_restarts=-1, max_task_retries=-1)
+    ds = ds.map_batches(write_shard, fn_kwargs={"output": cfg.output, "fmt": cfg.format},
+                        batch_size=cfg.rows_per_shard, num_cpus=0.25, batch_format="numpy")
+
+    written = errors = tokens = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="medray infer", unit="row")
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        n = len(batch["id"])
+        written += n
+        errors += int(sum(1 for e in batch["error"] if e))
+        tokens += int(np.sum(batch["completion_tokens"]))
+        if bar:
+            bar.update(n)
+    if bar:
+        bar.close()
+    return Summary(written, errors, len(rows) - len(todo), time.perf_counter() - t0, tokens, cfg.output)
