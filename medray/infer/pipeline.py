@@ -227,9 +227,9 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
         except Exception as e:  # recorded on the row; the job goes on
             input_ids.append(np.zeros(0, dtype=np.int64))
             pixels.append(None)
+            errors.append(f"{type(e).__name__}: {e}")
         if pixels[-1] is None:
             pixels[-1] = _NO_PIXELS
-            errors.append(f"{type(e).__name__}: {e}")
     out = {k: batch[k] for k in ("id", "image", "references")}
     out["question"] = np.array(questions, dtype=object)
     out["input_ids"] = np.array(input_ids + [None], dtype=object)[:-1]  # keep a 1-D object array
