@@ -104,6 +104,17 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-per-shard", type=int)
 
 
+def _eval(args) -> int:
+    from medray.eval import evaluate, write_report
+
+    report = evaluate(args.predictions, args.references)
+    if args.out:
+        for uri in write_report(report, args.out):
+            print(uri)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _demo(args) -> int:
     from medray.demo import run_demo
 
@@ -183,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Reruns process only the rows not yet written.")
     add_infer_arguments(inf)
     inf.set_defaults(func=_infer)
+
+    ev = sub.add_parser("eval", help="score predictions against references (VQA, MCQA)",
+                        description="LLaVA-Med's VQA metrics as its run_eval.py computes them, a corrected "
+                                    "token-level variant beside them, and multiple-choice accuracy.")
+    ev.add_argument("--predictions", required=True,
+                    help="medray infer output prefix, or a JSON/JSONL/Parquet answer file (id|question_id, answer|text)")
+    ev.add_argument("--references", required=True, help="VQA or MCQA records (e.g. VQA-RAD test.json)")
+    ev.add_argument("--out", help="directory or s3:// prefix for report.json and the charts")
+    ev.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="run the main job on an embedded default (local Ray, local S3, tiny model)",
                        description="Start a local S3 endpoint and Ray, put a tiny LLaVA and images in S3, "

@@ -1,0 +1,96 @@
+"""`medray eval`: join predictions to references by id, compute metrics, write a report."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import PurePosixPath
+
+from medray import storage
+from medray.data import MCQARecord, VQARecord, read_records, read_rows
+
+from .metrics import mcqa_accuracy, vqa_metrics
+
+log = logging.getLogger(__name__)
+
+
+def read_predictions(uri: str) -> dict[str, str]:
+    """id -> answer from medray infer shards (a prefix) or a JSON/JSONL/Parquet answer file
+    (LLaVA-Med's answer files: question_id + text)."""
+    if PurePosixPath(uri).suffix.lower() in (".json", ".jsonl", ".parquet"):
+        rows = read_rows(uri)
+    else:
+        from medray.infer.pipeline import read_shard
+
+        rows = [r for f in storage.list_files(uri, include="part-*") for r in read_shard(f.uri)]
+    out = {}
+    for r in rows:
+        rid = str(r.get("id", r.get("question_id")))
+        out[rid] = str(r.get("answer", r.get("text")) or "")
+    return out
+
+
+def evaluate(predictions: str, references: str) -> dict:
+    preds = read_predictions(predictions)
+    refs = read_records(references)
+    vqa, mcqa, missing = [], [], []
+    for rec in refs:
+        if rec.id not in preds:
+            missing.append(rec.id)
+            continue
+        if isinstance(rec, VQARecord):
+            if rec.answer is None or rec.answer_type is None:
+                continue
+            vqa.append((preds[rec.id], rec.answer, rec.answer_type))
+        elif isinstance(rec, MCQARecord):
+            mcqa.append((preds[rec.id], rec.answer, rec.options))
+    report: dict = {"predictions": predictions, "references": references,
+                    "matched": len(vqa) + len(mcqa), "missing_predictions": len(missing)}
+    if vqa:
+        report["vqa"] = vqa_metrics(vqa)
+    if mcqa:
+        report["mcqa"] = mcqa_accuracy(mcqa)
+    if missing:
+        log.warning("%d references have no prediction (e.g. %s)", len(missing), missing[:3])
+    return report
+
+
+def bar_chart(title: str, values: dict[str, float | None], size=(560, 320)) -> bytes:
+    """A labelled bar chart (percentages) drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 6), title, fill="black")
+    items = [(k, v) for k, v in values.items() if v is not None]
+    if items:
+        slot = (w - 20) / len(items)
+        for i, (name, v) in enumerate(items):
+            x0 = 10 + i * slot + slot * 0.15
+            top = h - 40 - (h - 80) * max(0.0, min(1.0, v))
+            draw.rectangle([x0, top, x0 + slot * 0.7, h - 40], fill=(70, 110, 200))
+            draw.text((x0, top - 14), f"{100 * v:.1f}%", fill="black")
+            draw.text((x0, h - 34), name[:18], fill="black")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_report(report: dict, out: str) -> list[str]:
+    written = [storage.join(out, "report.json")]
+    storage.write_text(written[0], json.dumps(report, indent=2))
+    vqa = report.get("vqa")
+    if vqa:
+        for kind, keys in (("closed", ["closed_accuracy"]), ("open", ["open_recall", "exact_match"])):
+            values = {f"{variant}:{k}": vqa[variant].get(k) for variant in ("llava_med", "corrected") for k in keys}
+            uri = storage.join(out, f"{kind}.png")
+            storage.write_bytes(uri, bar_chart(f"{kind} questions (n={vqa['counts'][kind]})", values))
+            written.append(uri)
+    if report.get("mcqa"):
+        uri = storage.join(out, "mcqa.png")
+        storage.write_bytes(uri, bar_chart(f"multiple choice (n={report['mcqa']['count']})",
+                                           {"accuracy": report["mcqa"]["accuracy"]}))
+        written.append(uri)
+    return written
