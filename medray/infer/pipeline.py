@@ -212,8 +212,7 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
                 raise ValueError("no question: give --question or a question per row")
             images = []
             if uri:
-                info = storage.default_storage().list_files(uri) if storage.is_s3(uri) else None
-                size = info[0].size if info else storage.local_path(uri).stat().st_size
+                size = storage.default_storage().size(uri)
                 if size > conf.max_image_bytes:
                     raise ValueError(f"{uri} is {size} bytes, over the limit of {conf.max_image_bytes}")
                 images = [load_image(storage.read_bytes(uri), uri, ImageOptions(max_pixels=conf.max_pixels))]

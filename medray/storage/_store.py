@@ -175,6 +175,20 @@ class Storage:
                 raise StorageError(f"checking {uri}: {e}") from e
         return local_path(uri).exists()
 
+    def size(self, uri: str) -> int:
+        """Size in bytes of one object or file (FileNotFoundError if absent)."""
+        if is_s3(uri):
+            loc = self._s3(uri)
+            from botocore.exceptions import ClientError
+
+            try:
+                return int(self.client.head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"])
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    raise FileNotFoundError(uri) from e
+                raise StorageError(f"checking {uri}: {e}") from e
+        return local_path(uri).stat().st_size
+
     def list_files(self, prefix: str, *, recursive: bool = True,
                    include: str | None = None, exclude: str | None = None) -> list[FileInfo]:
         """Files under a directory or s3:// prefix, sorted by URI.

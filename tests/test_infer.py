@@ -1,0 +1,168 @@
+"""Batch inference on Ray Data against the loopback S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from medray import storage
+from medray.data.synthetic import chest_image, png_bytes, write_synthetic
+from medray.infer.pipeline import InferConfig, read_shard, run_inference
+
+
+def _rows(output: str) -> list[dict]:
+    return [r for f in storage.list_files(output, include="part-*") for r in read_shard(f.uri)]
+
+
+def _cfg(**kw) -> InferConfig:
+    base = dict(model="tiny://llava-mistral", task="vqa", question="Is there an opacity?", max_new_tokens=3,
+                batch_size=16, rows_per_shard=32)
+    base.update(kw)
+    return InferConfig(**base)
+
+
+def test_200_images_in_s3_give_exactly_200_rows(ray_cluster, bucket):
+    write_synthetic("chest-vqa", f"{bucket}/corpus", n=200, seed=3, dicom_fraction=0.3)
+    images = [f.uri for f in storage.list_files(f"{bucket}/corpus/images")]
+    assert len(images) == 200 and any(u.endswith(".dcm") for u in images)
+
+    summary = run_inference(_cfg(input=f"{bucket}/corpus/images", output=f"{bucket}/out"), progress=False)
+    assert (summary.rows, summary.errors, summary.skipped) == (200, 0, 0)
+    rows = _rows(f"{bucket}/out")
+    assert sorted(r["image"] for r in rows) == sorted(images)  # every image exactly once
+    assert len({r["id"] for r in rows}) == 200
+    assert all(r["answer"] and r["completion_tokens"] > 0 and r["model"] == "tiny://llava-mistral" for r in rows)
+    assert json.loads(rows[0]["generation"])["max_new_tokens"] == 3
+    assert summary.rows_per_s > 0 and summary.tokens_per_s > 0
+
+
+def test_bad_files_fail_their_own_rows(ray_cluster, bucket):
+    write_synthetic("chest-vqa", f"{bucket}/mixed", n=54, seed=4, dicom_fraction=0.3)
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    good_png = png_bytes(chest_image("left", 64))
+    bad = {  # 6 of 60 files, 10 %
+        "bad/truncated.png": good_png[:100],
+        "bad/not-an-image.png": b"hello, I am text",
+        "bad/truncated.dcm": ct[:3000],
+        "bad/garbage.dcm": b"\x00" * 128 + b"DICM" + b"\x13" * 50,
+        "bad/empty.jpg": b"",
+        "bad/huge.png": png_bytes(chest_image("none", 256)),  # over max_pixels below
+    }
+    for name, data in bad.items():
+        storage.write_bytes(f"{bucket}/mixed/images/{name}", data)
+
+    summary = run_inference(_cfg(input=f"{bucket}/mixed/images", output=f"{bucket}/out2", max_pixels=128 * 128,
+                                 format="jsonl"), progress=False)
+    assert (summary.rows, summary.errors) == (60, 6)
+    rows = {r["id"]: r for r in _rows(f"{bucket}/out2")}
+    assert len(rows) == 60
+    for name in bad:
+        assert rows[name]["error"] and rows[name]["answer"] == "", name
+        assert name.split("/")[1] in rows[name]["error"] or "limit" in rows[name]["error"] or "empty" in rows[name]["error"]
+    assert sum(1 for r in rows.values() if not r["error"]) == 54
+
+
+def test_question_file_and_per_row_questions(ray_cluster, tmp_path):
+    corpus = write_synthetic("chest-vqa", str(tmp_path / "c"), n=12, seed=5)
+    records = [json.loads(x) for x in Path(corpus.records).read_text().splitlines()]
+    # LLaVA-Med's question-file form, as model_vqa.py reads it.
+    qfile = tmp_path / "c" / "questions.jsonl"
+    qfile.write_text("".join(json.dumps({"question_id": 100 + i, "image": r["image"], "text": r["question"]}) + "\n"
+                             for i, r in enumerate(records)))
+    summary = run_inference(_cfg(input=str(qfile), output=str(tmp_path / "out"), question=None), progress=False)
+    assert summary.rows == 12 and summary.errors == 0
+    rows = {r["id"]: r for r in _rows(str(tmp_path / "out"))}
+    assert sorted(rows) == sorted(str(100 + i) for i in range(12))
+    assert {r["question"] for r in rows.values()} == {r["question"] for r in records}
+
+    # Greedy decoding is deterministic: a second run into another prefix gives the same answers.
+    run_inference(_cfg(input=str(qfile), output=str(tmp_path / "out-again"), question=None), progress=False)
+    again = {r["id"]: r["answer"] for r in _rows(str(tmp_path / "out-again"))}
+    assert again == {k: r["answer"] for k, r in rows.items()}
+
+    # A vqa row with no question anywhere fails that row with a message.
+    qfile.write_text(json.dumps({"question_id": 1, "image": records[0]["image"]}) + "\n")
+    run_inference(_cfg(input=str(qfile), output=str(tmp_path / "out-noq"), question=None), progress=False)
+    (row,) = _rows(str(tmp_path / "out-noq"))
+    assert "no question" in row["error"]
+
+
+def _generator_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("MapBatches(Generator)" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_a_killed_actor_loses_no_row_and_duplicates_none(ray_cluster, bucket):
+    write_synthetic("chest-vqa", f"{bucket}/kill", n=120, seed=6, dicom_fraction=0.2)
+    output = f"{bucket}/out-kill"
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            shards = storage.list_files(output, include="part-*")
+            pids = _generator_pids()
+            if shards and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run_inference(_cfg(input=f"{bucket}/kill/images", output=output, batch_size=8, rows_per_shard=8),
+                            progress=False)
+    thread.join()
+    assert killed, "the generation actor was never killed"
+    rows = _rows(output)
+    counts = Counter(r["id"] for r in rows)
+    assert len(counts) == 120 and max(counts.values()) == 1
+    assert all(not r["error"] for r in rows) and summary.errors == 0
+
+
+def test_an_interrupted_run_resumes_with_only_the_missing_rows(ray_cluster, tmp_path):
+    write_synthetic("chest-vqa", str(tmp_path / "c"), n=96, seed=7)
+    output = tmp_path / "out"
+    exe = Path(sys.executable).with_name("medray")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([str(exe), "infer", "--model", "tiny://llava-mistral", "--input",
+                             str(tmp_path / "c" / "images"), "--output", str(output), "--task", "vqa",
+                             "--question", "Is there an opacity?", "--max-new-tokens", "3", "--batch-size", "8",
+                             "--rows-per-shard", "8"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list(output.glob("part-*"))) < 2:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-job
+    proc.wait()
+    done_before = len(_rows(str(output)))
+    assert 0 < done_before < 96
+    assert not list(output.glob(".*partial"))  # no half-written shard is visible
+
+    summary = run_inference(_cfg(input=str(tmp_path / "c" / "images"), output=str(output), batch_size=8,
+                                 rows_per_shard=8), progress=False)
+    assert summary.skipped == done_before and summary.rows == 96 - done_before
+    counts = Counter(r["id"] for r in _rows(str(output)))
+    assert len(counts) == 96 and max(counts.values()) == 1
+
+
+def test_infer_cli_and_config_errors(ray_cluster, tmp_path, capsys):
+    from medray.cli import main as cli_main
+
+    write_synthetic("chest-captions", str(tmp_path / "c"), n=4, seed=8)
+    assert cli_main(["infer", "--model", "tiny://git", "--input", str(tmp_path / "c" / "images"),
+                     "--output", str(tmp_path / "out"), "--task", "caption", "--max-new-tokens", "4"]) == 0
+    assert "4 rows (0 errors" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="chat needs --question"):
+        InferConfig(model="tiny://llama", input="x", output="y", task="chat")
