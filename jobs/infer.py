@@ -4,8 +4,8 @@ import argparse
 import logging
 import sys
 
-from medray.cli import add_infer_arguments
-from medray.infer.pipeline import InferConfig, run_inference
+from medray.cli import add_infer_arguments, infer_config_from_args
+from medray.infer.pipeline import run_inference
 
 
 def main() -> int:
@@ -13,8 +13,7 @@ def main() -> int:
     add_infer_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = InferConfig.model_validate({k: v for k, v in vars(args).items() if v is not None})
-    logging.info(run_inference(cfg).line())
+    logging.info(run_inference(infer_config_from_args(args)).line())
     return 0
 
 

@@ -71,12 +71,23 @@ def _train(args) -> int:
     return 0
 
 
-def _infer(args) -> int:
-    from medray.infer.pipeline import InferConfig, run_inference
+def infer_config_from_args(args):
+    """InferConfig from `medray infer` / jobs/infer.py flags (unset flags keep the defaults)."""
+    from medray.infer.pipeline import InferConfig
 
-    fields = InferConfig.model_fields
-    cfg = InferConfig.model_validate({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    print(run_inference(cfg).line())
+    values = {k: v for k, v in vars(args).items() if k in InferConfig.model_fields and v is not None}
+    if args.experts:
+        experts = {"plot": args.plot_expert}
+        if args.radiology_expert:
+            experts["radiology"] = args.radiology_expert
+        values["experts"] = experts
+    return InferConfig.model_validate(values)
+
+
+def _infer(args) -> int:
+    from medray.infer.pipeline import run_inference
+
+    print(run_inference(infer_config_from_args(args)).line())
     return 0
 
 
@@ -102,6 +113,10 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-actor", type=float)
     parser.add_argument("--cpus-per-actor", type=float)
     parser.add_argument("--rows-per-shard", type=int)
+    parser.add_argument("--experts", action="store_true",
+                        help="visual-experts mode: --model is a text LLM; images are routed to experts")
+    parser.add_argument("--radiology-expert", help="with --experts: captioner URI for radiology images")
+    parser.add_argument("--plot-expert", help="with --experts: plot-to-table model URI (default: none)")
 
 
 def _eval(args) -> int:

@@ -166,3 +166,68 @@ def test_infer_cli_and_config_errors(ray_cluster, tmp_path, capsys):
     assert "4 rows (0 errors" in capsys.readouterr().out
     with pytest.raises(ValueError, match="chat needs --question"):
         InferConfig(model="tiny://llama", input="x", output="y", task="chat")
+
+
+def _plot_png() -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (96, 64), "white")
+    draw = ImageDraw.Draw(img)
+    draw.line([(5, 60), (5, 5)], fill="black")
+    draw.line([(5, 60), (90, 60)], fill="black")
+    draw.line([(5, 50), (30, 30), (60, 40), (90, 10)], fill="blue", width=2)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _photo_png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    arr[..., 0] = 200  # strongly coloured
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_router_classifies_image_types():
+    import io
+
+    from PIL import Image
+
+    from medray.infer.experts import ExpertsConfig, route
+
+    cfg = ExpertsConfig()
+    assert route(Image.fromarray(chest_image("left", 64)).convert("RGB"), cfg) == "radiology"
+    assert route(Image.open(io.BytesIO(_plot_png())), cfg) == "plot"
+    assert route(Image.open(io.BytesIO(_photo_png())), cfg) == "other"
+    assert route(Image.open(io.BytesIO(_plot_png())), ExpertsConfig(plot_min_white=0.99)) == "radiology"
+
+
+def test_visual_experts_mode_end_to_end(ray_cluster, tmp_path):
+    from medray.cli import main as cli_main
+
+    images = tmp_path / "mixed"
+    write_synthetic("chest-vqa", str(tmp_path / "c"), n=4, seed=9, dicom_fraction=0.5)
+    images.mkdir()
+    for p in (tmp_path / "c" / "images").iterdir():
+        (images / p.name).write_bytes(p.read_bytes())
+    (images / "chart.png").write_bytes(_plot_png())
+    (images / "photo.png").write_bytes(_photo_png())
+
+    assert cli_main(["infer", "--model", "tiny://llama", "--experts", "--radiology-expert", "tiny://git",
+                     "--input", str(images), "--output", str(tmp_path / "out"), "--task", "vqa",
+                     "--question", "Is there an opacity?", "--max-new-tokens", "4", "--format", "jsonl"]) == 0
+    rows = {r["id"]: r for r in _rows(str(tmp_path / "out"))}
+    assert len(rows) == 6 and not any(r["error"] for r in rows.values())
+    assert rows["chart.png"]["image_type"] == "plot" and rows["chart.png"]["expert_text"] == ""
+    assert rows["photo.png"]["image_type"] == "other" and rows["photo.png"]["expert_text"] == ""
+    radiology = [r for k, r in rows.items() if k not in ("chart.png", "photo.png")]
+    assert all(r["image_type"] == "radiology" and r["expert_text"] for r in radiology)
+    assert all(r["completion_tokens"] > 0 and r["model"] == "tiny://llama" for r in rows.values())

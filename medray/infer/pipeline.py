@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from medray import storage
 
 from .engine import GenerationSettings
+from .experts import ExpertsConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class InferConfig(BaseModel):
     max_pixels: int = Field(64_000_000, ge=1)
     max_image_bytes: int = Field(512 * 1024 * 1024, ge=1)
     """Larger files fail their row without being read."""
+    experts: ExpertsConfig | None = None
+    """Visual-experts mode: `model` is a text LLM; each image is routed to an expert whose
+    text goes into the LLM's prompt."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -198,10 +202,11 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
 
     from .engine import Request, encode_request
 
+    from .experts import route
+
     conf = InferConfig.model_validate(cfg)
-    processor, family = _processor(conf.model)
     n = len(batch["id"])
-    input_ids, pixels, errors, questions = [], [], [], []
+    input_ids, pixels, errors, questions, kinds = [], [], [], [], []
     for i in range(n):
         uri, question = str(batch["image"][i]), str(batch["question"][i]) or (conf.question or "")
         if conf.task == "caption":
@@ -216,17 +221,32 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
                 if size > conf.max_image_bytes:
                     raise ValueError(f"{uri} is {size} bytes, over the limit of {conf.max_image_bytes}")
                 images = [load_image(storage.read_bytes(uri), uri, ImageOptions(max_pixels=conf.max_pixels))]
-            elif family.kind != "text":
-                raise ValueError("row has no image")
-            enc = encode_request(processor, Request(messages_for(conf.task, family.kind, question, bool(images)),
-                                                    images))
-            input_ids.append(np.asarray(enc.input_ids, dtype=np.int64))
-            pixels.append(enc.pixel_values)
+            kind = ""
+            if conf.experts is not None:
+                # The generation stage prompts the LLM; here only the expert's input is prepared.
+                if not images:
+                    raise ValueError("row has no image")
+                kind = route(images[0], conf.experts)
+                expert = conf.experts.expert_for(kind)
+                enc = None
+                if expert:
+                    processor, family = _processor(expert)
+                    enc = encode_request(processor, Request(messages_for("caption", family.kind, "", True), images))
+            else:
+                processor, family = _processor(conf.model)
+                if not images and family.kind != "text":
+                    raise ValueError("row has no image")
+                enc = encode_request(processor, Request(messages_for(conf.task, family.kind, question, bool(images)),
+                                                        images))
+            input_ids.append(np.asarray(enc.input_ids if enc else [], dtype=np.int64))
+            pixels.append(enc.pixel_values if enc else None)
             errors.append("")
+            kinds.append(kind)
         except Exception as e:  # recorded on the row; the job goes on
             input_ids.append(np.zeros(0, dtype=np.int64))
             pixels.append(None)
             errors.append(f"{type(e).__name__}: {e}")
+            kinds.append("")
         if pixels[-1] is None:
             pixels[-1] = _NO_PIXELS
     out = {k: batch[k] for k in ("id", "image", "references")}
@@ -234,6 +254,7 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
     out["input_ids"] = np.array(input_ids + [None], dtype=object)[:-1]  # keep a 1-D object array
     out["pixel_values"] = np.array(pixels + [None], dtype=object)[:-1]
     out["error"] = np.array(errors, dtype=object)
+    out["image_type"] = np.array(kinds, dtype=object)
     return out
 
 
@@ -247,23 +268,54 @@ class Generator:
 
         self.cfg = InferConfig.model_validate(cfg)
         self.engine = GenerationEngine(load_model(self.cfg.model, adapter=self.cfg.adapter))
+        self.experts = {}
+        if self.cfg.experts is not None:
+            for kind in ("radiology", "plot"):
+                uri = self.cfg.experts.expert_for(kind)
+                if uri:
+                    self.experts[kind] = GenerationEngine(load_model(uri))
         self.generation = json.dumps({"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
                                       "top_p": self.cfg.top_p, "stop": self.cfg.stop, "seed": self.cfg.seed})
 
-    def __call__(self, batch: dict) -> dict:
+    def _encoded(self, batch: dict, i: int):
         from .engine import Encoded
+
+        pixels = batch["pixel_values"][i]
+        return Encoded(batch["input_ids"][i].tolist(), np.array(pixels) if pixels.size else None)
+
+    def _expert_texts(self, batch: dict, ok: list[int]) -> list[str]:
+        from .engine import GenerationSettings
+
+        texts = [""] * len(batch["id"])
+        settings = GenerationSettings(max_new_tokens=self.cfg.experts.max_expert_tokens)
+        for kind, engine in self.experts.items():
+            rows = [i for i in ok if batch["image_type"][i] == kind]
+            for start in range(0, len(rows), self.cfg.batch_size):
+                chunk = rows[start: start + self.cfg.batch_size]
+                for i, r in zip(chunk, engine.generate_encoded([self._encoded(batch, i) for i in chunk], settings)):
+                    texts[i] = r.text
+        return texts
+
+    def __call__(self, batch: dict) -> dict:
+        from .engine import Request
+        from .experts import llm_prompt
 
         n = len(batch["id"])
         answers = [""] * n
         completion = np.zeros(n, dtype=np.int64)
         latency = np.zeros(n, dtype=np.float64)
         ok = [i for i in range(n) if not batch["error"][i]]
+        expert_texts = self._expert_texts(batch, ok) if self.cfg.experts is not None else [""] * n
         for start in range(0, len(ok), self.cfg.batch_size):
             chunk = ok[start: start + self.cfg.batch_size]
-            encoded = [Encoded(batch["input_ids"][i].tolist(),
-                               np.array(batch["pixel_values"][i]) if batch["pixel_values"][i].size else None)
-                       for i in chunk]
             t0 = time.perf_counter()
+            if self.cfg.experts is not None:
+                prompts = [llm_prompt(str(batch["question"][i]) or "Describe the findings.", expert_texts[i],
+                                      str(batch["image_type"][i])) for i in chunk]
+                encoded = [self.engine.encode(Request([{"role": "user", "content": [{"type": "text", "text": p}]}]))
+                           for p in prompts]
+            else:
+                encoded = [self._encoded(batch, i) for i in chunk]
             results = self.engine.generate_encoded(encoded, self.cfg.settings)
             dt = time.perf_counter() - t0
             for i, r in zip(chunk, results):
@@ -274,11 +326,12 @@ class Generator:
             "model": np.array([self.cfg.model] * n, dtype=object),
             "generation": np.array([self.generation] * n, dtype=object),
             "latency_s": latency, "completion_tokens": completion, "error": batch["error"],
+            "image_type": batch["image_type"], "expert_text": np.array(expert_texts, dtype=object),
         }
 
 
 COLUMNS = ["id", "image", "question", "answer", "references", "model", "generation", "latency_s",
-           "completion_tokens", "error"]
+           "completion_tokens", "error", "image_type", "expert_text"]
 
 
 def write_shard(batch: dict, *, output: str, fmt: str) -> dict:
