@@ -100,6 +100,15 @@ class Summary:
     seconds: float
     generated_tokens: int
     output: str
+    first_rows_s: float = 0.0
+    """Seconds until the first shard was written: start-up (listing, model loads)."""
+    first_rows: int = 0
+
+    @property
+    def steady_rows_per_s(self) -> float:
+        """Throughput after the first shard, i.e. without start-up."""
+        dt = self.seconds - self.first_rows_s
+        return (self.rows - self.first_rows) / dt if dt > 0 and self.rows > self.first_rows else 0.0
 
     @property
     def rows_per_s(self) -> float:
@@ -381,6 +390,7 @@ def run_inference(cfg: InferConfig, *, progress: bool = True) -> Summary:
                         batch_size=cfg.rows_per_shard, num_cpus=0.25, batch_format="numpy")
 
     written = errors = tokens = 0
+    first_s, first_rows = 0.0, 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -388,6 +398,8 @@ def run_inference(cfg: InferConfig, *, progress: bool = True) -> Summary:
         bar = tqdm(total=len(todo), desc="medray infer", unit="row")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         n = len(batch["id"])
+        if not written:
+            first_s, first_rows = time.perf_counter() - t0, n
         written += n
         errors += int(sum(1 for e in batch["error"] if e))
         tokens += int(np.sum(batch["completion_tokens"]))
@@ -395,4 +407,5 @@ def run_inference(cfg: InferConfig, *, progress: bool = True) -> Summary:
             bar.update(n)
     if bar:
         bar.close()
-    return Summary(written, errors, len(rows) - len(todo), time.perf_counter() - t0, tokens, cfg.output)
+    return Summary(written, errors, len(rows) - len(todo), time.perf_counter() - t0, tokens, cfg.output,
+                   first_s, first_rows)
