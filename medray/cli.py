@@ -133,7 +133,8 @@ def _eval(args) -> int:
 def _demo(args) -> int:
     from medray.demo import run_demo
 
-    return run_demo(workdir=args.workdir, s3_endpoint=args.s3_endpoint, model=args.model)
+    print(run_demo(workdir=args.workdir, s3_endpoint=args.s3_endpoint, model=args.model))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,7 +41,8 @@ _ENGINES: dict = {}
 
 
 def run_demo(workdir: str = "out/demo", s3_endpoint: str | None = None,
-             model: str = "tiny://llava-mistral") -> int:
+             model: str = "tiny://llava-mistral") -> str:
+    """Run the demo; returns the summary table (the CLI prints it)."""
     import ray
     from pydicom.data import get_testdata_file
 
@@ -93,5 +94,4 @@ def run_demo(workdir: str = "out/demo", s3_endpoint: str | None = None,
     for r in rows:
         lines.append(f"  {r['image']:<40} {r['question']:<24} -> {r['answer']!r} ({r['seconds']} s)")
     lines.append("  (a random-init model answers noise; training arrives with `medray train`)")
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
