@@ -75,7 +75,8 @@ def infer_config_from_args(args):
     """InferConfig from `medray infer` / jobs/infer.py flags (unset flags keep the defaults)."""
     from medray.infer.pipeline import InferConfig
 
-    values = {k: v for k, v in vars(args).items() if k in InferConfig.model_fields and v is not None}
+    values = {k: v for k, v in vars(args).items()
+              if k in InferConfig.model_fields and k != "experts" and v is not None}
     if args.experts:
         experts = {"plot": args.plot_expert}
         if args.radiology_expert:
