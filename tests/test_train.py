@@ -314,3 +314,20 @@ def test_curriculum_on_s3_checkpoints_and_results(ray_cluster, bucket):
     assert any(n.startswith("_ray/") and "/checkpoint_" in n for n in names)  # periodic checkpoints in S3
     assert load_model(f"{output}/s").family.name == "llama"
     assert [r.skipped for r in run_curriculum(cur)] == [True]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero3"])
+def test_sharded_strategies_resume_after_worker_loss(strategy, ray_cluster, tmp_path):
+    stage = _stage(strategy=strategy, max_steps=12, checkpoint_every=3, log_every=3, micro_batch_size=4,
+                   global_batch_size=8, max_failures=2)
+    run_curriculum(_curriculum(tmp_path / "clean", [stage]))
+    killed: list = []
+    thread = _kill_a_worker_after_first_checkpoint(tmp_path / "killed", killed)
+    run_curriculum(_curriculum(tmp_path / "killed", [stage]))
+    thread.join()
+    assert killed
+    rows = [json.loads(x) for x in (tmp_path / "killed" / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["resumed_from"] for r in rows) > 0
+    clean, resumed = _weights(tmp_path / "clean" / "s"), _weights(tmp_path / "killed" / "s")
+    for k in clean:
+        torch.testing.assert_close(resumed[k], clean[k], rtol=0, atol=1e-6)
