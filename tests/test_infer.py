@@ -164,6 +164,12 @@ def test_infer_cli_and_config_errors(ray_cluster, tmp_path, capsys):
     assert cli_main(["infer", "--model", "tiny://git", "--input", str(tmp_path / "c" / "images"),
                      "--output", str(tmp_path / "out"), "--task", "caption", "--max-new-tokens", "4"]) == 0
     assert "4 rows (0 errors" in capsys.readouterr().out
+    assert cli_main(["infer", "--model", "tiny://llava-mistral", "--input", str(tmp_path / "c" / "images"),
+                     "--output", str(tmp_path / "chat"), "--task", "chat", "--question", "Describe the findings.",
+                     "--temperature", "0.7", "--seed", "3", "--max-new-tokens", "4"]) == 0
+    chat = _rows(str(tmp_path / "chat"))
+    assert len(chat) == 4 and all(r["question"] == "Describe the findings." and r["answer"] for r in chat)
+    assert json.loads(chat[0]["generation"])["temperature"] == 0.7
     with pytest.raises(ValueError, match="chat needs --question"):
         InferConfig(model="tiny://llama", input="x", output="y", task="chat")
 
