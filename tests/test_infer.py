@@ -237,3 +237,16 @@ def test_visual_experts_mode_end_to_end(ray_cluster, tmp_path):
     radiology = [r for k, r in rows.items() if k not in ("chart.png", "photo.png")]
     assert all(r["image_type"] == "radiology" and r["expert_text"] for r in radiology)
     assert all(r["completion_tokens"] > 0 and r["model"] == "tiny://llama" for r in rows.values())
+
+
+def test_job_entrypoint_takes_the_cli_flags(tmp_path):
+    """jobs/infer.py (for `ray job submit`) runs the same pipeline with the same flags."""
+    repo = Path(__file__).resolve().parents[1]
+    write_synthetic("chest-vqa", str(tmp_path / "c"), n=3, seed=10)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, str(repo / "jobs" / "infer.py"), "--model", "tiny://llava-mistral",
+                          "--input", str(tmp_path / "c" / "images"), "--output", str(tmp_path / "out"),
+                          "--task", "caption", "--max-new-tokens", "3", "--format", "jsonl"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(_rows(str(tmp_path / "out"))) == 3
