@@ -134,7 +134,7 @@ def load_model(uri: str, *, device: str | None = None, dtype: torch.dtype | str 
                trust_remote_code: bool = False) -> LoadedModel:
     """Load model and processor from a model URI.
 
-    Safetensors only; no remote code unless `trust_remote_code=True`; bf16 on a GPU and
+    Safetensors only; no remote code unless `trust_remote_code` is set; bf16 on a GPU and
     fp32 on a CPU unless `dtype` says otherwise. `adapter` is a PEFT adapter directory
     (or s3:// / local URI) applied on top.
 
@@ -163,7 +163,7 @@ def load_model(uri: str, *, device: str | None = None, dtype: torch.dtype | str 
         if config.get("auto_map") and not trust_remote_code:
             raise ModelLoadError(
                 f"{uri} needs its own Python code (auto_map in config.json); medray does not run "
-                "a model's code unless asked: pass trust_remote_code=True (--trust-remote-code) "
+                "a model's code unless asked: set trust_remote_code (--trust-remote-code) "
                 "if you trust its source.") from e
         raise ModelLoadError(f"{uri}: {e}") from e
     _check_safetensors(path)
