@@ -131,6 +131,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from medray.serve.run import run_config
+
+    run_config(args.config)
+    return 0
+
+
 def _demo(args) -> int:
     from medray.demo import run_demo
 
@@ -220,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--references", required=True, help="VQA or MCQA records (e.g. VQA-RAD test.json)")
     ev.add_argument("--out", help="directory or s3:// prefix for report.json and the charts")
     ev.set_defaults(func=_eval)
+
+    sv = sub.add_parser("serve", help="run a Serve config (the same YAML `serve run` takes)",
+                        description="Start Ray Serve with the applications of a Serve config file and block. "
+                                    "API keys come from the config or MEDRAY_API_KEYS.")
+    sv.add_argument("config", help="Serve config YAML, e.g. manifests/serve/tiny.yaml")
+    sv.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="run the main job on an embedded default (local Ray, local S3, tiny model)",
                        description="Start a local S3 endpoint and Ray, put a tiny LLaVA and images in S3, "

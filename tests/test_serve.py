@@ -1,0 +1,164 @@
+"""The Serve app over real HTTP on the session's Ray, with tiny models and the openai client."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+from pathlib import Path
+
+import httpx
+import pytest
+
+from medray.data.synthetic import chest_image, png_bytes
+from medray.serve import ServeConfig, build_app
+from medray.serve.run import build, load_applications
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "sk-medray-test"
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, s3_server):
+    from ray import serve
+
+    from medray.storage import default_storage
+    from medray.storage.local_s3 import free_port
+
+    bucket = "s3://serve-images"
+    default_storage().client.create_bucket(Bucket="serve-images")
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"models": [{"name": "llava", "uri": "tiny://llava-mistral", "max_batch_size": 16,
+                        "batch_wait_timeout_s": 0.05},
+                       {"name": "alpaca", "uri": "tiny://llama"}],
+            "api_keys": [KEY], "allowed_s3_prefixes": [f"{bucket}/ok"],
+            "limits": {"max_images": 2, "max_tokens": 64, "max_pixels": 200 * 200, "max_body_bytes": 200_000}}
+    serve.run(build_app(args), name="medray", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "bucket": bucket}
+    serve.delete("medray")
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _image_message(url: str, text="Is there an opacity?"):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def test_openai_client_plain_and_with_an_image(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
+    assert sorted(m.id for m in client.models.list()) == ["alpaca", "llava"]
+    text = client.chat.completions.create(model="alpaca", messages=[{"role": "user", "content": "Is edema a tumor?"}],
+                                          max_tokens=6)
+    assert text.choices[0].message.role == "assistant" and text.usage.completion_tokens > 0
+    with_image = client.chat.completions.create(
+        model="llava", messages=_image_message(_data_url(png_bytes(chest_image("left")))), max_tokens=6)
+    assert with_image.usage.prompt_tokens > 16  # the image tokens are in the prompt
+    again = client.chat.completions.create(
+        model="llava", messages=_image_message(_data_url(png_bytes(chest_image("left")))), max_tokens=6)
+    assert again.choices[0].message.content == with_image.choices[0].message.content  # greedy
+
+
+def test_concurrent_requests_are_batched(server):
+    import ray
+    from ray import serve
+
+    url = _data_url(png_bytes(chest_image("right")))
+
+    def one(i):
+        r = httpx.post(server["url"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "llava", "messages": _image_message(url, f"Question {i}?"), "max_tokens": 4},
+                       timeout=120)
+        return r.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(one, range(32)))
+    assert codes == [200] * 32
+    handle = serve.get_deployment_handle("model-llava", app_name="medray")
+    sizes = handle.recent_batch_sizes.remote().result()
+    assert max(sizes) > 1
+
+
+def _post(server, body=None, *, key=KEY, raw=None, headers=None):
+    h = {"Authorization": f"Bearer {key}"} if key else {}
+    h.update(headers or {})
+    if raw is not None:
+        return httpx.post(server["url"] + "/v1/chat/completions", content=raw,
+                          headers={**h, "Content-Type": "application/json"}, timeout=60)
+    return httpx.post(server["url"] + "/v1/chat/completions", json=body, headers=h, timeout=60)
+
+
+def test_bad_requests_get_clear_4xx_and_the_service_stays_healthy(server):
+    from medray import storage
+
+    good_png = png_bytes(chest_image("none"))
+    storage.write_bytes(f"{server['bucket']}/secret/x.png", good_png)
+    storage.write_bytes(f"{server['bucket']}/ok/x.png", good_png)
+    msg = [{"role": "user", "content": "hi"}]
+    cases = [
+        ("no key", _post(server, {"model": "llava", "messages": msg}, key=None), 401, "API key"),
+        ("wrong key", _post(server, {"model": "llava", "messages": msg}, key="sk-wrong"), 401, "API key"),
+        ("bad JSON", _post(server, raw=b"{not json"), 400, "invalid request"),
+        ("no messages", _post(server, {"model": "llava", "messages": []}), 400, "messages"),
+        ("missing model", _post(server, {"messages": msg}), 400, "model"),
+        ("unknown model", _post(server, {"model": "gpt-5", "messages": msg}), 404, "does not exist"),
+        ("bad role", _post(server, {"model": "llava", "messages": [{"role": "robot", "content": "x"}]}), 400, "role"),
+        ("bad base64", _post(server, {"model": "llava", "messages": _image_message("data:image/png;base64,@@@")}),
+         400, "base64"),
+        ("not an image", _post(server, {"model": "llava", "messages": _image_message(_data_url(b"plain text"))}),
+         400, "image"),
+        ("decompression bomb", _post(server, {"model": "llava",
+                                              "messages": _image_message(_data_url(png_bytes(chest_image("left", 256))))}),
+         400, "exceeds the limit"),
+        ("too many images", _post(server, {"model": "llava", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(good_png)}}] * 3}]}), 400, "at most 2 images"),
+        ("max_tokens too big", _post(server, {"model": "llava", "messages": msg, "max_tokens": 10_000}), 400,
+         "max_tokens"),
+        ("negative temperature", _post(server, {"model": "llava", "messages": msg, "temperature": -1}), 400,
+         "temperature"),
+        ("prompt too long", _post(server, {"model": "llava", "messages": [{"role": "user", "content": "x" * 20_000}]}),
+         400, "prompt over"),
+        ("oversized body", _post(server, {"model": "llava", "messages": [{"role": "user", "content": "y" * 300_000}]}),
+         413, "body over"),
+        ("s3 outside prefixes", _post(server, {"model": "llava",
+                                               "messages": _image_message(f"{server['bucket']}/secret/x.png")}),
+         403, "outside the allowed"),
+        ("s3 missing object", _post(server, {"model": "llava",
+                                             "messages": _image_message(f"{server['bucket']}/ok/nope.png")}),
+         404, "does not exist"),
+        ("http URL while off", _post(server, {"model": "llava", "messages": _image_message("http://127.0.0.1/x.png")}),
+         400, "disabled"),
+        ("file URL", _post(server, {"model": "llava", "messages": _image_message("file:///etc/passwd")}), 400,
+         "data: URL"),
+        ("image to a text model", _post(server, {"model": "alpaca", "messages": _image_message(_data_url(good_png))}),
+         400, "text only"),
+        ("last message not user", _post(server, {"model": "llava", "messages": msg + [
+            {"role": "assistant", "content": "ok"}]}), 400, "last message"),
+        ("stream not yet", _post(server, {"model": "llava", "messages": msg, "stream": True}), 400, "stream"),
+    ]
+    assert len(cases) >= 20
+    for name, response, status, text in cases:
+        assert response.status_code == status, (name, response.status_code, response.text)
+        error = response.json()["error"]
+        assert text.lower() in error["message"].lower(), (name, error)
+    # An allowed s3:// image works, and the service is healthy after all of that.
+    ok = _post(server, {"model": "llava", "messages": _image_message(f"{server['bucket']}/ok/x.png"), "max_tokens": 3})
+    assert ok.status_code == 200
+    assert httpx.get(server["url"] + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server["url"] + "/readyz").status_code == 200
+
+
+def test_shipped_serve_config_builds(monkeypatch):
+    http_options, apps = load_applications(str(REPO / "manifests/serve/tiny.yaml"))
+    assert http_options["port"] == 8000 and apps[0]["import_path"] == "medray.serve:build_app"
+    ServeConfig.model_validate(apps[0]["args"])
+    with pytest.raises(ValueError, match="no API keys"):
+        build(apps[0])
+    monkeypatch.setenv("MEDRAY_API_KEYS", "sk-a, sk-b")
+    assert build(apps[0]) is not None
+    assert ServeConfig.model_validate(apps[0]["args"]).keys() == {"sk-a", "sk-b"}
