@@ -183,13 +183,11 @@ def _processor(model_uri: str):
     # One processor per worker process, loaded on first use.
     if model_uri not in _PROCESSORS:
         from medray.models import family_of, load_processor, resolve_model_uri
-        from medray.models.loading import read_config
+        from medray.models.loading import adapter_base, read_config
 
         path = resolve_model_uri(model_uri)
-        config_dir = path
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-            config_dir = resolve_model_uri(base)
+        base = adapter_base(path)
+        config_dir = resolve_model_uri(base) if base else path
         family = family_of(read_config(config_dir))
         _PROCESSORS[model_uri] = (load_processor(config_dir, family), family)
     return _PROCESSORS[model_uri]

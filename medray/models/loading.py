@@ -43,6 +43,16 @@ def resolve_model_uri(uri: str) -> Path:
     return path
 
 
+def adapter_base(path: Path) -> str | None:
+    """For a PEFT adapter directory (adapter_config.json, no config.json): its base model URI."""
+    if not (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return None
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{path} is a PEFT adapter that names no base model")
+    return base
+
+
 def read_config(path: Path) -> dict:
     cfg = path / "config.json"
     if not cfg.is_file():
@@ -143,11 +153,9 @@ def load_model(uri: str, *, device: str | None = None, dtype: torch.dtype | str 
     'llava-mistral'
     """
     path = resolve_model_uri(uri)
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+    base = adapter_base(path)
+    if base is not None:
         # A PEFT adapter directory stands for its base + the adapter, as with AutoPeftModel.
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ModelLoadError(f"{uri} is a PEFT adapter that names no base model")
         if adapter:
             raise ModelLoadError(f"{uri} is itself an adapter; load its base with adapter={uri!r} instead")
         return load_model(base, device=device, dtype=dtype, quantization=quantization, adapter=uri,

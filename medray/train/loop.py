@@ -111,7 +111,10 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             log.info("stage %s: resumed at step %d/%d", stage.name, step, total)
 
-    window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.perf_counter()}
+    def fresh_window() -> dict:
+        return {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.perf_counter()}
+
+    window = fresh_window()
     while step < total:
         for micro in range(stage.accum):
             batch = collate([dataset[i] for i in sampler.indices(step, micro, rank)])
@@ -141,7 +144,7 @@ def train_worker(config: dict) -> None:
             if rank == 0:
                 log.info("stage %s step %d/%d loss %.4f lr %.2e %.1f samples/s", stage.name, step, total,
                          row["loss"], row["lr"], row["samples_per_s"])
-            window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.perf_counter()}
+        saving_started = time.perf_counter()
         if do_ckpt:
             with tempfile.TemporaryDirectory() as d:
                 strategy.save(d)
@@ -151,9 +154,11 @@ def train_worker(config: dict) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
         elif do_log:
             ray.train.report({"step": step, **metrics.rows[-1]})
-        if do_log or do_ckpt:
-            # Throughput counts training only, not the time spent saving or reporting.
-            window["t0"] = time.perf_counter()
+        # Throughput counts training only, not the time spent saving or reporting.
+        if do_log:
+            window = fresh_window()
+        elif do_ckpt:
+            window["t0"] += time.perf_counter() - saving_started
 
     trainable = strategy.trainable_full()
     if rank == 0:
