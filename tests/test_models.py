@@ -239,3 +239,31 @@ def test_ask_answers_about_a_dicom_in_s3(tiny_dirs, bucket, capsys):
     assert cli_main(["ask", "--model", str(tiny_dirs["llava-mistral"]), "--image", f"{bucket}/scans/broken.dcm",
                      "--question", "?"]) == 2
     assert "broken.dcm" in capsys.readouterr().err
+
+
+def test_streamed_deltas_add_up_to_the_batched_answer(tiny_dirs):
+    lm = load_model(str(tiny_dirs["llava-mistral"]))
+    engine = GenerationEngine(lm)
+    encoded = engine.encode(Request(QUESTION, _images("llava-mistral")))
+    full = engine.generate_encoded([encoded], GenerationSettings(max_new_tokens=12))[0]
+    for settings in (GenerationSettings(max_new_tokens=12), GenerationSettings(max_new_tokens=12,
+                                                                               stop=(full.text[3:5],))):
+        expected = engine.generate_encoded([encoded], settings)[0]
+        events = list(engine.stream(encoded, settings))
+        deltas, final = events[:-1], events[-1]
+        assert len(deltas) >= 2 and all(isinstance(d, str) and d for d in deltas)
+        assert "".join(deltas) == expected.text == final.text
+        assert final.finish_reason == expected.finish_reason
+
+
+def test_a_closed_stream_stops_generating(tiny_dirs):
+    import threading
+
+    lm = load_model(str(tiny_dirs["llama"]))
+    engine = GenerationEngine(lm)
+    encoded = engine.encode(Request([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]))
+    before = threading.active_count()
+    stream = engine.stream(encoded, GenerationSettings(max_new_tokens=4000))
+    next(stream)
+    stream.close()  # what a disconnecting client does: the generation thread must end
+    assert threading.active_count() == before

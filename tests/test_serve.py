@@ -17,25 +17,47 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-medray-test"
 
 
+def _write_adapter(path: Path, seed: int) -> None:
+    """A LoRA adapter with random (non-zero) weights on tiny://llava-mistral: it changes answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from medray.models import load_model
+
+    torch.manual_seed(seed)
+    lm = load_model("tiny://llava-mistral")
+    peft_model = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=64, init_lora_weights=False,
+                                                     target_modules=["q_proj", "v_proj", "o_proj"]))
+    peft_model.save_pretrained(path)
+
+
 @pytest.fixture(scope="module")
-def server(ray_cluster, s3_server):
+def server(ray_cluster, s3_server, tmp_path_factory):
     from ray import serve
 
+    from medray import storage
     from medray.storage import default_storage
     from medray.storage.local_s3 import free_port
 
     bucket = "s3://serve-images"
     default_storage().client.create_bucket(Bucket="serve-images")
+    adapters = tmp_path_factory.mktemp("adapters")
+    _write_adapter(adapters / "a", seed=1)
+    _write_adapter(adapters / "b", seed=2)
+    storage.upload_dir(adapters / "b", f"{bucket}/adapters/b")  # one adapter comes from S3
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"models": [{"name": "llava", "uri": "tiny://llava-mistral", "max_batch_size": 16,
-                        "batch_wait_timeout_s": 0.05},
+                        "batch_wait_timeout_s": 0.05, "max_loaded_adapters": 1,
+                        "adapters": {"a": str(adapters / "a"), "b": f"{bucket}/adapters/b"}},
                        {"name": "alpaca", "uri": "tiny://llama"}],
             "api_keys": [KEY], "allowed_s3_prefixes": [f"{bucket}/ok"],
-            "limits": {"max_images": 2, "max_tokens": 64, "max_pixels": 200 * 200, "max_body_bytes": 200_000}}
+            "limits": {"max_images": 2, "max_tokens": 64, "max_pixels": 200 * 200, "max_body_bytes": 200_000},
+            "jobs": {"store": f"{bucket}/jobs", "allowed_input_prefixes": [f"{bucket}/corpus"],
+                     "allowed_output_prefixes": [f"{bucket}/results"], "rows_per_shard": 4, "batch_size": 4}}
     serve.run(build_app(args), name="medray", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "bucket": bucket}
+    yield {"url": f"http://127.0.0.1:{port}", "bucket": bucket, "args": args, "adapters": adapters}
     serve.delete("medray")
 
 
@@ -52,7 +74,7 @@ def test_openai_client_plain_and_with_an_image(server):
     import openai
 
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
-    assert sorted(m.id for m in client.models.list()) == ["alpaca", "llava"]
+    assert sorted(m.id for m in client.models.list()) == ["alpaca", "llava", "llava:a", "llava:b"]
     text = client.chat.completions.create(model="alpaca", messages=[{"role": "user", "content": "Is edema a tumor?"}],
                                           max_tokens=6)
     assert text.choices[0].message.role == "assistant" and text.usage.completion_tokens > 0
@@ -62,6 +84,64 @@ def test_openai_client_plain_and_with_an_image(server):
     again = client.chat.completions.create(
         model="llava", messages=_image_message(_data_url(png_bytes(chest_image("left")))), max_tokens=6)
     assert again.choices[0].message.content == with_image.choices[0].message.content  # greedy
+
+
+def test_openai_client_streaming(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
+    messages = _image_message(_data_url(png_bytes(chest_image("right"))), "Describe it.")
+    whole = client.chat.completions.create(model="llava", messages=messages, max_tokens=12)
+    chunks = list(client.chat.completions.create(model="llava", messages=messages, max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2  # it arrived in pieces, not in one block
+    assert "".join(deltas) == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_multi_lora_routes_to_adapters_with_a_bounded_cache(server):
+    import openai
+    from ray import serve
+
+    from medray.infer import GenerationEngine, GenerationSettings, Request
+    from medray.models import load_model
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
+    assert {"llava", "llava:a", "llava:b", "alpaca"} == {m.id for m in client.models.list()}
+    png = png_bytes(chest_image("left"))
+    messages = _image_message(_data_url(png), "Where?")
+
+    def ask(model):
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=8).choices[0].message.content
+
+    # What each adapter answers offline, loaded the plain PEFT way.
+    from medray.data import load_image
+
+    expected = {}
+    for name, adapter in (("llava", None), ("llava:a", str(server["adapters"] / "a")),
+                          ("llava:b", str(server["adapters"] / "b"))):
+        engine = GenerationEngine(load_model("tiny://llava-mistral", adapter=adapter))
+        req = Request([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}],
+                      [load_image(png)])
+        expected[name] = engine.generate([req], GenerationSettings(max_new_tokens=8))[0].text
+    assert len(set(expected.values())) == 3  # the adapters really change the answer
+
+    # Alternating adapters with room for one: each answer is right, the cache stays at one.
+    for model in ["llava:a", "llava:b", "llava:a", "llava", "llava:b"]:
+        assert ask(model) == expected[model], model
+    handle = serve.get_deployment_handle("model-llava", app_name="medray")
+    info = handle.info.remote().result()
+    assert len(info["adapters"]["resident"]) == 1 and info["adapters"]["loads"] >= 4
+
+    # Concurrent requests for the base and both adapters share batches and still get their own answers.
+    models = ["llava", "llava:a", "llava:b"] * 4
+    with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+        answers = list(pool.map(ask, models))
+    assert answers == [expected[m] for m in models]
 
 
 def test_concurrent_requests_are_batched(server):
@@ -139,7 +219,11 @@ def test_bad_requests_get_clear_4xx_and_the_service_stays_healthy(server):
          400, "text only"),
         ("last message not user", _post(server, {"model": "llava", "messages": msg + [
             {"role": "assistant", "content": "ok"}]}), 400, "last message"),
-        ("stream not yet", _post(server, {"model": "llava", "messages": msg, "stream": True}), 400, "stream"),
+        ("unknown adapter", _post(server, {"model": "llava:zz", "messages": msg}), 404, "does not exist"),
+        ("adapter on a model without", _post(server, {"model": "alpaca:a", "messages": msg}), 404, "does not exist"),
+        ("empty stop", _post(server, {"model": "llava", "messages": msg, "stop": [""]}), 400, "stop"),
+        ("stream with a bad image", _post(server, {"model": "llava", "stream": True,
+                                                   "messages": _image_message(_data_url(b"GIF89a..."))}), 400, "image"),
     ]
     assert len(cases) >= 20
     for name, response, status, text in cases:

@@ -7,8 +7,10 @@ rendered and decoded the same way everywhere.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -116,38 +118,111 @@ class GenerationEngine:
         return self.generate_encoded([self.encode(r) for r in requests], settings)
 
     @torch.inference_mode()
-    def generate_encoded(self, encoded: Sequence[Encoded],
-                         settings: GenerationSettings = GenerationSettings()) -> list[Answer]:
+    def generate_encoded(self, encoded: Sequence[Encoded], settings: GenerationSettings = GenerationSettings(),
+                         adapters: Sequence[str | None] | None = None) -> list[Answer]:
+        """Generate for a batch. `adapters` names a loaded PEFT adapter per row (None: the base
+        model); rows with different adapters share one generate call (PEFT mixed batches)."""
         if not encoded:
             return []
         inputs = self._collate(encoded)
-        gen_kwargs: dict = dict(max_new_tokens=settings.max_new_tokens,
-                                pad_token_id=self.tokenizer.pad_token_id)
+        output = self.loaded.model.generate(**inputs, **self._generate_kwargs(settings, adapters))
+        prompt_len = inputs["input_ids"].shape[1]
+        return [self._answer(output[row, prompt_len:].tolist(), len(encoded[row].input_ids), settings)
+                for row in range(len(encoded))]
+
+    def stream(self, encoded: Encoded, settings: GenerationSettings = GenerationSettings(),
+               adapter: str | None = None, cancel: threading.Event | None = None) -> Iterator[str | Answer]:
+        """Generate one answer token by token: yields text deltas, then the final Answer.
+
+        The deltas add up to exactly `Answer.text` (the same text `generate_encoded` returns),
+        so text that might still turn out to be trailing space or the start of a stop string
+        is held back until it is certain. Setting `cancel` (or closing the iterator) stops
+        generation at the next token.
+        """
+        cancel = cancel or threading.Event()
+        tokens: queue.Queue = queue.Queue()
+        failure: list[BaseException] = []
+        inputs = self._collate([encoded])
+        kwargs = self._generate_kwargs(settings, [adapter])
+        kwargs["streamer"] = _QueueStreamer(tokens)
+        kwargs["stopping_criteria"] = _cancel_criteria(cancel)
+
+        @torch.inference_mode()
+        def run():
+            try:
+                self.loaded.model.generate(**inputs, **kwargs)
+            except BaseException as e:  # re-raised in the consuming thread
+                failure.append(e)
+            finally:
+                tokens.put(None)
+
+        thread = threading.Thread(target=run, name="medray-stream", daemon=True)
+        thread.start()
+        new: list[int] = []
+        sent = ""
+        hold = max((len(s) for s in settings.stop), default=1) - 1
+        eos = self._eos_ids()
+        try:
+            while (item := tokens.get()) is not None:
+                new.extend(item)
+                if any(t in eos for t in item):
+                    continue  # the end: the final answer below carries the rest
+                text = self._visible(new, settings)
+                if text is None:  # a stop string appeared: generation ends with it
+                    cancel.set()
+                    continue
+                # Hold back trailing space and a possible stop-string prefix, and never emit
+                # half a multi-byte character (the tokenizer shows it as U+FFFD).
+                safe = text.rstrip()
+                safe = safe[: max(len(sent), len(safe) - hold)] if hold else safe
+                if "\ufffd" in safe[len(sent):]:
+                    continue
+                if len(safe) > len(sent) and safe.startswith(sent):
+                    yield safe[len(sent):]
+                    sent = safe
+            if failure:
+                raise failure[0]
+            answer = self._answer(new, len(encoded.input_ids), settings)
+            if answer.text.startswith(sent) and len(answer.text) > len(sent):
+                yield answer.text[len(sent):]
+            yield answer
+        finally:
+            cancel.set()
+            thread.join()
+
+    def _visible(self, new: list[int], settings: GenerationSettings) -> str | None:
+        """The answer text so far, or None once it contains a stop string."""
+        text = self.tokenizer.decode([t for t in new if t != self.tokenizer.pad_token_id],
+                                     skip_special_tokens=True).lstrip()
+        return None if any(s in text for s in settings.stop) else text
+
+    def _generate_kwargs(self, settings: GenerationSettings, adapters: Sequence[str | None] | None) -> dict:
+        kwargs: dict = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
         if settings.temperature > 0:
-            gen_kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
         else:
-            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if settings.stop:
-            gen_kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
-        output = self.loaded.model.generate(**inputs, **gen_kwargs)
-        prompt_len = inputs["input_ids"].shape[1]
+            kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
+        if adapters is not None and hasattr(self.loaded.model, "peft_config"):
+            # Named per row, so base rows skip whatever adapter happens to be active.
+            kwargs["adapter_names"] = [a or "__base__" for a in adapters]
+        return kwargs
+
+    def _answer(self, new: list[int], prompt_tokens: int, settings: GenerationSettings) -> Answer:
         eos_ids = self._eos_ids()
-        answers = []
-        for row in range(len(encoded)):
-            new = output[row, prompt_len:].tolist()
-            finish = "length"
-            if any(t in eos_ids for t in new):
-                new = new[: min(new.index(t) for t in eos_ids if t in new)]
-                finish = "stop"
-            new = [t for t in new if t != self.tokenizer.pad_token_id]
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            for s in settings.stop:
-                if s in text:
-                    text, finish = text[: text.index(s)], "stop"
-            answers.append(Answer(text.strip(), len(encoded[row].input_ids), len(new), finish))
-        return answers
+        finish = "length"
+        if any(t in eos_ids for t in new):
+            new = new[: min(new.index(t) for t in eos_ids if t in new)]
+            finish = "stop"
+        new = [t for t in new if t != self.tokenizer.pad_token_id]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        for s in settings.stop:
+            if s in text:
+                text, finish = text[: text.index(s)], "stop"
+        return Answer(text.strip(), prompt_tokens, len(new), finish)
 
     def _eos_ids(self) -> set[int]:
         eos = self.loaded.model.generation_config.eos_token_id
@@ -155,3 +230,29 @@ class GenerationEngine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+
+class _QueueStreamer:
+    """A transformers streamer that hands each step's token ids to a queue (the prompt skipped)."""
+
+    def __init__(self, out: queue.Queue):
+        self.out, self.prompt_seen = out, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first sends the prompt
+            self.prompt_seen = True
+            return
+        self.out.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def _cancel_criteria(cancel: threading.Event):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Cancelled()])

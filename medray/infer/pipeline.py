@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -369,7 +369,11 @@ def write_shard(batch: dict, *, output: str, fmt: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ driver
-def run_inference(cfg: InferConfig, *, progress: bool = True) -> Summary:
+def run_inference(cfg: InferConfig, *, progress: bool = True,
+                  on_progress: Callable[[int, int, int], None] | None = None) -> Summary:
+    """Run the pipeline to completion. `on_progress(rows_done, rows_total, errors)` is called
+    once the input is listed and after every shard; raising from it stops the run (a
+    cancellation), and a later run resumes where this one stopped."""
     import ray
     import ray.data
 
@@ -380,6 +384,8 @@ def run_inference(cfg: InferConfig, *, progress: bool = True) -> Summary:
     done = done_ids(cfg)
     todo = [r for r in rows if r["id"] not in done]
     log.info("%d input rows, %d already written, %d to do", len(rows), len(rows) - len(todo), len(todo))
+    if on_progress:
+        on_progress(len(rows) - len(todo), len(rows), 0)
     if not todo:
         return Summary(0, 0, len(rows) - len(todo), time.perf_counter() - t0, 0, cfg.output)
 
@@ -410,6 +416,8 @@ def run_inference(cfg: InferConfig, *, progress: bool = True) -> Summary:
         tokens += int(np.sum(batch["completion_tokens"]))
         if bar:
             bar.update(n)
+        if on_progress:
+            on_progress(len(rows) - len(todo) + written, len(rows), errors)
     if bar:
         bar.close()
     return Summary(written, errors, len(rows) - len(todo), time.perf_counter() - t0, tokens, cfg.output,

@@ -6,6 +6,6 @@
 """
 
 from .app import build_app
-from .config import Autoscaling, Limits, ModelSpec, ServeConfig
+from .config import Autoscaling, JobsConfig, Limits, ModelSpec, ServeConfig
 
-__all__ = ["build_app", "Autoscaling", "Limits", "ModelSpec", "ServeConfig"]
+__all__ = ["build_app", "Autoscaling", "JobsConfig", "Limits", "ModelSpec", "ServeConfig"]

@@ -1,29 +1,38 @@
 """The Ray Serve application: model deployments behind an OpenAI-compatible FastAPI ingress.
 
 `build_app(args)` is the application builder that `serve run` and a RayService call with
-the `args` block of the config. One `ModelServer` deployment per configured model merges
-concurrent requests into one generate call (`@serve.batch`). The `Api` ingress
+the `args` block of the config. It binds one `ModelServer` deployment per configured model
+(medray.serve.model), one `Metrics` deployment, and the `Api` ingress here. The ingress
 authenticates, validates and decodes requests, so a bad request gets its 4xx before it costs
-any model time.
+any model time; it also runs the batch-job API (medray.serve.jobs) and serves the web page.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types (Request, the
-# body model) on the ingress methods, which Serve wraps.
+# body model) on the ingress methods, which Serve wraps. `@serve.ingress` also pickles the
+# app (routes included) when the class is defined, so everything the routes call must be
+# defined above the class.
+import asyncio
 import base64
 import binascii
 import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from .config import ModelSpec, ServeConfig
+from medray import storage
+
+from .config import ServeConfig
+from .jobs import JobRequest, JobStore, ensure_runner, new_record, recover, view
+from .metrics import Metrics
+from .model import ModelServer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,10 @@ class Message(BaseModel):
     content: str | list[ContentPart]
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -67,55 +80,44 @@ class ChatRequest(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
-
-
-# ----------------------------------------------------------------------------- model deployment
-@serve.deployment
-class ModelServer:
-    """One model; concurrent requests are batched into one generate call."""
-
-    def __init__(self, spec: dict):
-        from medray.infer import GenerationEngine
-        from medray.models import load_model
-
-        self.spec = ModelSpec.model_validate(spec)
-        self.engine = GenerationEngine(load_model(self.spec.uri))
-        self.family = self.engine.loaded.family
-        self.generate.set_max_batch_size(self.spec.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
-        self.batch_sizes: list[int] = []
-
-    def info(self) -> dict:
-        return {"family": self.family.name, "kind": self.family.kind}
-
-    def recent_batch_sizes(self) -> list[int]:
-        return list(self.batch_sizes[-1000:])
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate(self, items: list[dict]) -> list[dict]:
-        from medray.infer import GenerationSettings, Request
-
-        self.batch_sizes.append(len(items))
-        results: list[dict | None] = [None] * len(items)
-        groups: dict[str, list[int]] = {}
-        for i, item in enumerate(items):  # one generate call per distinct decoding setting
-            groups.setdefault(json.dumps(item["settings"], sort_keys=True), []).append(i)
-        for key, idx in groups.items():
-            settings = GenerationSettings(**{**json.loads(key), "stop": tuple(json.loads(key)["stop"])})
-            answers = self.engine.generate([Request(items[i]["messages"], items[i]["images"]) for i in idx],
-                                           settings)
-            for i, a in zip(idx, answers):
-                results[i] = {"text": a.text, "prompt_tokens": a.prompt_tokens,
-                              "completion_tokens": a.completion_tokens, "finish_reason": a.finish_reason,
-                              "batch_size": len(items)}
-        return results
+    stream_options: StreamOptions | None = None
 
 
 # ----------------------------------------------------------------------------- ingress
-app = FastAPI(title="medray", description="OpenAI-compatible chat/VQA for medical VLMs")
+def _usage(out: dict) -> dict:
+    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+
+
+app = FastAPI(title="medray", description="OpenAI-compatible chat/VQA and batch jobs for medical VLMs")
+PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+@app.middleware("http")
+async def _limits_and_metrics(request: Request, call_next):
+    from medray.serve._replica import STATE  # imported here: see _replica's docstring
+
+    started = time.perf_counter()
+    config: ServeConfig | None = STATE.get("config")
+    size = request.headers.get("content-length")
+    if config and size and size.isdigit() and int(size) > config.limits.max_body_bytes:
+        # Refused before the body is read: an oversized upload costs nothing.
+        response = _error(413, f"request body over {config.limits.max_body_bytes} bytes; send smaller images")
+    else:
+        response = await call_next(request)
+    route = request.scope.get("route")
+    metrics = STATE.get("metrics")
+    if metrics is not None:
+        try:  # fire and forget
+            metrics.record_request.remote(getattr(route, "path", "unmatched"), request.method,
+                                          response.status_code, time.perf_counter() - started)
+        except Exception:
+            pass
+    return response
 
 
 @app.exception_handler(ApiError)
@@ -133,11 +135,23 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 @serve.deployment
 @serve.ingress(app)
 class Api:
-    def __init__(self, config: dict, models: dict):
+    def __init__(self, config: dict, models: dict, metrics=None):
         self.config = ServeConfig.model_validate(config)
         self.keys = self.config.keys()
-        self.models = models  # name -> DeploymentHandle
+        self.models = models  # base model name -> DeploymentHandle
+        self.metrics = metrics
         self.created = int(time.time())
+        self.jobs = JobStore(self.config.jobs.store) if self.config.jobs else None
+        from medray.serve._replica import STATE
+
+        STATE.update(config=self.config, metrics=metrics)
+        if self.jobs:
+            try:  # jobs left unfinished by an earlier deployment continue
+                n = recover(self.jobs)
+                if n:
+                    log.info("looked after %d unfinished jobs", n)
+            except Exception:
+                log.exception("job recovery failed; GET /v1/jobs/{id} retries it per job")
 
     # -- helpers
     def _auth(self, request: Request) -> None:
@@ -148,7 +162,6 @@ class Api:
                            kind="authentication_error", code="invalid_api_key")
 
     def _image(self, url: str, param: str):
-        from medray import storage
         from medray.data import ImageDecodeError, ImageOptions, load_image
 
         limits = self.config.limits
@@ -162,8 +175,7 @@ class Api:
                 raise ApiError(400, "image data URL is not valid base64", param=param) from None
             name = "data-url"
         elif url.startswith("s3://"):
-            allowed = self.config.allowed_s3_prefixes
-            if not any(url == p.rstrip("/") or url.startswith(p.rstrip("/") + "/") for p in allowed):
+            if not storage.within(url, self.config.allowed_s3_prefixes):
                 raise ApiError(403, f"{url} is outside the allowed S3 prefixes", param=param,
                                kind="permission_error")
             try:
@@ -229,7 +241,18 @@ class Api:
             raise ApiError(400, "the last message must come from the user", param="messages")
         return messages, images
 
+    def _model(self, name: str):
+        try:
+            spec, adapter = self.config.model(name)
+        except KeyError as e:
+            raise ApiError(404, e.args[0], param="model", code="model_not_found") from None
+        return spec, adapter
+
     # -- routes
+    @app.get("/", include_in_schema=False)
+    async def page(self):
+        return HTMLResponse(PAGE.read_text())
+
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
@@ -243,51 +266,165 @@ class Api:
             return _error(503, f"not ready: {e}", kind="server_error")
         return {"status": "ready", "models": sorted(self.models)}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(self):
+        if self.metrics is None:
+            raise ApiError(404, "metrics are off")
+        body = await self.metrics.render.remote()
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
         self._auth(request)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
-                                            "owned_by": "medray"} for name in sorted(self.models)]}
+                                            "owned_by": "medray"} for name in self.config.model_ids()]}
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request, body: ChatRequest):
         self._auth(request)
-        size = int(request.headers.get("content-length") or 0)
-        if size > self.config.limits.max_body_bytes:
-            raise ApiError(413, f"request body over {self.config.limits.max_body_bytes} bytes")
-        if body.model not in self.models:
-            raise ApiError(404, f"model {body.model!r} does not exist; GET /v1/models lists them", param="model",
-                           code="model_not_found")
-        if body.stream:
-            raise ApiError(400, "stream=true is not supported yet", param="stream")
-        max_tokens = body.max_tokens or min(256, self.config.limits.max_tokens)
-        if max_tokens > self.config.limits.max_tokens:
-            raise ApiError(400, f"max_tokens may be at most {self.config.limits.max_tokens}", param="max_tokens")
-        handle = self.models[body.model]
+        spec, adapter = self._model(body.model)
+        limit = self.config.limits.max_tokens
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(256, limit)
+        if max_tokens > limit:
+            raise ApiError(400, f"max_tokens may be at most {limit}", param="max_tokens")
+        handle = self.models[spec.name]
         info = await handle.info.remote()
         messages, images = self._convert(body, info["kind"])
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
         settings = {"max_new_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                     "stop": stop, "seed": body.seed}
+        item = {"messages": messages, "images": images, "settings": settings, "adapter": adapter}
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = handle.options(stream=True).stream.remote(item)
+            return StreamingResponse(self._sse(events, completion_id, body.model, usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            out = await handle.generate.remote({"messages": messages, "images": images, "settings": settings})
+            out = await handle.generate.remote(item)
         except Exception as e:  # a template or model refusal: the request asked for something it cannot do
             log.warning("generation failed: %s", type(e).__name__)
             raise ApiError(400, f"the model could not answer this request: {str(e).splitlines()[-1][:300]}")
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "id": completion_id, "object": "chat.completion", "created": int(time.time()),
             "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                          "finish_reason": out["finish_reason"]}],
-            "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                      "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
+            "usage": _usage(out),
         }
+
+    async def _sse(self, events, completion_id: str, model: str, include_usage: bool):
+        """OpenAI's chunk stream: a role delta, content deltas, a finish chunk, [DONE]."""
+        created = int(time.time())
+
+        def chunk(delta: dict, finish=None, usage=None) -> str:
+            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for event in events:
+                if isinstance(event, str):
+                    yield chunk({"content": event})
+                else:
+                    yield chunk({}, event["finish_reason"])
+                    if include_usage:
+                        yield chunk({}, usage=_usage(event))
+        except asyncio.CancelledError:  # the client went away; the replica stops generating
+            events.cancel()
+            raise
+        except Exception as e:
+            # The status line is sent already: report in the stream, as OpenAI does.
+            log.warning("stream failed: %s", type(e).__name__)
+            message = f"the model could not answer this request: {str(e).splitlines()[-1][:300]}"
+            yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # -- batch jobs
+    def _job_store(self) -> JobStore:
+        if self.jobs is None:
+            raise ApiError(404, "batch jobs are not configured on this server (set `jobs` in the config)")
+        return self.jobs
+
+    def _job(self, job_id: str) -> dict:
+        record = self._job_store().get(job_id)
+        if record is None:
+            raise ApiError(404, f"job {job_id!r} does not exist; GET /v1/jobs lists them", param="id")
+        return record
+
+    @app.post("/v1/jobs", status_code=202)
+    async def submit_job(self, request: Request):
+        self._auth(request)
+        store, jobs = self._job_store(), self.config.jobs
+        try:
+            body = JobRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}"
+                                 for err in e.errors())
+            raise ApiError(400, f"invalid job: {problems}") from None
+        spec, adapter = self._model(body.model)
+        if not storage.within(body.input, jobs.allowed_input_prefixes):
+            raise ApiError(403, f"input {body.input} is outside the allowed input prefixes", param="input",
+                           kind="permission_error")
+        if not storage.within(body.output, jobs.allowed_output_prefixes):
+            raise ApiError(403, f"output {body.output} is outside the allowed output prefixes", param="output",
+                           kind="permission_error")
+        if body.max_new_tokens > jobs.max_new_tokens:
+            raise ApiError(400, f"max_new_tokens may be at most {jobs.max_new_tokens}", param="max_new_tokens")
+        if body.input.lower().endswith((".jsonl", ".json", ".parquet")) and not storage.exists(body.input):
+            raise ApiError(404, f"input manifest {body.input} does not exist", param="input")
+        from medray.infer.pipeline import InferConfig
+
+        try:
+            infer = InferConfig(
+                model=spec.uri, adapter=spec.adapters[adapter] if adapter else None, input=body.input,
+                output=body.output, task=body.task, question=body.question, max_new_tokens=body.max_new_tokens,
+                format=body.format, include=body.include, exclude=body.exclude, batch_size=jobs.batch_size,
+                rows_per_shard=jobs.rows_per_shard, max_actors=jobs.max_actors,
+                cpus_per_actor=jobs.cpus_per_actor, gpus_per_actor=jobs.gpus_per_actor)
+        except ValidationError as e:
+            raise ApiError(400, f"invalid job: {e.errors()[0]['msg']}") from None
+        record = new_record(store.new_id(), body, infer.model_dump(mode="json"))
+        store.put(record)
+        record = ensure_runner(store, record)
+        return view(record)
+
+    @app.get("/v1/jobs")
+    async def list_jobs(self, request: Request) -> dict:
+        self._auth(request)
+        return {"object": "list", "data": [view(r) for r in self._job_store().list()]}
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(self, request: Request, job_id: str) -> dict:
+        self._auth(request)
+        store = self._job_store()
+        record = ensure_runner(store, self._job(job_id))  # a job whose runner was lost goes on
+        return view(record, cancel_requested=store.cancel_requested(job_id))
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(self, request: Request, job_id: str) -> dict:
+        self._auth(request)
+        store = self._job_store()
+        record = self._job(job_id)
+        if record["status"] in ("succeeded", "failed", "cancelled"):
+            raise ApiError(409, f"job {job_id} has already finished ({record['status']}); nothing to cancel",
+                           code="job_finished")
+        store.request_cancel(job_id)
+        record = ensure_runner(store, record)  # without a live runner, this marks it cancelled
+        return view(record, cancel_requested=True)
 
 
 def build_app(args: dict[str, Any]):
     """Application builder for `serve run medray.serve:build_app` and RayService."""
     config = ServeConfig.model_validate(args)
     config.keys()  # fail at deploy time, not on the first request, when no key is set
+    metrics = Metrics.bind()
     models = {}
     for spec in config.models:
         a = spec.autoscaling
@@ -295,8 +432,9 @@ def build_app(args: dict[str, Any]):
             name=f"model-{spec.name}",
             autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                                 "target_ongoing_requests": a.target_ongoing_requests,
+                                "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
                                 "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
             ray_actor_options={"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica},
             max_ongoing_requests=max(2 * spec.max_batch_size, 16),
-        ).bind(spec.model_dump())
-    return Api.options(ray_actor_options={"num_cpus": 0.1}).bind(config.model_dump(), models)
+        ).bind(spec.model_dump(), metrics)
+    return Api.options(ray_actor_options={"num_cpus": 0.1}).bind(config.model_dump(), models, metrics)

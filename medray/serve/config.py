@@ -16,6 +16,10 @@ class Autoscaling(_Strict):
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
     """Requests per replica the autoscaler aims for; batching wants this above 1."""
+    upscale_delay_s: float = Field(10, ge=0)
+    """How long load must stay high before a replica is added."""
+    downscale_delay_s: float = Field(300, ge=0)
+    """How long load must stay low before a replica is removed (model loads are slow)."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -24,11 +28,20 @@ class Autoscaling(_Strict):
         return self
 
 
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""Model and adapter names; no ':' because clients address an adapter as '<model>:<adapter>'."""
+
+
 class ModelSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME)
     """The name clients send as `model`."""
     uri: str
     """Model URI: a directory, s3://bucket/prefix or tiny://family."""
+    adapters: dict[str, str] = Field(default_factory=dict)
+    """PEFT adapters on this base: name -> adapter directory (local or s3://). Clients send
+    `model: "<name>:<adapter>"`; adapters load on first use."""
+    max_loaded_adapters: int = Field(4, ge=1)
+    """Adapters resident per replica; the least recently used one is unloaded beyond this."""
     max_batch_size: int = Field(8, ge=1, le=256)
     """Concurrent requests merged into one generate call."""
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=5)
@@ -36,6 +49,33 @@ class ModelSpec(_Strict):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     gpus_per_replica: float = Field(0, ge=0)
     cpus_per_replica: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _check_adapters(self):
+        import re
+
+        bad = [a for a in self.adapters if not re.match(NAME, a)]
+        if bad:
+            raise ValueError(f"adapter names must match {NAME}: {bad}")
+        return self
+
+
+class JobsConfig(_Strict):
+    """The asynchronous batch-job API (POST /v1/jobs): where records live and what jobs may touch."""
+
+    store: str
+    """Prefix (s3:// or a directory every replica sees) that holds one JSON record per job."""
+    allowed_input_prefixes: list[str] = Field(default_factory=list)
+    """Prefixes a job may read images or manifests from."""
+    allowed_output_prefixes: list[str] = Field(default_factory=list)
+    """Prefixes a job may write results into."""
+    batch_size: int = Field(8, ge=1)
+    rows_per_shard: int = Field(64, ge=1)
+    max_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    max_new_tokens: int = Field(256, ge=1)
+    """Upper bound a job may ask for."""
 
 
 class Limits(_Strict):
@@ -56,6 +96,8 @@ class ServeConfig(_Strict):
     allow_http_images: bool = False
     """Fetching http(s) image URLs is off by default (SSRF)."""
     limits: Limits = Field(default_factory=Limits)
+    jobs: JobsConfig | None = None
+    """The batch-job API; without it POST /v1/jobs answers 404."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -63,6 +105,17 @@ class ServeConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("model names must be unique")
         return self
+
+    def model(self, name: str) -> tuple[ModelSpec, str | None]:
+        """'<model>' or '<model>:<adapter>' -> (spec, adapter name); KeyError says what exists."""
+        base, _, adapter = name.partition(":")
+        for spec in self.models:
+            if spec.name == base and (not adapter or adapter in spec.adapters):
+                return spec, adapter or None
+        raise KeyError(f"model {name!r} does not exist; GET /v1/models lists them")
+
+    def model_ids(self) -> list[str]:
+        return [i for m in self.models for i in [m.name] + [f"{m.name}:{a}" for a in m.adapters]]
 
     def keys(self) -> set[str]:
         env = [k.strip() for k in os.environ.get("MEDRAY_API_KEYS", "").split(",") if k.strip()]

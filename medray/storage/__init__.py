@@ -13,14 +13,14 @@ yourself to use other settings. Nothing here knows about models or Ray.
 from __future__ import annotations
 
 from ._cache import SyncResult, cache_root, sync_prefix
-from ._store import AccessDenied, FileInfo, Storage, StorageConfig, StorageError, default_storage
+from ._store import AccessDenied, FileInfo, Storage, StorageConfig, StorageError, default_storage, within
 from ._uri import S3Location, is_s3, join, local_path, parse_s3
 
 __all__ = [
     "AccessDenied", "FileInfo", "S3Location", "Storage", "StorageConfig", "StorageError",
     "SyncResult", "cache_root", "default_storage", "is_s3", "join", "local_path", "parse_s3",
     "read_bytes", "read_text", "write_bytes", "write_text", "list_files", "exists",
-    "atomic_writer", "upload_dir", "sync_prefix",
+    "atomic_writer", "upload_dir", "sync_prefix", "within", "delete",
 ]
 
 def read_bytes(uri: str) -> bytes:
@@ -53,3 +53,7 @@ def atomic_writer(uri: str, mode: str = "wb"):
 
 def upload_dir(path, uri: str) -> list[str]:
     return default_storage().upload_dir(path, uri)
+
+
+def delete(uri: str) -> None:
+    default_storage().delete(uri)

@@ -83,6 +83,13 @@ def _prefix_allows(prefix: str, uri: str) -> bool:
     return uri == prefix or uri.startswith(prefix + "/")
 
 
+def within(uri: str, prefixes) -> bool:
+    """Whether `uri` lies inside one of `prefixes`, matched on path boundaries."""
+    if "/../" in uri + "/" or "/./" in uri + "/":
+        return False  # never let a relative segment climb out of a prefix
+    return any(_prefix_allows(p, uri) for p in prefixes)
+
+
 @dataclass
 class Storage:
     """Read, list and write local paths and s3:// URIs with one set of calls."""

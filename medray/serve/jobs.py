@@ -1,0 +1,203 @@
+"""Asynchronous batch jobs behind POST /v1/jobs: durable records, detached runners.
+
+A job is one run of the batch-inference pipeline (medray.infer.run_inference). Its record
+is a JSON object under the configured store prefix (S3 in production), never in process
+memory, so it outlives the Serve application. The pipeline runs in a detached Ray actor
+named after the job: it survives a redeploy or restart of the Serve app and is the only
+writer of the record while it lives. Whoever finds a job unfinished with no runner alive
+(an ingress replica starting up, a GET) starts a new runner, and the pipeline resumes from
+the shards already written.
+
+Cancellation is a marker object beside the record; the runner checks it after every shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Literal
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from medray import storage
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "medray-jobs"
+TERMINAL = ("succeeded", "failed", "cancelled")
+MAX_ATTEMPTS = 3
+"""Runners started for one job before it is failed (a job that kills its runner each time)."""
+_ID = re.compile(r"^job-[0-9a-f]{16}$")
+
+
+class JobRequest(BaseModel):
+    """The body of POST /v1/jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    """A served model name, or '<model>:<adapter>'."""
+    input: str
+    """A prefix of images, or a JSONL / JSON / Parquet manifest of rows."""
+    output: str
+    """The prefix that receives the result shards."""
+    task: Literal["caption", "vqa", "chat"] = "caption"
+    question: str | None = None
+    max_new_tokens: int = Field(64, ge=1)
+    format: Literal["parquet", "jsonl"] = "parquet"
+    include: str | None = None
+    exclude: str | None = None
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class JobStore:
+    """Job records: `<prefix>/<id>.json`, and `<prefix>/<id>.cancel` once cancelling is asked."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix.rstrip("/")
+
+    @staticmethod
+    def new_id() -> str:
+        return "job-" + uuid.uuid4().hex[:16]
+
+    @staticmethod
+    def valid_id(job_id: str) -> bool:
+        return bool(_ID.match(job_id))
+
+    def _uri(self, job_id: str, suffix: str = ".json") -> str:
+        if not self.valid_id(job_id):  # ids become object keys: no traversal, no surprises
+            raise KeyError(job_id)
+        return storage.join(self.prefix, job_id + suffix)
+
+    def put(self, record: dict) -> None:
+        record["updated_at"] = time.time()
+        with storage.atomic_writer(self._uri(record["id"]), "w") as f:
+            f.write(json.dumps(record, indent=1))
+
+    def get(self, job_id: str) -> dict | None:
+        try:
+            return json.loads(storage.read_text(self._uri(job_id)))
+        except (KeyError, FileNotFoundError):
+            return None
+
+    def list(self) -> list[dict]:
+        if not storage.is_s3(self.prefix) and not storage.local_path(self.prefix).exists():
+            return []
+        records = []
+        for f in storage.list_files(self.prefix, include="job-*.json"):
+            record = self.get(f.uri.rsplit("/", 1)[-1][: -len(".json")])
+            if record:
+                records.append(record)
+        return sorted(records, key=lambda r: r["created_at"], reverse=True)
+
+    def request_cancel(self, job_id: str) -> None:
+        storage.write_text(self._uri(job_id, ".cancel"), str(time.time()))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return storage.exists(self._uri(job_id, ".cancel"))
+
+
+def new_record(job_id: str, request: JobRequest, infer: dict) -> dict:
+    return {"id": job_id, "status": "queued", "request": request.model_dump(), "infer": infer,
+            "created_at": time.time(), "started_at": None, "finished_at": None, "attempts": 0,
+            "rows_done": 0, "rows_total": None, "rows_error": 0, "output": request.output, "error": None,
+            "summary": None}
+
+
+def view(record: dict, *, cancel_requested: bool = False) -> dict:
+    """The client's view of a record (the internal pipeline config stays inside)."""
+    return {"id": record["id"], "object": "job", "status": record["status"], "model": record["request"]["model"],
+            "created_at": record["created_at"], "started_at": record["started_at"],
+            "finished_at": record["finished_at"], "request": record["request"],
+            "progress": {"rows_done": record["rows_done"], "rows_total": record["rows_total"],
+                         "rows_error": record["rows_error"]},
+            "output": record["output"], "error": record["error"], "summary": record["summary"],
+            "cancel_requested": cancel_requested}
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class JobRunner:
+    """Runs one job's pipeline and keeps its record current. Detached: outlives the Serve app."""
+
+    def run(self, store_prefix: str, job_id: str) -> None:
+        from medray.infer.pipeline import InferConfig, run_inference
+
+        store = JobStore(store_prefix)
+        record = store.get(job_id)
+        if record is None or record["status"] in TERMINAL:
+            ray.actor.exit_actor()
+        record.update(status="running", started_at=record["started_at"] or time.time(),
+                      attempts=record["attempts"] + 1)
+        store.put(record)
+
+        def progress(done: int, total: int, errors: int) -> None:
+            if store.cancel_requested(job_id):
+                raise JobCancelled()
+            record.update(rows_done=done, rows_total=total, rows_error=errors)
+            store.put(record)
+
+        try:
+            if store.cancel_requested(job_id):
+                raise JobCancelled()
+            summary = run_inference(InferConfig.model_validate(record["infer"]), progress=False,
+                                    on_progress=progress)
+            record.update(status="succeeded", summary=summary.line())
+        except JobCancelled:
+            record.update(status="cancelled")
+        except Exception as e:  # the job fails with a message; the runner never takes others down
+            log.exception("job %s failed", job_id)
+            record.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+        record["finished_at"] = time.time()
+        store.put(record)
+        # The record is final: the detached actor has nothing more to do, so it ends itself
+        # rather than linger.
+        ray.actor.exit_actor()
+
+
+def _runner_alive(job_id: str) -> bool:
+    try:
+        ray.get_actor(f"medray-job-{job_id}", namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def ensure_runner(store: JobStore, record: dict) -> dict:
+    """Start a runner for an unfinished job that has none; returns the (maybe updated) record."""
+    if record["status"] in TERMINAL or _runner_alive(record["id"]):
+        return record
+    if store.cancel_requested(record["id"]):
+        record.update(status="cancelled", finished_at=time.time())
+        store.put(record)
+        return record
+    if record["attempts"] >= MAX_ATTEMPTS:
+        record.update(status="failed", finished_at=time.time(),
+                      error=f"the job's runner died {record['attempts']} times; see the Ray logs")
+        store.put(record)
+        return record
+    try:
+        runner = JobRunner.options(name=f"medray-job-{record['id']}", namespace=NAMESPACE,
+                                   lifetime="detached").remote()
+    except ValueError:  # another replica started it a moment ago
+        return record
+    runner.run.remote(store.prefix, record["id"])  # fire and forget: the record reports
+    log.info("started a runner for %s (attempt %d)", record["id"], record["attempts"] + 1)
+    return record
+
+
+def recover(store: JobStore) -> int:
+    """Start runners for every unfinished job without one; returns how many were looked at."""
+    unfinished = [r for r in store.list() if r["status"] not in TERMINAL]
+    for record in unfinished:
+        try:
+            ensure_runner(store, record)
+        except Exception:
+            log.exception("could not recover job %s", record["id"])
+    return len(unfinished)

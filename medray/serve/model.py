@@ -1,0 +1,229 @@
+"""The model deployment: one replica holds one base model, its PEFT adapters, and a batcher.
+
+Concurrent requests are merged into one generate call by `@serve.batch`; rows that name
+different adapters still share that call (PEFT mixed-adapter batches), so multi-LoRA
+serving costs no extra passes. Streaming requests run one per call, token by token, beside
+the batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+
+from ray import serve
+
+from .config import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class AdapterCache:
+    """PEFT adapters loaded on demand into one base model, at most `capacity` at a time (LRU).
+
+    Generation reads the adapter set and loading changes it, so they are ordered by a
+    readers-writer lock: any number of generate calls at once, or one load/unload alone.
+    An adapter in use by a running generation is never unloaded.
+    """
+
+    def __init__(self, loaded, uris: dict[str, str], capacity: int):
+        self.loaded, self.uris, self.capacity = loaded, uris, capacity
+        self.resident: OrderedDict[str, None] = OrderedDict()
+        self.in_use: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self.loads = 0
+
+    @contextmanager
+    def use(self, names: list[str | None]):
+        """Make `names` resident and keep them so while the block runs (a generate call)."""
+        wanted = sorted({n for n in names if n})
+        with self._cond:
+            for name in wanted:  # loads happen under the write side, one at a time
+                if name not in self.resident:
+                    self._load(name)
+                self.resident.move_to_end(name)
+            for name in wanted:
+                self.in_use[name] = self.in_use.get(name, 0) + 1
+            while self._writing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                for name in wanted:
+                    self.in_use[name] -= 1
+                self._evict()
+                self._cond.notify_all()
+
+    def _load(self, name: str) -> None:
+        from peft import PeftModel
+
+        from medray.models.loading import resolve_adapter_uri
+
+        while self._readers or self._writing:
+            self._cond.wait()
+        self._writing = True
+        try:
+            path = str(resolve_adapter_uri(self.uris[name]))
+            if isinstance(self.loaded.model, PeftModel):
+                self.loaded.model.load_adapter(path, adapter_name=name)
+            else:
+                self.loaded.model = PeftModel.from_pretrained(self.loaded.model, path, adapter_name=name)
+            self.loaded.model.eval()
+            self.resident[name] = None
+            self.loads += 1
+            log.info("loaded adapter %s", name)
+        finally:
+            self._writing = False
+            self._cond.notify_all()
+        self._evict()
+
+    def _evict(self) -> None:
+        # Called with the condition held; unloading waits until no generation runs.
+        while len(self.resident) > self.capacity:
+            victim = next((n for n in self.resident if not self.in_use.get(n)), None)
+            if victim is None or self._readers:
+                return  # everything resident is busy: unload later
+            self.loaded.model.delete_adapter(victim)
+            del self.resident[victim]
+            log.info("unloaded adapter %s", victim)
+
+
+def _result(answer, batch_size: int) -> dict:
+    return {"text": answer.text, "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens, "finish_reason": answer.finish_reason,
+            "batch_size": batch_size}
+
+
+@serve.deployment
+class ModelServer:
+    """One model; concurrent requests are batched into one generate call."""
+
+    def __init__(self, spec: dict, metrics=None):
+        from medray.infer import GenerationEngine
+        from medray.models import load_model
+
+        self.spec = ModelSpec.model_validate(spec)
+        self.engine = GenerationEngine(load_model(self.spec.uri))
+        self.family = self.engine.loaded.family
+        self.adapters = AdapterCache(self.engine.loaded, self.spec.adapters, self.spec.max_loaded_adapters)
+        self.batch.set_max_batch_size(self.spec.max_batch_size)
+        self.batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+        self.metrics = metrics
+        self.ongoing = 0
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside Serve (unit use)
+            self.replica = "local"
+
+    def info(self) -> dict:
+        return {"family": self.family.name, "kind": self.family.kind,
+                "adapters": {"configured": sorted(self.spec.adapters), "resident": list(self.adapters.resident),
+                             "loads": self.adapters.loads}}
+
+    def recent_batch_sizes(self) -> list[int]:
+        return list(self.batch_sizes[-1000:])
+
+    def _report(self, **fields) -> None:
+        # Fire and forget: metrics never slow down or fail a request.
+        if self.metrics is not None:
+            try:
+                self.metrics.record_model.remote(model=self.spec.name, replica=self.replica, **fields)
+            except Exception:
+                pass
+
+    def _encode(self, item: dict):
+        from medray.infer import Request
+
+        return self.engine.encode(Request(item["messages"], item["images"]))
+
+    async def generate(self, item: dict) -> dict:
+        self.ongoing += 1
+        self._report(queue_depth=self.ongoing)
+        try:
+            return await self.batch(item)
+        finally:
+            self.ongoing -= 1
+            self._report(queue_depth=self.ongoing)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def batch(self, items: list[dict]) -> list[dict]:
+        self.batch_sizes.append(len(items))
+        # The generate call runs in a thread so the replica keeps answering health checks and
+        # streams meanwhile; @serve.batch runs one batch at a time.
+        results = await asyncio.to_thread(self._generate_batch, items)
+        self._report(batch_size=len(items), generated_tokens=sum(r["completion_tokens"] for r in results
+                                                                 if isinstance(r, dict)))
+        return results
+
+    def _generate_batch(self, items: list[dict]) -> list:
+        from medray.infer import GenerationSettings
+
+        results: list = [None] * len(items)
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(items):  # one generate call per distinct decoding setting
+            groups.setdefault(json.dumps(item["settings"], sort_keys=True), []).append(i)
+        for key, idx in groups.items():
+            raw = json.loads(key)
+            settings = GenerationSettings(**{**raw, "stop": tuple(raw["stop"])})
+            adapters = [items[i].get("adapter") for i in idx]
+            try:
+                encoded = [self._encode(items[i]) for i in idx]
+                with self.adapters.use(adapters):
+                    answers = self.engine.generate_encoded(encoded, settings, adapters)
+                for i, a in zip(idx, answers):
+                    results[i] = _result(a, len(items))
+            except Exception as e:  # this group's requests fail; the other groups still answer
+                log.warning("generation failed for %d requests: %s", len(idx), type(e).__name__)
+                for i in idx:
+                    results[i] = e
+        return results
+
+    async def stream(self, item: dict):
+        """Yields text deltas, then a final dict with the usage counts."""
+        from medray.infer import Answer, GenerationSettings
+
+        self.ongoing += 1
+        self._report(queue_depth=self.ongoing)
+        cancel = threading.Event()
+        settings = GenerationSettings(**{**item["settings"], "stop": tuple(item["settings"]["stop"])})
+        adapter = item.get("adapter")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def drive():
+            # One thread owns the whole generation, adapter lease included, so a client that
+            # goes away only sets `cancel`: the thread stops at the next token and cleans up.
+            try:
+                encoded = self._encode(item)
+                with self.adapters.use([adapter]):
+                    for event in self.engine.stream(encoded, settings, adapter, cancel):
+                        loop.call_soon_threadsafe(events.put_nowait, event)
+            except Exception as e:
+                loop.call_soon_threadsafe(events.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(events.put_nowait, None)
+
+        threading.Thread(target=drive, name="medray-stream", daemon=True).start()
+        try:
+            while (event := await events.get()) is not None:
+                if isinstance(event, Exception):
+                    raise event
+                if isinstance(event, Answer):
+                    self._report(batch_size=1, generated_tokens=event.completion_tokens)
+                    yield _result(event, 1)
+                else:
+                    yield event
+        finally:
+            cancel.set()
+            self.ongoing -= 1
+            self._report(queue_depth=self.ongoing)
