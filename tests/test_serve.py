@@ -49,13 +49,15 @@ def server(ray_cluster, s3_server, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"models": [{"name": "llava", "uri": "tiny://llava-mistral", "max_batch_size": 16,
-                        "batch_wait_timeout_s": 0.05, "max_loaded_adapters": 1,
+                        "batch_wait_timeout_s": 0.05, "max_loaded_adapters": 1, "cpus_per_replica": 0.25,
                         "adapters": {"a": str(adapters / "a"), "b": f"{bucket}/adapters/b"}},
-                       {"name": "alpaca", "uri": "tiny://llama"}],
+                       {"name": "alpaca", "uri": "tiny://llama", "cpus_per_replica": 0.25}],
             "api_keys": [KEY], "allowed_s3_prefixes": [f"{bucket}/ok"],
             "limits": {"max_images": 2, "max_tokens": 64, "max_pixels": 200 * 200, "max_body_bytes": 200_000},
             "jobs": {"store": f"{bucket}/jobs", "allowed_input_prefixes": [f"{bucket}/corpus"],
-                     "allowed_output_prefixes": [f"{bucket}/results"], "rows_per_shard": 4, "batch_size": 4}}
+                     "allowed_output_prefixes": [f"{bucket}/results"], "rows_per_shard": 4, "batch_size": 4,
+                     # Jobs share the 2-CPU test cluster with the replicas (1.1 CPUs at a restart's peak).
+                     "cpus_per_actor": 0.25, "cpus_per_task": 0.25}}
     serve.run(build_app(args), name="medray", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "bucket": bucket, "args": args, "adapters": adapters}
     serve.delete("medray")
@@ -246,3 +248,139 @@ def test_shipped_serve_config_builds(monkeypatch):
     monkeypatch.setenv("MEDRAY_API_KEYS", "sk-a, sk-b")
     assert build(apps[0]) is not None
     assert ServeConfig.model_validate(apps[0]["args"]).keys() == {"sk-a", "sk-b"}
+
+
+def test_prometheus_metrics(server):
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(3):
+        assert _post(server, {"model": "alpaca", "messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": 3}).status_code == 200
+    assert _post(server, {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).status_code == 404
+
+    def samples():
+        text = httpx.get(server["url"] + "/metrics").text  # open, like the health checks, for scrapers
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    chat = (("code", "200"), ("method", "POST"), ("route", "/v1/chat/completions"))
+    deadline = time.time() + 20
+    while True:  # observations arrive fire-and-forget, so give them a moment
+        got = samples()
+        if got.get(("medray_http_requests_total", chat), 0) >= 3 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert got[("medray_http_requests_total", chat)] >= 3
+    assert got[("medray_http_requests_total", (("code", "404"), ("method", "POST"),
+                                               ("route", "/v1/chat/completions")))] >= 1
+    assert got[("medray_http_request_duration_seconds_count", (("method", "POST"),
+                                                               ("route", "/v1/chat/completions")))] >= 4
+    assert got[("medray_batch_size_count", (("model", "alpaca"),))] >= 1
+    assert got[("medray_generated_tokens_total", (("model", "alpaca"),))] >= 3
+    depth = [v for (name, labels), v in got.items() if name == "medray_queue_depth" and ("model", "alpaca") in labels]
+    assert depth and all(v == 0 for v in depth)  # idle now
+
+
+# ----------------------------------------------------------------------------- batch jobs
+def _write_corpus(prefix: str, n: int) -> list[str]:
+    """n PNGs, a DICOM and a corrupt file; returns the row ids the pipeline will give them."""
+    from pydicom.data import get_testdata_file
+
+    from medray import storage
+
+    ids = []
+    for i in range(n):
+        side = ("left", "right", "none")[i % 3]
+        storage.write_bytes(f"{prefix}/img-{i:03d}.png", png_bytes(chest_image(side, seed=i)))
+        ids.append(f"img-{i:03d}.png")
+    storage.write_bytes(f"{prefix}/ct.dcm", Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    storage.write_bytes(f"{prefix}/broken.png", b"\x89PNG\r\n\x1a\n not really")
+    return ids + ["ct.dcm", "broken.png"]
+
+
+def _jobs(server, method="GET", path="", body=None, key=KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(method, server["url"] + "/v1/jobs" + path, json=body, headers=headers, timeout=60)
+
+
+def _wait_job(server, job_id, done, timeout=240):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = _jobs(server, path=f"/{job_id}").json()
+        if done(job):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not get there: {job}")
+
+
+def test_a_batch_job_survives_a_restart_of_the_serve_app(server):
+    from ray import serve
+
+    from medray.infer.pipeline import read_shard
+    from medray.storage import list_files
+
+    bucket = server["bucket"]
+    ids = _write_corpus(f"{bucket}/corpus/restart", 40)
+    submitted = _jobs(server, "POST", body={"model": "llava", "input": f"{bucket}/corpus/restart",
+                                            "output": f"{bucket}/results/restart", "task": "vqa",
+                                            "question": "Is there an opacity?", "max_new_tokens": 8})
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()
+    assert job["status"] in ("queued", "running") and job["id"].startswith("job-")
+
+    running = _wait_job(server, job["id"], lambda j: j["status"] == "running")
+    # Restart the application mid-job: the record lives in S3 and the runner outside the app.
+    serve.delete("medray")
+    serve.run(build_app(server["args"]), name="medray", route_prefix="/")
+    assert running["status"] == "running"
+    after = _jobs(server, path=f"/{job['id']}").json()
+    assert after["created_at"] == job["created_at"] and after["request"] == job["request"]
+    assert after["status"] in ("running", "succeeded")
+
+    done = _wait_job(server, job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == {"rows_done": len(ids), "rows_total": len(ids), "rows_error": 1}
+    rows = [r for f in list_files(done["output"], include="part-*") for r in read_shard(f.uri)]
+    assert sorted(r["id"] for r in rows) == sorted(ids)  # every row exactly once
+    errors = {r["id"]: r["error"] for r in rows if r["error"]}
+    assert list(errors) == ["broken.png"]
+    assert all(r["answer"] for r in rows if not r["error"])
+    assert job["id"] in [j["id"] for j in _jobs(server).json()["data"]]
+
+
+def test_jobs_can_be_cancelled_and_bad_jobs_get_4xx(server):
+    bucket = server["bucket"]
+    _write_corpus(f"{bucket}/corpus/cancel", 30)
+    body = {"model": "llava:a", "input": f"{bucket}/corpus/cancel", "output": f"{bucket}/results/cancel",
+            "task": "caption", "max_new_tokens": 4}
+    job = _jobs(server, "POST", body=body).json()
+    cancelled = _jobs(server, "DELETE", f"/{job['id']}")
+    assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"] is True
+    final = _wait_job(server, job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+    assert final["status"] == "cancelled", final
+    again = _jobs(server, "DELETE", f"/{job['id']}")
+    assert again.status_code == 409 and "already finished" in again.json()["error"]["message"]
+
+    cases = [
+        ("no key", _jobs(server, "POST", body=body, key=None), 401, "API key"),
+        ("unknown model", _jobs(server, "POST", body={**body, "model": "gpt"}), 404, "does not exist"),
+        ("input outside", _jobs(server, "POST", body={**body, "input": f"{bucket}/ok"}), 403, "input"),
+        ("output outside", _jobs(server, "POST", body={**body, "output": f"{bucket}/jobs/x"}), 403, "output"),
+        ("traversal", _jobs(server, "POST", body={**body, "output": f"{bucket}/results/../jobs"}), 403, "output"),
+        ("bad task", _jobs(server, "POST", body={**body, "task": "segment"}), 400, "task"),
+        ("unknown field", _jobs(server, "POST", body={**body, "colour": "red"}), 400, "colour"),
+        ("chat without prompt", _jobs(server, "POST", body={**body, "task": "chat"}), 400, "question"),
+        ("too many tokens", _jobs(server, "POST", body={**body, "max_new_tokens": 100_000}), 400, "max_new_tokens"),
+        ("missing manifest", _jobs(server, "POST", body={**body, "input": f"{bucket}/corpus/none.jsonl"}), 404,
+         "does not exist"),
+        ("unknown job", _jobs(server, path="/job-0123456789abcdef"), 404, "does not exist"),
+        ("bad job id", _jobs(server, path="/..%2Fsecret"), 404, ""),
+    ]
+    for name, response, status, text in cases:
+        assert response.status_code == status, (name, response.status_code, response.text)
+        if text:
+            assert text.lower() in response.json()["error"]["message"].lower(), (name, response.text)

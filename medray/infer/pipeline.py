@@ -68,6 +68,8 @@ class InferConfig(BaseModel):
     gpus_per_actor: float = Field(0, ge=0)
     cpus_per_actor: float = Field(0.5, gt=0)
     """Fractional by default: on a 2-CPU machine whole-CPU actors starve the read tasks."""
+    cpus_per_task: float = Field(0.5, gt=0)
+    """CPUs each read/decode/preprocess task reserves."""
     rows_per_shard: int = Field(256, ge=1)
     max_pixels: int = Field(64_000_000, ge=1)
     max_image_bytes: int = Field(512 * 1024 * 1024, ge=1)
@@ -391,7 +393,7 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
 
     conf = cfg.model_dump(mode="json")
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 200)))
-    ds = ds.map_batches(preprocess, fn_kwargs={"cfg": conf}, batch_size=cfg.batch_size, num_cpus=0.5,
+    ds = ds.map_batches(preprocess, fn_kwargs={"cfg": conf}, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task,
                         batch_format="numpy")
     ds = ds.map_batches(
         Generator, fn_constructor_kwargs={"cfg": conf}, batch_size=cfg.rows_per_shard, batch_format="numpy",

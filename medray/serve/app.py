@@ -387,7 +387,8 @@ class Api:
                 output=body.output, task=body.task, question=body.question, max_new_tokens=body.max_new_tokens,
                 format=body.format, include=body.include, exclude=body.exclude, batch_size=jobs.batch_size,
                 rows_per_shard=jobs.rows_per_shard, max_actors=jobs.max_actors,
-                cpus_per_actor=jobs.cpus_per_actor, gpus_per_actor=jobs.gpus_per_actor)
+                cpus_per_actor=jobs.cpus_per_actor, cpus_per_task=jobs.cpus_per_task,
+                gpus_per_actor=jobs.gpus_per_actor)
         except ValidationError as e:
             raise ApiError(400, f"invalid job: {e.errors()[0]['msg']}") from None
         record = new_record(store.new_id(), body, infer.model_dump(mode="json"))

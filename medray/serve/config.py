@@ -73,6 +73,10 @@ class JobsConfig(_Strict):
     rows_per_shard: int = Field(64, ge=1)
     max_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)
+    """CPUs per generation actor. Jobs share the cluster with the serving replicas: leave
+    room for both, or the pipeline waits for CPUs that replicas hold."""
+    cpus_per_task: float = Field(0.5, gt=0)
+    """CPUs per read/decode task."""
     gpus_per_actor: float = Field(0, ge=0)
     max_new_tokens: int = Field(256, ge=1)
     """Upper bound a job may ask for."""
