@@ -113,6 +113,7 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-actors", type=int)
     parser.add_argument("--gpus-per-actor", type=float)
     parser.add_argument("--cpus-per-actor", type=float)
+    parser.add_argument("--cpus-per-task", type=float, help="CPUs per read/decode task (default 0.5)")
     parser.add_argument("--rows-per-shard", type=int)
     parser.add_argument("--experts", action="store_true",
                         help="visual-experts mode: --model is a text LLM; images are routed to experts")

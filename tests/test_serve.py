@@ -384,3 +384,104 @@ def test_jobs_can_be_cancelled_and_bad_jobs_get_4xx(server):
         assert response.status_code == status, (name, response.status_code, response.text)
         if text:
             assert text.lower() in response.json()["error"]["message"].lower(), (name, response.text)
+
+
+def test_replicas_scale_up_under_sustained_load(server):
+    """The autoscaling config reaches Serve: a second replica starts while load stays high."""
+    import threading
+    import time
+
+    from ray import serve
+
+    args = {"models": [{"name": "tiny", "uri": "tiny://llama", "max_batch_size": 1, "cpus_per_replica": 0.25,
+                        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                        "upscale_delay_s": 0, "downscale_delay_s": 600}}],
+            "api_keys": [KEY]}
+    serve.run(build_app(args), name="scale", route_prefix="/scale")
+    status = lambda: serve.status().applications["scale"].deployments["model-tiny"]  # noqa: E731
+    running = lambda: status().replica_states.get("RUNNING", 0)  # noqa: E731
+    assert running() == 1
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            httpx.post(server["url"] + "/scale/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "Go on."}],
+                             "max_tokens": 48}, timeout=120)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.time() + 90
+        while running() < 2 and time.time() < deadline:
+            time.sleep(1)
+        assert running() == 2, status()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        serve.delete("scale")
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture
+def browser_page():
+    """Debian's Chromium, headless, driven by Playwright (no browser download).
+
+    CI installs chromium and sets MEDRAY_REQUIRE_BROWSER=1, so there a missing browser fails
+    instead of skipping.
+    """
+    import os
+
+    if not Path(CHROMIUM).exists() and os.environ.get("MEDRAY_REQUIRE_BROWSER") != "1":
+        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+def test_web_page_answers_an_image_question_and_runs_a_job(server, browser_page, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    page = browser_page
+    page.goto(server["url"] + "/")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.wait_for_function("document.querySelectorAll('#model option').length >= 4")
+    page.select_option("#model", "llava")
+
+    # A DICOM upload, streamed back: the browser shows what the API answers for the same bytes.
+    dicom = Path(get_testdata_file("CT_small.dcm"))
+    page.set_input_files("#image", str(dicom))
+    page.fill("#question", "Is there an opacity?")
+    page.fill("#max-tokens", "8")
+    page.click("#ask")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    shown = page.inner_text("#answer")
+    url = "data:application/dicom;base64," + base64.b64encode(dicom.read_bytes()).decode()
+    expected = _post(server, {"model": "llava", "messages": _image_message(url, "Is there an opacity?"),
+                              "max_tokens": 8}).json()["choices"][0]["message"]["content"]
+    assert shown.strip() == expected and expected
+
+    # The jobs view submits a batch job and follows it to the end.
+    bucket = server["bucket"]
+    _write_corpus(f"{bucket}/corpus/page", 3)
+    page.fill("#job-input", f"{bucket}/corpus/page")
+    page.fill("#job-output", f"{bucket}/results/page")
+    page.select_option("#job-task", "caption")
+    page.click("#job-submit")
+    page.wait_for_function("/succeeded|failed|cancelled/.test(document.getElementById('job-status').textContent)",
+                           timeout=180_000)
+    status = page.inner_text("#job-status")
+    assert "succeeded" in status and "5 / 5 rows (1 errors)" in status, status
+    page.wait_for_function("document.getElementById('jobs').textContent.includes('succeeded')")  # the list too

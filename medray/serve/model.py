@@ -44,12 +44,17 @@ class AdapterCache:
         """Make `names` resident and keep them so while the block runs (a generate call)."""
         wanted = sorted({n for n in names if n})
         with self._cond:
-            for name in wanted:  # loads happen under the write side, one at a time
-                if name not in self.resident:
-                    self._load(name)
-                self.resident.move_to_end(name)
-            for name in wanted:
+            for name in wanted:  # claimed first, so loading one cannot evict another we need
                 self.in_use[name] = self.in_use.get(name, 0) + 1
+            try:
+                for name in wanted:  # loads happen under the write side, one at a time
+                    if name not in self.resident:
+                        self._load(name)
+                    self.resident.move_to_end(name)
+            except BaseException:
+                for name in wanted:
+                    self.in_use[name] -= 1
+                raise
             while self._writing:
                 self._cond.wait()
             self._readers += 1
@@ -150,7 +155,10 @@ class ModelServer:
         self.ongoing += 1
         self._report(queue_depth=self.ongoing)
         try:
-            return await self.batch(item)
+            result = await self.batch(item)
+            if isinstance(result, Exception):  # this request's group failed in the batch
+                raise result
+            return result
         finally:
             self.ongoing -= 1
             self._report(queue_depth=self.ongoing)
@@ -183,7 +191,7 @@ class ModelServer:
                 for i, a in zip(idx, answers):
                     results[i] = _result(a, len(items))
             except Exception as e:  # this group's requests fail; the other groups still answer
-                log.warning("generation failed for %d requests: %s", len(idx), type(e).__name__)
+                log.warning("generation failed for %d requests: %s: %s", len(idx), type(e).__name__, e)
                 for i in idx:
                     results[i] = e
         return results
