@@ -111,12 +111,9 @@ async def _limits_and_metrics(request: Request, call_next):
         response = await call_next(request)
     route = request.scope.get("route")
     metrics = STATE.get("metrics")
-    if metrics is not None:
-        try:  # fire and forget
-            metrics.record_request.remote(getattr(route, "path", "unmatched"), request.method,
-                                          response.status_code, time.perf_counter() - started)
-        except Exception:
-            pass
+    if metrics is not None:  # buffered; sent once a second
+        metrics.request(getattr(route, "path", "unmatched"), request.method, response.status_code,
+                        time.perf_counter() - started)
     return response
 
 
@@ -144,7 +141,10 @@ class Api:
         self.jobs = JobStore(self.config.jobs.store) if self.config.jobs else None
         from medray.serve._replica import STATE
 
-        STATE.update(config=self.config, metrics=metrics)
+        from .metrics import MetricsBuffer
+
+        STATE.update(config=self.config, metrics=MetricsBuffer(metrics) if metrics is not None else None)
+        self.info: dict = {}  # model name -> its family kind; fixed for a deployment's life
         if self.jobs:
             try:  # jobs left unfinished by an earlier deployment continue
                 n = recover(self.jobs)
@@ -288,8 +288,9 @@ class Api:
         if max_tokens > limit:
             raise ApiError(400, f"max_tokens may be at most {limit}", param="max_tokens")
         handle = self.models[spec.name]
-        info = await handle.info.remote()
-        messages, images = self._convert(body, info["kind"])
+        if spec.name not in self.info:
+            self.info[spec.name] = await handle.info.remote()
+        messages, images = self._convert(body, self.info[spec.name]["kind"])
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
@@ -437,5 +438,15 @@ def build_app(args: dict[str, Any]):
                                 "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
             ray_actor_options={"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica},
             max_ongoing_requests=max(2 * spec.max_batch_size, 16),
+            # The ingress logs each request already; a second access-log line per request on
+            # the model hop costs latency (a file write each) and tells nothing new.
+            logging_config={"enable_access_log": False},
         ).bind(spec.model_dump(), metrics)
-    return Api.options(ray_actor_options={"num_cpus": 0.1}).bind(config.model_dump(), models, metrics)
+    ingress = config.ingress
+    return Api.options(
+        ray_actor_options={"num_cpus": ingress.cpus_per_replica},
+        max_ongoing_requests=ingress.max_ongoing_requests,
+        autoscaling_config={"min_replicas": ingress.min_replicas, "max_replicas": ingress.max_replicas,
+                            "target_ongoing_requests": ingress.target_ongoing_requests,
+                            "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
+    ).bind(config.model_dump(), models, metrics)

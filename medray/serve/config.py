@@ -91,6 +91,18 @@ class Limits(_Strict):
     max_prompt_chars: int = Field(16_000, ge=1)
 
 
+class Ingress(_Strict):
+    """The API deployment in front of the models: cheap per request, so few replicas."""
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(2, ge=1)
+    max_ongoing_requests: int = Field(256, ge=1)
+    """Requests one ingress replica holds at once. Serve's default (5) would cap how many
+    requests ever reach a model at once, and with it the batch size."""
+    target_ongoing_requests: float = Field(64, gt=0)
+    cpus_per_replica: float = Field(0.1, gt=0)
+
+
 class ServeConfig(_Strict):
     models: list[ModelSpec] = Field(min_length=1)
     api_keys: list[str] = Field(default_factory=list)
@@ -100,6 +112,7 @@ class ServeConfig(_Strict):
     allow_http_images: bool = False
     """Fetching http(s) image URLs is off by default (SSRF)."""
     limits: Limits = Field(default_factory=Limits)
+    ingress: Ingress = Field(default_factory=Ingress)
     jobs: JobsConfig | None = None
     """The batch-job API; without it POST /v1/jobs answers 404."""
 

@@ -1,0 +1,148 @@
+"""Serving benchmarks, run by hand: `python bench/serve.py [--model URI] [--requests N]`.
+
+Measured in one run, on one model, one replica, the same image request:
+1. at 32 concurrent clients, requests/s with dynamic batching (max_batch_size 32) against
+   requests/s without (max_batch_size 1). Target: >= 4x;
+2. the latency HTTP and Serve add over a direct in-process model call (decode the image,
+   generate), sequential requests, p50 and p99. Target: <= 10 ms at p50. Measured on the
+   unbatched deployment: with batching, a lone request also waits up to batch_wait_timeout_s
+   for company, which is a setting, not overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import statistics
+import time
+
+import httpx
+import ray
+import torch
+from ray import serve
+
+from medray.data import load_image
+from medray.data.synthetic import chest_image, png_bytes
+from medray.infer import GenerationEngine, GenerationSettings, Request
+from medray.models import load_model
+from medray.serve import build_app
+from medray.storage.local_s3 import free_port
+
+KEY = "sk-bench"
+QUESTION = "Is there an opacity?"
+
+
+def body(image: bytes, max_tokens: int) -> dict:
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    return {"model": "m", "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]}
+
+
+def deploy(model: str, max_batch_size: int, port: int) -> str:
+    args = {"models": [{"name": "m", "uri": model, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.01,
+                        "cpus_per_replica": 1,
+                        "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 64}}],
+            "api_keys": [KEY]}
+    serve.run(build_app(args), name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+async def throughput(url: str, request: dict, clients: int, total: int) -> float:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+        for _ in range(2):  # warm up
+            (await client.post(url, json=request, headers=headers)).raise_for_status()
+        left = total
+
+        async def worker():
+            nonlocal left
+            while left > 0:
+                left -= 1
+                (await client.post(url, json=request, headers=headers)).raise_for_status()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return total / (time.perf_counter() - t0)
+
+
+def sequential_latencies(url: str, request: dict, n: int) -> list[float]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    out = []
+    with httpx.Client(timeout=120) as client:
+        for i in range(n + 3):
+            t0 = time.perf_counter()
+            client.post(url, json=request, headers=headers).raise_for_status()
+            if i >= 3:  # the first few warm up
+                out.append(time.perf_counter() - t0)
+    return out
+
+
+def health_latencies(url: str, n: int) -> list[float]:
+    """GET /healthz: the proxy and ingress hop alone, no model work (a floor for the overhead)."""
+    out = []
+    with httpx.Client(timeout=60) as client:
+        for i in range(n + 3):
+            t0 = time.perf_counter()
+            client.get(url.replace("/v1/chat/completions", "/healthz")).raise_for_status()
+            if i >= 3:
+                out.append(time.perf_counter() - t0)
+    return out
+
+
+def direct_latencies(model: str, image: bytes, max_tokens: int, n: int) -> list[float]:
+    torch.set_num_threads(1)  # what a 1-CPU replica gets (Ray sets OMP_NUM_THREADS=1)
+    engine = GenerationEngine(load_model(model))
+    settings = GenerationSettings(max_new_tokens=max_tokens)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    out = []
+    for i in range(n + 3):
+        t0 = time.perf_counter()
+        engine.generate([Request(messages, [load_image(image)])], settings)
+        if i >= 3:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny://llava-mistral")
+    parser.add_argument("--requests", type=int, default=256, help="requests per throughput run")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--latency-requests", type=int, default=100)
+    args = parser.parse_args()
+
+    image = png_bytes(chest_image("left"))
+    request = body(image, args.max_tokens)
+    port = free_port()
+    ray.init(log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    url = deploy(args.model, 32, port)
+    batched = asyncio.run(throughput(url, request, args.clients, args.requests))
+    url = deploy(args.model, 1, port)  # replaces the batched app
+    unbatched = asyncio.run(throughput(url, request, args.clients, args.requests))
+    http = sequential_latencies(url, {**body(image, args.max_tokens)}, args.latency_requests)
+    health = health_latencies(url, args.latency_requests)
+    serve.delete("bench")
+    direct = direct_latencies(args.model, image, args.max_tokens, args.latency_requests)
+
+    print(f"model {args.model}, {args.max_tokens} new tokens, {args.clients} clients, {args.requests} requests")
+    print(f"throughput with batching    {batched:8.1f} req/s")
+    print(f"throughput without batching {unbatched:8.1f} req/s")
+    print(f"batching speed-up           {batched / unbatched:8.2f}x   (target >= 4x)")
+    for q in (50, 99):
+        h, d = pct(http, q) * 1e3, pct(direct, q) * 1e3
+        print(f"p{q}: HTTP+Serve {h:7.1f} ms, direct call {d:7.1f} ms, added {h - d:6.1f} ms"
+              + ("   (target <= 10 ms)" if q == 50 else ""))
+    print(f"of which the proxy+ingress hop alone (GET /healthz): p50 {pct(health, 50) * 1e3:.1f} ms, "
+          f"p99 {pct(health, 99) * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
