@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -120,6 +121,22 @@ async def _limits_and_metrics(request: Request, call_next):
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
     return _error(exc.status, exc.message, param=exc.param, code=exc.code, kind=exc.kind)
+
+
+def _storage_unavailable(request: Request, exc: Exception):
+    # S3 (job records, s3:// images) unreachable or refusing us: the server's problem, said
+    # plainly and without credentials or stack traces.
+    log.warning("storage error on %s: %s", request.url.path, type(exc).__name__)
+    return _error(503, f"storage is unavailable ({type(exc).__name__}); try again later", kind="server_error")
+
+
+for _exc in (storage.StorageError, BotoCoreError, ClientError):
+    app.add_exception_handler(_exc, _storage_unavailable)
+
+
+@app.exception_handler(storage.AccessDenied)
+async def _access_denied(request: Request, exc: storage.AccessDenied):
+    return _error(403, str(exc), kind="permission_error")
 
 
 @app.exception_handler(RequestValidationError)
