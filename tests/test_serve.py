@@ -105,6 +105,28 @@ def test_openai_client_streaming(server):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_a_client_that_leaves_mid_stream_leaves_the_replica_clean(server):
+    import time
+
+    from ray import serve
+
+    body = {"model": "alpaca", "stream": True, "max_tokens": 64,
+            "messages": [{"role": "user", "content": "Tell me everything."}]}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        first = next(response.iter_lines())
+        assert first.startswith("data: ")
+    handle = serve.get_deployment_handle("model-alpaca", app_name="medray")
+    deadline = time.time() + 20
+    while handle.info.remote().result()["ongoing"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert handle.info.remote().result()["ongoing"] == 0
+    after = _post(server, {"model": "alpaca", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert after.status_code == 200
+
+
 def test_multi_lora_routes_to_adapters_with_a_bounded_cache(server):
     import openai
     from ray import serve

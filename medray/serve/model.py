@@ -133,7 +133,7 @@ class ModelServer:
             self.replica = "local"
 
     def info(self) -> dict:
-        return {"family": self.family.name, "kind": self.family.kind,
+        return {"family": self.family.name, "kind": self.family.kind, "ongoing": self.ongoing,
                 "adapters": {"configured": sorted(self.spec.adapters), "resident": list(self.adapters.resident),
                              "loads": self.adapters.loads}}
 
