@@ -29,7 +29,7 @@ demo: install
 
 # The web page's test drives Debian's Chromium (Playwright cannot download a browser here).
 # Installed when missing and apt-get can run; otherwise that one test skips, unless
-# MEDRAY_REQUIRE_BROWSER=1 (CI) makes it fail.
+# MEDRAY_CI=1 (CI) makes it fail.
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq >/dev/null 2>&1; apt-get install -y -qq chromium >/dev/null) ; } || \

@@ -453,12 +453,12 @@ CHROMIUM = "/usr/bin/chromium"
 def browser_page():
     """Debian's Chromium, headless, driven by Playwright (no browser download).
 
-    CI installs chromium and sets MEDRAY_REQUIRE_BROWSER=1, so there a missing browser fails
+    CI installs chromium and sets MEDRAY_CI=1, so there a missing browser fails
     instead of skipping.
     """
     import os
 
-    if not Path(CHROMIUM).exists() and os.environ.get("MEDRAY_REQUIRE_BROWSER") != "1":
+    if not Path(CHROMIUM).exists() and os.environ.get("MEDRAY_CI") != "1":
         pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
