@@ -134,3 +134,23 @@ def test_curriculum_requires_merge_before_chaining():
         Curriculum.model_validate({"base_model": "tiny://llama", "output": "/tmp/o", "stages": [
             {"name": "a", "data": {"records": "r.jsonl"}, "lora": {"merge": False}},
             {"name": "b", "data": {"records": "r.jsonl"}, "train": ["llm"]}]})
+
+
+def test_records_dataset_caches_image_bytes_within_its_budget(tmp_path, monkeypatch):
+    from medray import storage
+    from medray.data.synthetic import write_synthetic
+    from medray.train._data import RecordsDataset
+
+    corpus = write_synthetic("chest-vqa", str(tmp_path / "c"), n=6, seed=0)
+    reads = []
+    real = storage.read_bytes
+    ds = RecordsDataset(corpus.records)
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: reads.append(uri) or real(uri))  # count image reads
+    first = [ds[i] for i in range(6)]
+    again = [ds[i] for i in range(6)]
+    assert len(reads) == 6  # the second epoch is served from the cache
+    assert [e.messages for e in first] == [e.messages for e in again]
+    small = RecordsDataset(corpus.records, cache_bytes=1)  # nothing fits: every read goes out
+    reads.clear()
+    [small[i] for i in range(6)] + [small[i] for i in range(6)]
+    assert len(reads) == 12 and small.cached == 0

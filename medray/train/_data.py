@@ -10,6 +10,8 @@ epoch, since the permutation changes).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from medray import storage
@@ -17,17 +19,36 @@ from medray.data import Example, load_image, read_records
 
 
 class RecordsDataset:
-    def __init__(self, records_uri: str, kind: str = "auto", image_root: str | None = None):
+    """Records with their images read on demand. Raw image bytes are kept in an LRU cache of
+    `cache_bytes`, so later epochs over a small corpus do not fetch every image from S3 again
+    (measured: S3 GETs made a tiny-model step ~30x slower than the step itself)."""
+
+    def __init__(self, records_uri: str, kind: str = "auto", image_root: str | None = None,
+                 cache_bytes: int = 512 * 1024 * 1024):
         self.records = read_records(records_uri, kind=kind, image_root=image_root)
         if not self.records:
             raise ValueError(f"{records_uri} holds no records")
+        self.cache: OrderedDict[str, bytes] = OrderedDict()
+        self.cache_bytes, self.cached = cache_bytes, 0
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _bytes(self, uri: str) -> bytes:
+        if uri in self.cache:
+            self.cache.move_to_end(uri)
+            return self.cache[uri]
+        data = storage.read_bytes(uri)
+        if len(data) <= self.cache_bytes:
+            self.cache[uri] = data
+            self.cached += len(data)
+            while self.cached > self.cache_bytes:
+                self.cached -= len(self.cache.popitem(last=False)[1])
+        return data
+
     def __getitem__(self, i: int) -> Example:
         rec = self.records[i]
-        images = [load_image(storage.read_bytes(uri), uri) for uri in rec.images()]
+        images = [load_image(self._bytes(uri), uri) for uri in rec.images()]
         return Example(rec.to_messages(with_answer=True), images, rec.id or str(i))
 
 
