@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +17,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _worker_answers(model_uri: str, text: str) -> tuple[str, str]:
-    import os
 
     from medray.infer import GenerationEngine, GenerationSettings, Request
     from medray.models import load_model

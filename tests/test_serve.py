@@ -169,7 +169,6 @@ def test_multi_lora_routes_to_adapters_with_a_bounded_cache(server):
 
 
 def test_concurrent_requests_are_batched(server):
-    import ray
     from ray import serve
 
     url = _data_url(png_bytes(chest_image("right")))
