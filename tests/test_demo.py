@@ -27,3 +27,16 @@ def test_demo_trains_a_model_that_beats_the_untrained_one(tmp_path):
     served = re.search(r"Is there an opacity\? -> '(\w+)' \(reference '(\w+)'\)", summary)
     assert served, summary  # one request answered over HTTP by the Serve app
     assert any((tmp_path / "cache").rglob("*.safetensors"))  # workers loaded models through the S3 cache
+
+
+def test_demo_uses_a_corpus_that_is_already_there(tmp_path):
+    """--corpus PREFIX: records that exist are used as they are; missing parts are synthesized."""
+    from medray.data.synthetic import write_synthetic
+    from medray.demo import DemoOptions, _corpus
+
+    mine = write_synthetic("chest-vqa", str(tmp_path / "c" / "test"), n=5, seed=3)
+    before = Path(mine.records).read_bytes()
+    got = _corpus(DemoOptions(corpus=str(tmp_path / "c")), str(tmp_path / "root"))
+    assert got["test"] == mine.records and Path(mine.records).read_bytes() == before
+    assert Path(got["align"]).is_file() and Path(got["instruct"]).is_file()
+    assert not (tmp_path / "root").exists()  # nothing written outside the given corpus
