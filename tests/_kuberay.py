@@ -83,8 +83,6 @@ def _strict(schema: dict) -> dict:
     for key in ("allOf", "anyOf", "oneOf"):
         if key in schema:
             schema[key] = [_strict(s) for s in schema[key]]
-    if schema.get("type") == "object" and "properties" not in schema and "additionalProperties" not in schema:
-        pass  # a free-form object (x-kubernetes-preserve-unknown-fields or metadata)
     return schema
 
 

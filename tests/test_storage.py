@@ -28,6 +28,7 @@ def test_write_read_list_exists(where, bucket, tmp_path):
     assert names == ["a.txt", "b.bin", "c.json"]
     assert [f.uri.rsplit("/", 1)[1] for f in storage.list_files(root, include="sub/*", exclude="*.json")] == ["b.bin"]
     assert [f.uri.rsplit("/", 1)[1] for f in storage.list_files(root, recursive=False)] == ["a.txt"]
+    assert storage.list_files(storage.join(root, "not-yet")) == []  # callers need no existence check
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(storage.join(root, "missing.txt"))
 

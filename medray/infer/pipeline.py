@@ -160,9 +160,8 @@ def list_rows(cfg: InferConfig) -> list[dict]:
 def done_ids(cfg: InferConfig) -> set[str]:
     """Ids already written under the output prefix (by earlier runs)."""
     done: set[str] = set()
-    if storage.is_s3(cfg.output) or storage.local_path(cfg.output).exists():
-        for f in storage.list_files(cfg.output, include="part-*"):
-            done.update(r["id"] for r in read_shard(f.uri))
+    for f in storage.list_files(cfg.output, include="part-*"):
+        done.update(r["id"] for r in read_shard(f.uri))
     return done
 
 

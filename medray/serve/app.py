@@ -377,15 +377,9 @@ class Api:
         return record
 
     @app.post("/v1/jobs", status_code=202)
-    async def submit_job(self, request: Request):
+    async def submit_job(self, request: Request, body: JobRequest):
         self._auth(request)
         store, jobs = self._job_store(), self.config.jobs
-        try:
-            body = JobRequest.model_validate_json(await request.body())
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}"
-                                 for err in e.errors())
-            raise ApiError(400, f"invalid job: {problems}") from None
         spec, adapter = self._model(body.model)
         if not storage.within(body.input, jobs.allowed_input_prefixes):
             raise ApiError(403, f"input {body.input} is outside the allowed input prefixes", param="input",

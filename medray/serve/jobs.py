@@ -88,8 +88,6 @@ class JobStore:
             return None
 
     def list(self) -> list[dict]:
-        if not storage.is_s3(self.prefix) and not storage.local_path(self.prefix).exists():
-            return []
         records = []
         for f in storage.list_files(self.prefix, include="job-*.json"):
             record = self.get(f.uri.rsplit("/", 1)[-1][: -len(".json")])

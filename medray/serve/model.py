@@ -102,10 +102,9 @@ class AdapterCache:
             log.info("unloaded adapter %s", victim)
 
 
-def _result(answer, batch_size: int) -> dict:
+def _result(answer) -> dict:
     return {"text": answer.text, "prompt_tokens": answer.prompt_tokens,
-            "completion_tokens": answer.completion_tokens, "finish_reason": answer.finish_reason,
-            "batch_size": batch_size}
+            "completion_tokens": answer.completion_tokens, "finish_reason": answer.finish_reason}
 
 
 @serve.deployment
@@ -127,10 +126,7 @@ class ModelServer:
 
         self.metrics = MetricsBuffer(metrics) if metrics is not None else None
         self.ongoing = 0
-        try:
-            self.replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # constructed outside Serve (unit use)
-            self.replica = "local"
+        self.replica = serve.get_replica_context().replica_id.unique_id
 
     def info(self) -> dict:
         return {"family": self.family.name, "kind": self.family.kind, "ongoing": self.ongoing,
@@ -190,7 +186,7 @@ class ModelServer:
                 with self.adapters.use(adapters):
                     answers = self.engine.generate_encoded(encoded, settings, adapters)
                 for i, a in zip(idx, answers):
-                    results[i] = _result(a, len(items))
+                    results[i] = _result(a)
             except Exception as e:  # this group's requests fail; the other groups still answer
                 log.warning("generation failed for %d requests: %s: %s", len(idx), type(e).__name__, e)
                 for i in idx:
@@ -229,7 +225,7 @@ class ModelServer:
                     raise event
                 if isinstance(event, Answer):
                     self._report(batch_size=1, generated_tokens=event.completion_tokens)
-                    yield _result(event, 1)
+                    yield _result(event)
                 else:
                     yield event
         finally:

@@ -198,7 +198,8 @@ class Storage:
 
     def list_files(self, prefix: str, *, recursive: bool = True,
                    include: str | None = None, exclude: str | None = None) -> list[FileInfo]:
-        """Files under a directory or s3:// prefix, sorted by URI.
+        """Files under a directory or s3:// prefix, sorted by URI; none for a prefix that does
+        not exist (yet), local or S3 alike.
 
         `include` / `exclude` are globs matched against the path relative to `prefix`.
         """
