@@ -124,7 +124,7 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
 def _eval(args) -> int:
     from medray.eval import evaluate, write_report
 
-    report = evaluate(args.predictions, args.references)
+    report = evaluate(args.predictions, args.references, candidates=args.candidates)
     if args.out:
         for uri in write_report(report, args.out):
             print(uri)
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", required=True,
                     help="medray infer output prefix, or a JSON/JSONL/Parquet answer file (id|question_id, answer|text)")
     ev.add_argument("--references", required=True, help="VQA or MCQA records (e.g. VQA-RAD test.json)")
+    ev.add_argument("--candidates", help="LLaVA-Med's candidate answer file, for its open accuracy")
     ev.add_argument("--out", help="directory or s3:// prefix for report.json and the charts")
     ev.set_defaults(func=_eval)
 

@@ -93,7 +93,7 @@ def test_multiple_choice_forms(tmp_path):
     medqa = {"question": "Drug of choice?", "options": {"A": "x", "B": "y", "C": "z", "D": "w"},
              "answer_idx": "C", "answer": "z"}
     medmcqa = {"id": "m1", "question": "Which bone?", "opa": "femur", "opb": "tibia", "opc": "ulna",
-               "opd": "radius", "cop": 2}
+               "opd": "radius", "cop": 1}  # the hub's 0-based index (test_eval covers both releases)
     (tmp_path / "medqa.jsonl").write_text(_jsonl([medqa]))
     (tmp_path / "medmcqa.jsonl").write_text(_jsonl([medmcqa]))
     (tmp_path / "pubmedqa.json").write_text(json.dumps({"12345": {

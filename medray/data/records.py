@@ -15,8 +15,8 @@ import json
 from pathlib import PurePosixPath
 from typing import Any, Literal, Union
 
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from medray import storage
 
@@ -130,6 +130,20 @@ class CaptionRecord(_Record):
         return out + [_assistant(self.caption)] if with_answer else out
 
 
+PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
+# MedMCQA's `cop` is 1-based in the authors' own release (train/dev/test.json, one object per
+# line) and 0-based on the Hugging Face hub (openlifescienceai/medmcqa: the loading script
+# subtracts 1, and lm-evaluation-harness indexes with it as it is). `read_records` tells them
+# apart per file (see `_medmcqa_cop_base`); a single row assumes the hub's.
+MEDMCQA_HF_COP_BASE = 0
+
+
+def _pubmedqa_answer(row: dict) -> dict:
+    decision = str(row.get("final_decision", "")).strip().lower()
+    letter = {v: k for k, v in PUBMEDQA_OPTIONS.items()}.get(decision, decision)
+    return {"options": dict(PUBMEDQA_OPTIONS), "answer": letter}
+
+
 class MCQARecord(_Record):
     """A multiple-choice question: options A..E and the letter of the right one."""
 
@@ -142,18 +156,26 @@ class MCQARecord(_Record):
 
     @model_validator(mode="before")
     @classmethod
-    def _normalise(cls, data: Any):
+    def _normalise(cls, data: Any, info: ValidationInfo):
         if not isinstance(data, dict):
             return data
         d = dict(data)
-        if "QUESTION" in d:  # PubMedQA: yes / no / maybe over the abstract's contexts
+        if "QUESTION" in d:  # PubMedQA's own release: yes / no / maybe over the abstract's contexts
             d = {"id": d.get("id") or d.get("pmid"), "question": d["QUESTION"],
-                 "context": "\n".join(d.get("CONTEXTS", [])),
-                 "options": {"A": "yes", "B": "no", "C": "maybe"},
-                 "answer": {"yes": "A", "no": "B", "maybe": "C"}[d["final_decision"].lower()]}
-        elif "opa" in d:  # MedMCQA: opa..opd, cop is 1-based in the released files
+                 "context": "\n".join(d.get("CONTEXTS", [])), **_pubmedqa_answer(d)}
+        elif "final_decision" in d:  # PubMedQA on the Hugging Face hub: pubid, question, context.contexts
+            ctx = d.get("context")
+            d = {"id": d.get("id") or d.get("pubid"), "question": d.get("question"),
+                 "context": "\n".join(ctx.get("contexts", [])) if isinstance(ctx, dict) else ctx,
+                 **_pubmedqa_answer(d)}
+        elif "opa" in d:  # MedMCQA: opa..opd and the index of the right one in cop
             d["options"] = {k: d[f"op{k.lower()}"] for k in "ABCD"}
-            d["answer"] = "ABCD"[int(d["cop"]) - 1]
+            base = (info.context or {}).get("cop_base", MEDMCQA_HF_COP_BASE)
+            cop = int(d["cop"])
+            if not 0 <= cop - base < 4:
+                raise ValueError(f"cop {cop} is not an option index ({base}-based); the hub's test split "
+                                 "has no answers (cop -1)")
+            d["answer"] = "ABCD"[cop - base]
         elif "answer_idx" in d:  # MedQA (US): options dict + answer_idx letter
             d["answer"] = d["answer_idx"]
         if isinstance(d.get("options"), list):
@@ -195,7 +217,7 @@ def detect_kind(row: dict) -> RecordKind:
     keys = set(row)
     if "conversations" in keys:
         return "vqa" if "answer_type" in keys else "conversation"
-    if keys & {"options", "opa", "QUESTION", "answer_idx"}:
+    if keys & {"options", "opa", "QUESTION", "answer_idx", "final_decision"}:
         return "mcqa"
     if keys & {"caption", "fig_caption"}:
         return "caption"
@@ -213,30 +235,45 @@ def read_rows(uri: str) -> list[dict]:
 
         return pq.read_table(io.BytesIO(data)).to_pylist()
     text = data.decode("utf-8")
-    if suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise RecordError(f"{uri} line {n}: not JSON ({e.msg})") from e
-        return rows
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordError(f"{uri}: not JSON ({e.msg} at line {e.lineno})") from e
-    if isinstance(obj, dict):  # e.g. PubMedQA's {pmid: {...}}
-        return [{"id": k, **v} for k, v in obj.items()]
-    return obj
+    if suffix != ".jsonl":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            # MedMCQA's own release names JSON-lines files train.json / dev.json / test.json.
+            first = text.lstrip()[:1]
+            if first != "{" or e.msg != "Extra data":
+                raise RecordError(f"{uri}: not JSON ({e.msg} at line {e.lineno})") from e
+        else:
+            if isinstance(obj, dict):  # e.g. PubMedQA's {pmid: {...}}
+                return [{"id": k, **v} for k, v in obj.items()]
+            return obj
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{uri} line {n}: not JSON ({e.msg})") from e
+    return rows
+
+
+def _medmcqa_cop_base(rows: list[dict]) -> int:
+    """0 or 1: which base a MedMCQA file's `cop` uses, read off its values (a 0 only occurs
+    0-based, a 4 only 1-based); the hub's 0 when the file does not say."""
+    cops = {str(r.get("cop")) for r in rows if isinstance(r, dict)}
+    if "0" in cops and "4" in cops:
+        raise RecordError("MedMCQA rows with both cop 0 and cop 4: the file mixes 0- and 1-based releases")
+    return 1 if "4" in cops else 0
 
 
 def read_records(uri: str, kind: RecordKind | Literal["auto"] = "auto",
-                 image_root: str | None = None) -> list[Record]:
+                 image_root: str | None = None, errors: list[RecordError] | None = None) -> list[Record]:
     """Parse a records file into typed records.
 
     Relative image paths are resolved against `image_root` (default: the file's folder),
-    so a dataset keeps working when its folder is copied to S3.
+    so a dataset keeps working when its folder is copied to S3, as LLaVA-Med's
+    `--image-folder` does. A row that is not a record raises RecordError, or, when an
+    `errors` list is given, is appended to it and left out.
     """
     rows = read_rows(uri)
     if not rows:
@@ -245,15 +282,19 @@ def read_records(uri: str, kind: RecordKind | Literal["auto"] = "auto",
     if kind not in _CLASSES:
         raise RecordError(f"unknown record kind {kind!r}; choose one of {sorted(_CLASSES)}")
     cls = _CLASSES[kind]
+    context = {"cop_base": _medmcqa_cop_base(rows)} if kind == "mcqa" else None
     root = image_root if image_root is not None else _parent(uri)
     out = []
     for n, row in enumerate(rows):
         try:
-            rec = cls.model_validate(row)
-        except ValidationError as e:
-            raise RecordError(f"{uri} row {n}: not a {kind} record: {_describe(e)}") from e
-        except (KeyError, TypeError, ValueError) as e:
-            raise RecordError(f"{uri} row {n}: not a {kind} record: {e!r}") from e
+            rec = cls.model_validate(row, context=context)
+        except (ValidationError, KeyError, TypeError, ValueError) as e:
+            why = _describe(e) if isinstance(e, ValidationError) else repr(e)
+            err = RecordError(f"{uri} row {n}: not a {kind} record: {why}")
+            if errors is None:
+                raise err from e
+            errors.append(err)
+            continue
         if rec.id is None:
             rec.id = f"{n}"
         if rec.image and root and not _is_absolute(rec.image):

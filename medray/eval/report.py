@@ -8,7 +8,7 @@ import logging
 from pathlib import PurePosixPath
 
 from medray import storage
-from medray.data import MCQARecord, VQARecord, read_records, read_rows
+from medray.data import MCQARecord, RecordError, VQARecord, read_records, read_rows
 
 from .metrics import mcqa_accuracy, vqa_metrics
 
@@ -31,26 +31,51 @@ def read_predictions(uri: str) -> dict[str, str]:
     return out
 
 
-def evaluate(predictions: str, references: str) -> dict:
+def read_candidates(uri: str) -> list:
+    """LLaVA-Med's candidate answers for open accuracy: its candidate file ({"0": [answers]})
+    or a plain JSON list."""
+    obj = json.loads(storage.read_bytes(uri))
+    if isinstance(obj, dict) and "0" in obj:
+        obj = obj["0"]
+    if not isinstance(obj, list) or not obj:
+        raise RecordError(f"{uri}: a candidate file holds a non-empty list of answers (or {{\"0\": [...]}})")
+    return obj
+
+
+def evaluate(predictions: str, references: str, candidates: str | None = None) -> dict:
+    """Score predictions (an answer file or medray infer shards) against a references file.
+
+    Reference rows medray cannot read, and rows it cannot score (no answer, no answer_type),
+    are counted in the report and logged, never dropped silently.
+    """
     preds = read_predictions(predictions)
-    refs = read_records(references)
-    vqa, mcqa, missing = [], [], []
+    errors: list[RecordError] = []
+    refs = read_records(references, errors=errors)
+    vqa, mcqa, missing, unscored = [], [], [], []
     for rec in refs:
         if rec.id not in preds:
             missing.append(rec.id)
-            continue
-        if isinstance(rec, VQARecord):
+        elif isinstance(rec, VQARecord):
             if rec.answer is None or rec.answer_type is None:
-                continue
-            vqa.append((preds[rec.id], rec.answer, rec.answer_type))
+                unscored.append(rec.id)
+            else:
+                vqa.append((preds[rec.id], rec.answer, rec.answer_type))
         elif isinstance(rec, MCQARecord):
             mcqa.append((preds[rec.id], rec.answer, rec.options))
+        else:
+            unscored.append(rec.id)
     report: dict = {"predictions": predictions, "references": references,
-                    "matched": len(vqa) + len(mcqa), "missing_predictions": len(missing)}
+                    "matched": len(vqa) + len(mcqa), "missing_predictions": len(missing),
+                    "unreadable_references": len(errors), "unscored_references": len(unscored)}
     if vqa:
-        report["vqa"] = vqa_metrics(vqa)
+        report["vqa"] = vqa_metrics(vqa, read_candidates(candidates) if candidates else None)
     if mcqa:
         report["mcqa"] = mcqa_accuracy(mcqa)
+    if errors:
+        report["unreadable_examples"] = [str(e) for e in errors[:5]]
+        log.warning("%d reference rows could not be read, e.g. %s", len(errors), errors[0])
+    if unscored:
+        log.warning("%d references have no answer or answer_type to score (e.g. %s)", len(unscored), unscored[:3])
     if missing:
         log.warning("%d references have no prediction (e.g. %s)", len(missing), missing[:3])
     return report
