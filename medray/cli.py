@@ -96,7 +96,10 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     """The `medray infer` flags; jobs/infer.py takes the same ones."""
     parser.add_argument("--model", required=True, help="model URI (directory, s3://, tiny://)")
     parser.add_argument("--adapter", help="PEFT adapter directory (local or s3://)")
-    parser.add_argument("--input", required=True, help="image prefix (recursive) or JSONL/Parquet manifest")
+    parser.add_argument("--input", required=True,
+                        help="image prefix (recursive) or a records file (JSON/JSONL/Parquet, e.g. LLaVA-Med's test.json)")
+    parser.add_argument("--image-folder", help="folder that relative image paths in --input resolve against "
+                                                "(default: the records file's folder)")
     parser.add_argument("--output", required=True, help="prefix for result shards")
     parser.add_argument("--task", choices=["caption", "vqa", "chat"], default="caption")
     parser.add_argument("--question", help="vqa: question for every image; chat: the prompt")

@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 
 from medray import storage
 from medray.data.synthetic import chest_image, png_bytes, write_synthetic
-from medray.infer.pipeline import InferConfig, read_shard, run_inference
+from medray.infer.pipeline import AllRowsFailed, InferConfig, read_shard, run_inference
 
 
 def _rows(output: str) -> list[dict]:
@@ -90,9 +90,10 @@ def test_question_file_and_per_row_questions(ray_cluster, tmp_path):
     again = {r["id"]: r["answer"] for r in _rows(str(tmp_path / "out-again"))}
     assert again == {k: r["answer"] for k, r in rows.items()}
 
-    # A vqa row with no question anywhere fails that row with a message.
+    # A vqa row with no question anywhere fails that row with a message (and, the only row, the run).
     qfile.write_text(json.dumps({"question_id": 1, "image": records[0]["image"]}) + "\n")
-    run_inference(_cfg(input=str(qfile), output=str(tmp_path / "out-noq"), question=None), progress=False)
+    with pytest.raises(AllRowsFailed, match="1: ValueError: no question"):
+        run_inference(_cfg(input=str(qfile), output=str(tmp_path / "out-noq"), question=None), progress=False)
     (row,) = _rows(str(tmp_path / "out-noq"))
     assert "no question" in row["error"]
 
@@ -250,3 +251,42 @@ def test_job_entrypoint_takes_the_cli_flags(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(_rows(str(tmp_path / "out"))) == 3
+
+
+def test_llava_med_test_json_with_an_image_folder(ray_cluster, tmp_path, capsys):
+    """LLaVA-Med's own VQA test file (conversations + answer_type), images in a separate folder,
+    as its model_vqa_med.py --image-folder reads them."""
+    from medray.cli import main as cli_main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    qa = [("left", "Is there an opacity?", "yes", "CLOSED"), ("none", "Where is the opacity?", "none", "OPEN"),
+          ("right", "Is the heart enlarged?", "no", "CLOSED")]
+    test = []
+    for i, (side, q, a, kind) in enumerate(qa):
+        (images / f"synpic{i}.png").write_bytes(png_bytes(chest_image(side, 64)))
+        test.append({"id": f"vqarad-{i}", "image": f"synpic{i}.png", "answer_type": kind,
+                     "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+    test.append({"id": "broken", "image": "synpic0.png", "answer_type": "OPEN", "conversations": "not a list"})
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.json").write_text(json.dumps(test))
+
+    assert cli_main(["infer", "--model", "tiny://llava-mistral", "--task", "vqa", "--input", str(data / "test.json"),
+                     "--image-folder", str(images), "--output", str(tmp_path / "out"), "--format", "jsonl",
+                     "--max-new-tokens", "3"]) == 0
+    rows = {r["id"]: r for r in _rows(str(tmp_path / "out"))}
+    assert sorted(rows) == ["broken", "vqarad-0", "vqarad-1", "vqarad-2"]
+    for i, (_, q, a, _) in enumerate(qa):
+        row = rows[f"vqarad-{i}"]
+        assert (row["question"], row["image"], json.loads(row["references"])) == (q, str(images / f"synpic{i}.png"), a)
+        assert row["answer"] and not row["error"]
+    assert "RecordError" in rows["broken"]["error"] and "conversations" in rows["broken"]["error"]
+
+    # Without the image folder every image is missing: every row fails, and so does the run.
+    capsys.readouterr()
+    assert cli_main(["infer", "--model", "tiny://llava-mistral", "--task", "vqa", "--input", str(data / "test.json"),
+                     "--output", str(tmp_path / "out-missing"), "--max-new-tokens", "3"]) != 0
+    err = capsys.readouterr().err
+    assert "all 4 rows failed" in err and "vqarad-0" in err and "synpic0.png" in err
+    assert len(_rows(str(tmp_path / "out-missing"))) == 4  # the errors are written all the same

@@ -9,12 +9,12 @@
 from .collate import IGNORE_INDEX, ChatCollator, Example, SampleTooLongError, assistant_spans
 from .images import (ImageDecodeError, ImageOptions, ImageTooLargeError, dicom_grey_to_uint8,
                      is_dicom, load_image, window_linear)
-from .records import (CaptionRecord, ConversationRecord, MCQARecord, Record, RecordError,
-                      VQARecord, detect_kind, read_records, read_rows)
+from .records import (CAPTION_PROMPT, CaptionRecord, ConversationRecord, ImageRecord, MCQARecord, Record,
+                      RecordError, VQARecord, detect_kind, read_records, read_rows)
 
 __all__ = [
     "IGNORE_INDEX", "ChatCollator", "Example", "SampleTooLongError", "assistant_spans",
     "ImageDecodeError", "ImageOptions", "ImageTooLargeError", "dicom_grey_to_uint8", "is_dicom",
-    "load_image", "window_linear", "CaptionRecord", "ConversationRecord", "MCQARecord", "Record",
+    "load_image", "window_linear", "CAPTION_PROMPT", "CaptionRecord", "ImageRecord", "ConversationRecord", "MCQARecord", "Record",
     "RecordError", "VQARecord", "detect_kind", "read_records", "read_rows",
 ]

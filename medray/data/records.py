@@ -21,6 +21,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationErro
 from medray import storage
 
 IMAGE_TAG = "<image>"
+CAPTION_PROMPT = "Describe the image."
 
 
 def _user(text: str, with_image: bool) -> dict:
@@ -67,6 +68,12 @@ class ConversationRecord(_Record):
             raise ValueError("a conversation must start with a human turn")
         return self
 
+    def query(self) -> tuple[str, str | None]:
+        """The first question and the answer that follows it."""
+        turns = self.conversations
+        answer = turns[1].value if len(turns) > 1 and turns[1].role == "gpt" else None
+        return turns[0].value.replace(IMAGE_TAG, "").strip(), answer
+
     def to_messages(self, with_answer: bool = True) -> list[dict]:
         out = []
         placed = False
@@ -106,10 +113,16 @@ class VQARecord(_Record):
         # LLaVA-Med's downstream test.json: a two-turn conversation plus answer_type.
         if isinstance(data, dict) and "conversations" in data and "question" not in data:
             turns = data["conversations"]
+            if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and isinstance(t.get("value"), str)
+                                                               for t in turns)):
+                raise ValueError("conversations must be a list of {from, value} turns, the question first")
             data = {**data, "question": turns[0]["value"].replace(IMAGE_TAG, "").strip()}
             if len(turns) > 1:
                 data["answer"] = turns[1]["value"]
         return data
+
+    def query(self) -> tuple[str, str | None]:
+        return self.question, self.answer
 
     def to_messages(self, with_answer: bool = True) -> list[dict]:
         out = [_user(self.question, bool(self.image))]
@@ -123,11 +136,26 @@ class CaptionRecord(_Record):
 
     kind: Literal["caption"] = "caption"
     caption: str = Field(validation_alias=AliasChoices("caption", "fig_caption", "text_caption"))
-    prompt: str = "Describe the image."
+    prompt: str = CAPTION_PROMPT
+
+    def query(self) -> tuple[str, str | None]:
+        return self.prompt, self.caption
 
     def to_messages(self, with_answer: bool = True) -> list[dict]:
         out = [_user(self.prompt, bool(self.image))]
         return out + [_assistant(self.caption)] if with_answer else out
+
+
+class ImageRecord(_Record):
+    """An image alone: a manifest row to caption, or to ask a question given elsewhere."""
+
+    kind: Literal["image"] = "image"
+
+    def query(self) -> tuple[str, str | None]:
+        return "", None
+
+    def to_messages(self, with_answer: bool = True) -> list[dict]:
+        return [_user(CAPTION_PROMPT, bool(self.image))]
 
 
 PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
@@ -195,6 +223,9 @@ class MCQARecord(_Record):
         lines.append("Answer with the letter of the correct option.")
         return "\n".join(lines)
 
+    def query(self) -> tuple[str, str | None]:
+        return self.prompt(), self.answer
+
     def to_messages(self, with_answer: bool = True) -> list[dict]:
         out = [_user(self.prompt(), False)]
         if with_answer:
@@ -202,15 +233,25 @@ class MCQARecord(_Record):
         return out
 
 
-Record = Union[ConversationRecord, VQARecord, CaptionRecord, MCQARecord]
-RecordKind = Literal["conversation", "vqa", "caption", "mcqa"]
+Record = Union[ConversationRecord, VQARecord, CaptionRecord, MCQARecord, ImageRecord]
+RecordKind = Literal["conversation", "vqa", "caption", "mcqa", "image"]
 _CLASSES: dict[str, type[_Record]] = {
     "conversation": ConversationRecord, "vqa": VQARecord, "caption": CaptionRecord, "mcqa": MCQARecord,
+    "image": ImageRecord,
 }
+_ID_KEYS = _Record.model_fields["id"].validation_alias.choices
+_IMAGE_KEYS = _Record.model_fields["image"].validation_alias.choices
 
 
 class RecordError(ValueError):
-    """A records file, or a row in it, does not fit the expected shape (names file and row)."""
+    """A records file, or a row in it, does not fit the expected shape (names file and row).
+
+    `row` is the row's position and `id` its id (its own, or the position) when one row is at fault.
+    """
+
+    def __init__(self, message: str, *, row: int | None = None, id: str | None = None):
+        super().__init__(message)
+        self.row, self.id = row, id
 
 
 def detect_kind(row: dict) -> RecordKind:
@@ -223,6 +264,8 @@ def detect_kind(row: dict) -> RecordKind:
         return "caption"
     if keys & {"question", "text", "query"}:
         return "vqa"
+    if keys & set(_IMAGE_KEYS):
+        return "image"
     raise RecordError(f"cannot tell the record kind from keys {sorted(keys)}; pass kind=")
 
 
@@ -290,7 +333,8 @@ def read_records(uri: str, kind: RecordKind | Literal["auto"] = "auto",
             rec = cls.model_validate(row, context=context)
         except (ValidationError, KeyError, TypeError, ValueError) as e:
             why = _describe(e) if isinstance(e, ValidationError) else repr(e)
-            err = RecordError(f"{uri} row {n}: not a {kind} record: {why}")
+            raw_id = next((row[k] for k in _ID_KEYS if isinstance(row, dict) and row.get(k) is not None), n)
+            err = RecordError(f"{uri} row {n}: not a {kind} record: {why}", row=n, id=str(raw_id))
             if errors is None:
                 raise err from e
             errors.append(err)

@@ -17,13 +17,14 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medray import storage
+from medray.data.records import CAPTION_PROMPT
 
 from .engine import GenerationSettings
 from .experts import ExpertsConfig
@@ -31,7 +32,6 @@ from .experts import ExpertsConfig
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
-CAPTION_PROMPT = "Describe the image."
 
 
 class InferConfig(BaseModel):
@@ -44,7 +44,11 @@ class InferConfig(BaseModel):
     adapter: str | None = None
     """PEFT adapter directory applied on top of the model."""
     input: str
-    """A prefix of images (listed recursively) or a JSONL / Parquet manifest of rows."""
+    """A prefix of images (listed recursively) or a JSON / JSONL / Parquet records file (any
+    form `medray.data.read_records` reads: LLaVA-Med test.json and question files, VQA, MCQA...)."""
+    image_folder: str | None = None
+    """Folder that relative image paths in a records file resolve against (LLaVA-Med's
+    --image-folder); default: the records file's folder."""
     output: str
     """Prefix that receives the result shards."""
     task: Literal["caption", "vqa", "chat"] = "caption"
@@ -105,6 +109,8 @@ class Summary:
     first_rows_s: float = 0.0
     """Seconds until the first shard was written: start-up (listing, model loads)."""
     first_rows: int = 0
+    first_errors: list[str] = field(default_factory=list)
+    """"id: error" of the first few rows that failed."""
 
     @property
     def steady_rows_per_s(self) -> float:
@@ -125,35 +131,46 @@ class Summary:
                 f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} generated tokens/s -> {self.output}")
 
 
+class AllRowsFailed(RuntimeError):
+    """Every row this run processed failed: the run wrote its errors, and produced nothing else."""
+
+    def __init__(self, summary: Summary):
+        self.summary = summary
+        super().__init__(f"all {summary.rows} rows failed; first errors: " + "; ".join(summary.first_errors))
+
+
 # ------------------------------------------------------------------------------ listing
 def _is_manifest(uri: str) -> bool:
     return uri.lower().endswith((".jsonl", ".json", ".parquet"))
 
 
 def list_rows(cfg: InferConfig) -> list[dict]:
-    """Input rows with stable ids: {id, image, question, references}."""
-    if _is_manifest(cfg.input):
-        from medray.data.records import read_rows
+    """Input rows with stable ids: {id, image, question, references, error}.
 
-        base = cfg.input.rsplit("/", 1)[0] if "/" in cfg.input else "."
+    A records file is read by `medray.data.read_records`, the reader training and eval use, so
+    every form one understands the others do too. A row it cannot read becomes a row with
+    its error, under its own id (or its position): it fails alone, and shows in the output.
+    """
+    if _is_manifest(cfg.input):
+        from medray.data import RecordError, read_records
+
+        bad: list[RecordError] = []
         rows = []
-        for n, raw in enumerate(read_rows(cfg.input)):
-            image = raw.get("image") or raw.get("image_uri") or raw.get("image_name") or raw.get("img_name")
-            if image and not str(image).startswith(("/", "s3://")):
-                image = storage.join(base, str(image))
-            rid = raw.get("id", raw.get("question_id", raw.get("qid", n)))
-            question = raw.get("question", raw.get("text"))
-            refs = raw.get("answer", raw.get("answers", raw.get("gt_answer")))
-            rows.append({"id": str(rid), "image": image or "", "question": question or "",
-                         "references": json.dumps(refs) if refs is not None else ""})
+        for rec in read_records(cfg.input, image_root=cfg.image_folder, errors=bad):
+            question, answer = rec.query()
+            rows.append({"id": str(rec.id), "image": rec.image or "", "question": question or "",
+                         "references": json.dumps(answer) if answer is not None else "", "error": ""})
+        rows += [{"id": e.id, "image": "", "question": "", "references": "", "error": f"RecordError: {e}"}
+                 for e in bad]
         ids = [r["id"] for r in rows]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"{cfg.input}: row ids are not unique; give each row an id")
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"{cfg.input}: row ids are not unique (e.g. {dup!r}); give each row an id")
         return rows
     files = storage.list_files(cfg.input, include=cfg.include, exclude=cfg.exclude)
     base = cfg.input.rstrip("/") + "/"
     return [{"id": f.uri[len(base):] if f.uri.startswith(base) else f.uri, "image": f.uri, "question": "",
-             "references": ""}
+             "references": "", "error": ""}
             for f in files if f.uri.lower().endswith(IMAGE_SUFFIXES)]
 
 
@@ -204,6 +221,10 @@ def messages_for(task: str, family_kind: str, question: str, with_image: bool) -
     return [{"role": "user", "content": content}]
 
 
+class _ListedError(Exception):
+    """An error the listing already put on the row (a records row that could not be read)."""
+
+
 def preprocess(batch: dict, *, cfg: dict) -> dict:
     """CPU stage: read bytes, decode, render the prompt, run the processor. Errors stay per row."""
     from medray.data import ImageOptions, load_image
@@ -221,6 +242,8 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
             question = question or (conf.question or "")
         questions.append(question)
         try:
+            if batch["error"][i]:
+                raise _ListedError(str(batch["error"][i]))
             if conf.task == "vqa" and not question:
                 raise ValueError("no question: give --question or a question per row")
             images = []
@@ -253,7 +276,7 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
         except Exception as e:  # recorded on the row; the job goes on
             input_ids.append(np.zeros(0, dtype=np.int64))
             pixels.append(None)
-            errors.append(f"{type(e).__name__}: {e}")
+            errors.append(str(e) if isinstance(e, _ListedError) else f"{type(e).__name__}: {e}")
             kinds.append("")
         if pixels[-1] is None:
             pixels[-1] = _NO_PIXELS
@@ -374,7 +397,11 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
                   on_progress: Callable[[int, int, int], None] | None = None) -> Summary:
     """Run the pipeline to completion. `on_progress(rows_done, rows_total, errors)` is called
     once the input is listed and after every shard; raising from it stops the run (a
-    cancellation), and a later run resumes where this one stopped."""
+    cancellation), and a later run resumes where this one stopped.
+
+    Raises AllRowsFailed (after writing every row with its error) when no row this run
+    processed succeeded: such a run is a failure, whatever caused it.
+    """
     import ray
     import ray.data
 
@@ -403,6 +430,7 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
 
     written = errors = tokens = 0
     first_s, first_rows = 0.0, 0
+    first_errors: list[str] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -414,6 +442,7 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
             first_s, first_rows = time.perf_counter() - t0, n
         written += n
         errors += int(sum(1 for e in batch["error"] if e))
+        first_errors += [f"{i}: {e}" for i, e in zip(batch["id"], batch["error"]) if e][:5 - len(first_errors)]
         tokens += int(np.sum(batch["completion_tokens"]))
         if bar:
             bar.update(n)
@@ -421,5 +450,8 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
             on_progress(len(rows) - len(todo) + written, len(rows), errors)
     if bar:
         bar.close()
-    return Summary(written, errors, len(rows) - len(todo), time.perf_counter() - t0, tokens, cfg.output,
-                   first_s, first_rows)
+    summary = Summary(written, errors, len(rows) - len(todo), time.perf_counter() - t0, tokens, cfg.output,
+                      first_s, first_rows, first_errors)
+    if written and errors == written:
+        raise AllRowsFailed(summary)
+    return summary

@@ -384,6 +384,9 @@ class Api:
         if not storage.within(body.input, jobs.allowed_input_prefixes):
             raise ApiError(403, f"input {body.input} is outside the allowed input prefixes", param="input",
                            kind="permission_error")
+        if body.image_folder and not storage.within(body.image_folder, jobs.allowed_input_prefixes):
+            raise ApiError(403, f"image_folder {body.image_folder} is outside the allowed input prefixes",
+                           param="image_folder", kind="permission_error")
         if not storage.within(body.output, jobs.allowed_output_prefixes):
             raise ApiError(403, f"output {body.output} is outside the allowed output prefixes", param="output",
                            kind="permission_error")
@@ -396,7 +399,7 @@ class Api:
         try:
             infer = InferConfig(
                 model=spec.uri, adapter=spec.adapters[adapter] if adapter else None, input=body.input,
-                output=body.output, task=body.task, question=body.question, max_new_tokens=body.max_new_tokens,
+                image_folder=body.image_folder, output=body.output, task=body.task, question=body.question, max_new_tokens=body.max_new_tokens,
                 format=body.format, include=body.include, exclude=body.exclude, batch_size=jobs.batch_size,
                 rows_per_shard=jobs.rows_per_shard, max_actors=jobs.max_actors,
                 cpus_per_actor=jobs.cpus_per_actor, cpus_per_task=jobs.cpus_per_task,

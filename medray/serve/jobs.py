@@ -43,6 +43,8 @@ class JobRequest(BaseModel):
     """A served model name, or '<model>:<adapter>'."""
     input: str
     """A prefix of images, or a JSONL / JSON / Parquet manifest of rows."""
+    image_folder: str | None = None
+    """Folder that relative image paths in a manifest resolve against (default: its folder)."""
     output: str
     """The prefix that receives the result shards."""
     task: Literal["caption", "vqa", "chat"] = "caption"
