@@ -34,18 +34,23 @@ def _sample(name: str):
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
-def test_rasters_load_as_rgb(fmt):
+def test_rasters_keep_grey_as_grey_and_colour_as_rgb(fmt):
+    # Greyscale stays mode L: LLaVA pads a grey image with grey, which needs the mode.
     src = Image.fromarray(np.arange(48 * 32, dtype=np.uint8).reshape(32, 48) % 251).convert("L")
     img = load_image(_encode(src, fmt), f"x.{fmt.lower()}")
-    assert img.mode == "RGB" and img.size == (48, 32)
+    assert img.mode == "L" and img.size == (48, 32)
     if fmt != "JPEG":  # lossless formats keep the values
-        assert np.array_equal(np.asarray(img)[..., 0], np.asarray(src))
+        assert np.array_equal(np.asarray(img), np.asarray(src))
+    colour = load_image(_encode(Image.new("RGB", (8, 4), (10, 200, 30)), fmt), f"c.{fmt.lower()}")
+    assert colour.mode == "RGB" and colour.size == (8, 4)
+    palette = load_image(_encode(Image.new("P", (8, 4)), "PNG"), "p.png")
+    assert palette.mode == "RGB"
 
 
 def test_16bit_tiff_is_scaled_to_8bit():
     arr = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
     img = load_image(_encode(Image.fromarray(arr), "TIFF"), "scan.tiff")
-    assert np.asarray(img)[..., 0].tolist() == [[0, 64], [128, 255]]
+    assert img.mode == "L" and np.asarray(img).tolist() == [[0, 64], [128, 255]]
 
 
 def test_ct_without_window_uses_the_rescaled_range():
@@ -53,10 +58,9 @@ def test_ct_without_window_uses_the_rescaled_range():
     assert "WindowCenter" not in ds and float(ds.RescaleIntercept) == -1024
     hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     expected = np.rint((hu - hu.min()) / (hu.max() - hu.min()) * 255).astype(np.uint8)
-    out = np.asarray(load_image(data, "CT_small.dcm"))
-    assert out.shape == (128, 128, 3)
-    assert np.array_equal(out[..., 0], expected)
-    assert np.array_equal(out[..., 0], out[..., 2])
+    img = load_image(data, "CT_small.dcm")
+    assert img.mode == "L" and img.size == (128, 128)
+    assert np.array_equal(np.asarray(img), expected)
 
 
 def _window(x: np.ndarray, c: float, w: float) -> np.ndarray:
@@ -72,7 +76,7 @@ def test_mr_window_center_width_is_applied():
     assert (c, w) == (600.0, 1600.0)
     raw = ds.pixel_array.astype(np.float64)
     expected = np.rint(_window(raw, c, w)).astype(np.uint8)
-    out = np.asarray(load_image(data, "MR_small.dcm"))[..., 0]
+    out = np.asarray(load_image(data, "MR_small.dcm"))
     assert np.array_equal(out, expected)
     # The window clips: values above c + w/2 saturate to white.
     assert (out[raw > c + w / 2] == 255).all() and (raw > c + w / 2).any()
@@ -95,9 +99,9 @@ def test_multiframe_takes_the_middle_frame_by_default():
         f = frame.astype(np.float64)
         return np.rint((f - f.min()) / (f.max() - f.min()) * 255).astype(np.uint8)
 
-    middle = np.asarray(load_image(data, "rtdose.dcm"))[..., 0]
+    middle = np.asarray(load_image(data, "rtdose.dcm"))
     assert np.array_equal(middle, minmax(frames[7]))
-    first = np.asarray(load_image(data, "rtdose.dcm", ImageOptions(dicom_frame=0)))[..., 0]
+    first = np.asarray(load_image(data, "rtdose.dcm", ImageOptions(dicom_frame=0)))
     assert np.array_equal(first, minmax(frames[0]))
     with pytest.raises(ImageDecodeError, match="frame 15 requested but the file has 15"):
         load_image(data, "rtdose.dcm", ImageOptions(dicom_frame=15))

@@ -6,9 +6,9 @@ medray ships (and every well-formed HF template) renders a conversation's prefix
 prefix of the whole, which is asserted, so the spans are exact. Tokens starting inside a
 span are labelled; everything else, image tokens included, is -100.
 
-Image placeholders are expanded by the model's own processor (LLaVA's `<image>` becomes
-one token per patch), then labels are carried across the expansion, so the collator never
-has to know how many tokens an image takes.
+Prompts are encoded by `medray.models.processing.encode_prompt`, as for generation: the
+model's image rule and prompt tokenization apply, and each image placeholder becomes one
+token per image feature, all standing at the placeholder's characters.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from medray.models.loading import render_chat
+from medray.models.processing import encode_prompt
 
 IGNORE_INDEX = -100
 
@@ -72,42 +73,19 @@ class ChatCollator:
 
     def encode(self, ex: Example) -> dict:
         text, spans = assistant_spans(self.processor, ex.messages)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if ex.images and not hasattr(self.processor, "image_processor"):
+            raise ValueError(f"example {ex.id!r} has images but this model takes text only")
+        try:
+            enc = encode_prompt(self.processor, text, ex.images)
+        except ValueError as e:
+            raise ValueError(f"example {ex.id!r}: {e}") from e
+        # A token belongs to the turn its first character is in; image tokens stand at
+        # their placeholder, inside a user turn, so they are never labelled.
         labels = [tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX
-                  for tok, (start, _end) in zip(ids, offsets)]
-
-        pixel_values = None
-        if ex.images:
-            if not hasattr(self.processor, "image_processor"):
-                raise ValueError(f"example {ex.id!r} has images but this model takes text only")
-            out = self.processor(text=text, images=ex.images, add_special_tokens=False, return_tensors="pt")
-            pixel_values = out["pixel_values"]
-            ids, labels = self._expand(ids, labels, out["input_ids"][0].tolist(), ex.id)
-        ids, labels = self._truncate(ids, labels, ex.id)
+                  for tok, (start, _end) in zip(enc.input_ids, enc.offsets)]
+        pixel_values = torch.as_tensor(enc.pixel_values) if enc.pixel_values is not None else None
+        ids, labels = self._truncate(enc.input_ids, labels, ex.id)
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
-
-    def _expand(self, ids: list[int], labels: list[int], expanded: list[int], ex_id: str):
-        """Carry labels from the unexpanded tokens onto the processor's expanded ones."""
-        if self.image_token_id is None or len(expanded) == len(ids):
-            if expanded != ids:
-                raise ValueError(f"example {ex_id!r}: processor tokenized the text differently")
-            return ids, labels
-        out_labels = []
-        j = 0
-        for tok, lab in zip(ids, labels):
-            if tok == self.image_token_id:
-                while j < len(expanded) and expanded[j] == self.image_token_id:
-                    out_labels.append(IGNORE_INDEX)
-                    j += 1
-                continue
-            if j >= len(expanded) or expanded[j] != tok:
-                raise ValueError(f"example {ex_id!r}: processor output does not line up with the text")
-            out_labels.append(lab)
-            j += 1
-        if j != len(expanded):
-            raise ValueError(f"example {ex_id!r}: processor output does not line up with the text")
-        return expanded, out_labels
 
     def _truncate(self, ids: list[int], labels: list[int], ex_id: str):
         if len(ids) <= self.max_length:

@@ -1,4 +1,9 @@
-"""Image bytes to RGB PIL images: PNG, JPEG, TIFF and DICOM.
+"""Image bytes to PIL images: PNG, JPEG, TIFF and DICOM.
+
+Single-channel sources (greyscale PNG/JPEG/TIFF, 16-bit scans, MONOCHROME DICOM) come out
+as mode L, everything else as RGB. The model's processor converts to RGB itself, after
+the image rule: LLaVA pads a greyscale image with the mean grey, which it could not do
+once the image were RGB (medray.models.processing).
 
 Every failure is an `ImageDecodeError` naming the input, so a batch job can record it on
 that row and go on. Pixel counts are checked from the header, before any pixel data is
@@ -48,7 +53,7 @@ def is_dicom(data: bytes) -> bool:
 
 
 def load_image(data: bytes, name: str = "<bytes>", options: ImageOptions | None = None) -> Image.Image:
-    """Decode bytes into an RGB image, or raise ImageDecodeError naming `name`."""
+    """Decode bytes into an L (greyscale) or RGB image, or raise ImageDecodeError naming `name`."""
     options = options or ImageOptions()
     if not data:
         raise ImageDecodeError(name, "empty file")
@@ -72,9 +77,9 @@ def _load_raster(data: bytes, name: str, options: ImageOptions) -> Image.Image:
             raise ImageTooLargeError(name, f"{w}x{h} pixels exceeds the limit of {options.max_pixels}")
         try:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I", "F"):
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 img = _to_8bit(np.asarray(img, dtype=np.float64))
-            return img.convert("RGB")
+            return img.convert("L" if img.mode in ("L", "LA", "1") else "RGB")
         except Exception as e:
             raise ImageDecodeError(name, f"corrupt {img.format or 'image'} data ({type(e).__name__}: {e})") from e
 
@@ -110,7 +115,7 @@ def _load_dicom(data: bytes, name: str, options: ImageOptions) -> Image.Image:
         # Colour (RGB, or YBR that pydicom has already converted to RGB): no LUTs apply.
         return _to_8bit(arr.astype(np.float64)).convert("RGB") if arr.dtype != np.uint8 \
             else Image.fromarray(arr).convert("RGB")
-    return Image.fromarray(dicom_grey_to_uint8(ds, arr)).convert("RGB")
+    return Image.fromarray(dicom_grey_to_uint8(ds, arr))
 
 
 def dicom_grey_to_uint8(ds, arr: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from medray.models import LoadedModel, render_chat
+from medray.models.processing import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,12 @@ def encode_request(processor, request: Request) -> Encoded:
     """Render the chat template and run the processor: the CPU half of generation.
 
     Separate from generation so a pipeline can run it on CPU workers and ship only ids
-    and pixels to the GPU actors.
+    and pixels to the GPU actors. The model's image rule and prompt tokenization apply
+    (medray.models.processing).
     """
     prompt = render_chat(processor, request.messages, add_generation_prompt=True)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    if request.images:
-        out = processor(text=[prompt], images=request.images, add_special_tokens=False, return_tensors="np")
-        return Encoded(out["input_ids"][0].tolist(), out["pixel_values"].astype("float32"))
-    return Encoded(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    enc = encode_prompt(processor, prompt, request.images)
+    return Encoded(enc.input_ids, enc.pixel_values)
 
 
 class GenerationEngine:

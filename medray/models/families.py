@@ -38,9 +38,23 @@ def get_family(name: str) -> Family:
         raise ValueError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}") from None
 
 
+def is_original_llava(config: dict) -> bool:
+    """A config in LLaVA's own format. LLaVA-Med v1 says model_type "llava", as HF Llava does,
+    but it is a flat Llama config with mm_* fields and no text_config: read as HF Llava it
+    would silently get default sizes."""
+    model_type = config.get("model_type")
+    if model_type == "llava":
+        return "text_config" not in config and any(k.startswith("mm_") for k in config)
+    return model_type in ORIGINAL_LLAVA_TYPES
+
+
 def family_of(config: dict) -> Family:
     """Family of a config.json dict; raises ValueError naming what is unsupported."""
     model_type = config.get("model_type")
+    if is_original_llava(config):
+        raise ValueError(
+            f"this is a checkpoint in LLaVA's own format (model_type {model_type!r} with mm_* fields), "
+            "which transformers cannot load as it is; convert it once: medray convert llava SRC OUT_DIR")
     if model_type == "llava":
         text_type = (config.get("text_config") or {}).get("model_type", "llama")
         return FAMILIES["llava-mistral" if text_type == "mistral" else "llava-llama"]

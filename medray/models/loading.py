@@ -13,7 +13,8 @@ import torch
 
 from medray import storage
 
-from .families import ORIGINAL_LLAVA_TYPES, Family, family_of
+from .families import Family, family_of
+from .processing import ModelOptions, attach_options
 from .tiny import tiny_model_dir
 
 log = logging.getLogger(__name__)
@@ -132,11 +133,14 @@ def _model_class(family: Family):
 
 
 def load_processor(path: Path, family: Family, *, trust_remote_code: bool = False):
+    """The directory's processor (a tokenizer for text models), carrying medray's options for it
+    (`medray_config.json`: image rule, prompt tokenization)."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    options = ModelOptions.load(path)
     if family.kind == "text":
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return attach_options(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), options)
+    return attach_options(AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code), options)
 
 
 def load_model(uri: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,
@@ -161,10 +165,6 @@ def load_model(uri: str, *, device: str | None = None, dtype: torch.dtype | str 
         return load_model(base, device=device, dtype=dtype, quantization=quantization, adapter=uri,
                           trust_remote_code=trust_remote_code)
     config = read_config(path)
-    if config.get("model_type") in ORIGINAL_LLAVA_TYPES and config.get("model_type") != "llava":
-        raise ModelLoadError(
-            f"{uri} is a checkpoint in LLaVA's own format (model_type {config['model_type']!r}), "
-            f"which transformers cannot load. Convert it once: medray convert llava {uri} OUT_DIR")
     try:
         family = family_of(config)
     except ValueError as e:

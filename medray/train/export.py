@@ -50,14 +50,14 @@ def export_stage(start_uri: str, stage: StageConfig, seed: int, trainable: dict[
             adapter_dir = out / "adapter" if stage.lora.merge else out
             model.save_pretrained(adapter_dir, safe_serialization=True)
             _point_adapter_at(adapter_dir, start_uri)
-            lm.processor.save_pretrained(adapter_dir)
+            save_processor(lm.processor, adapter_dir)
             if stage.lora.merge:
                 merged = model.merge_and_unload()
                 merged.save_pretrained(out, safe_serialization=True)
-                lm.processor.save_pretrained(out)
+                save_processor(lm.processor, out)
         else:
             model.save_pretrained(out, safe_serialization=True)
-            lm.processor.save_pretrained(out)
+            save_processor(lm.processor, out)
         (out / "metrics.jsonl").write_text(metrics.jsonl())
         (out / "loss.png").write_bytes(metrics.loss_png(f"{stage.name}: training loss"))
         _publish(out, dest)

@@ -1,0 +1,200 @@
+"""Prompt + images -> model inputs, the way the model was trained to see them.
+
+Every path that prepares inputs (batch inference, serving, `medray ask`, the training
+collator) comes through `encode_prompt`, so a model is fed one way everywhere. Two things
+vary by model and are read off its directory:
+
+- **The image rule.** LLaVA v1.5 models (LLaVA-Med v1.5) say `image_aspect_ratio: "pad"`:
+  a non-square image is pasted on a square canvas of the processor's mean colour before
+  the CLIP processor resizes and centre-crops it, so nothing at the edges is cut away.
+  Converted directories carry that as `do_pad` in `preprocessor_config.json`
+  (transformers' LlavaImageProcessor, which vLLM reads too); a plain CLIP processor crops.
+  `medray_config.json` may override it (`image_aspect_ratio: pad|crop`), e.g. to pad scans
+  for a model trained with crop. Padding is done here, not by the HF processor, because
+  LLaVA pads a greyscale (mode L) image with the mean grey (114), where transformers
+  converts it to RGB first and pads with (122, 116, 104).
+- **How the prompt is tokenized** (`prompt_tokenization` in `medray_config.json`):
+  - `template` (default): the rendered chat template, BOS included, tokenized whole.
+  - `llava`: LLaVA's `tokenizer_image_token` (LLaVA-Med v1.5): the text on each side of
+    `<image>` is tokenized on its own, with the tokenizer's BOS, which is kept once. A
+    SentencePiece tokenizer then starts each piece with a word boundary, which tokenizing
+    the whole string does not do (`▁[INST]` against `[` after `<s>` when `legacy` is off).
+  - `llava_v1`: LLaVA-Med v1's `model_vqa_med.py`: the whole prompt with the tokenizer's BOS.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+OPTIONS_FILE = "medray_config.json"
+ImageRule = Literal["pad", "crop"]
+
+
+class ModelOptions(BaseModel):
+    """medray's own settings for a model directory (`medray_config.json`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_aspect_ratio: ImageRule | None = Field(
+        None, description="pad: paste non-square images on a mean-colour square before the processor; "
+                          "crop: the processor's resize and centre crop. Unset: the processor's own rule.")
+    prompt_tokenization: Literal["template", "llava", "llava_v1"] = Field(
+        "template", description="how a rendered prompt becomes ids (see medray.models.processing)")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelOptions":
+        f = Path(path) / OPTIONS_FILE
+        if not f.is_file():
+            return cls()
+        try:
+            return cls.model_validate_json(f.read_text())
+        except ValueError as e:
+            raise ValueError(f"{f}: {e}") from e
+
+    def save(self, path: Path) -> None:
+        data = self.model_dump(exclude_defaults=True)
+        if data:
+            (Path(path) / OPTIONS_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def attach_options(processor, options: ModelOptions):
+    """Keep a model's options with its processor (or tokenizer), where every encoder looks."""
+    processor.medray_options = options
+    return processor
+
+
+def options_of(processor) -> ModelOptions:
+    return getattr(processor, "medray_options", None) or ModelOptions()
+
+
+def save_processor(processor, out: str | Path) -> None:
+    """`save_pretrained` plus medray's options, so an exported model is fed as its source was."""
+    processor.save_pretrained(out)
+    options_of(processor).save(Path(out))
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+# ------------------------------------------------------------------------------ images
+def image_rule(processor) -> ImageRule:
+    rule = options_of(processor).image_aspect_ratio
+    if rule:
+        return rule
+    return "pad" if getattr(getattr(processor, "image_processor", None), "do_pad", False) else "crop"
+
+
+def expand_to_square(image, mean: list[float]):
+    """LLaVA's expand2square: the image centred on a square of the mean colour (the mean grey
+    for a greyscale image). LLaVA-Med v1.5's copy offsets it by (d // 2) or (d // 2 + 1) at
+    random; the centre (d // 2) is upstream LLaVA's and transformers' choice."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    color = int(255 * sum(mean) / len(mean)) if image.mode == "L" else tuple(int(x * 255) for x in mean)
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), color)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def pixel_values(processor, images: list) -> np.ndarray:
+    """The processor's pixel values for images prepared by the model's image rule."""
+    image_processor = processor.image_processor
+    kwargs = {}
+    if image_rule(processor) == "pad":
+        images = [expand_to_square(img, list(image_processor.image_mean)) for img in images]
+    elif getattr(image_processor, "do_pad", False):
+        kwargs["do_pad"] = False  # a crop override on a padding processor
+    return np.asarray(image_processor(images, return_tensors="np", **kwargs)["pixel_values"], dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------ text
+def _image_token(processor) -> str | None:
+    return getattr(processor, "image_token", None) if hasattr(processor, "image_processor") else None
+
+
+def prompt_ids(processor, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of a rendered prompt and each token's (start, end) characters in `text`, with
+    every image placeholder as one token."""
+    tok = _tokenizer(processor)
+    mode = options_of(processor).prompt_tokenization
+    if mode == "template":
+        return _tokenize(tok, text, 0, special=False)
+    start = len(tok.bos_token) if tok.bos_token and text.startswith(tok.bos_token) else 0
+    if mode == "llava_v1":
+        return _tokenize(tok, text[start:], start, special=True)
+    image_token = _image_token(processor)
+    pieces = text[start:].split(image_token) if image_token else [text[start:]]
+    chunks, pos = [], start
+    for piece in pieces:
+        chunks.append((pos, *_tokenize(tok, piece, pos, special=True)))
+        pos += len(piece) + len(image_token or "")
+    # tokenizer_image_token: one BOS if the first piece starts with it, stripped from each piece.
+    first_ids = chunks[0][1]
+    skip = 1 if first_ids and first_ids[0] == tok.bos_token_id else 0
+    ids, offsets = ([tok.bos_token_id], [(start, start)]) if skip else ([], [])
+    image_id = tok.convert_tokens_to_ids(image_token) if image_token else None
+    for n, (piece_start, chunk_ids, chunk_offsets) in enumerate(chunks):
+        if n:
+            ids.append(image_id)
+            offsets.append((piece_start - len(image_token), piece_start))
+        ids += chunk_ids[skip:]
+        offsets += chunk_offsets[skip:]
+    return ids, offsets
+
+
+def _tokenize(tok, text: str, shift: int, *, special: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [(a + shift, b + shift) for a, b in enc["offset_mapping"]]
+
+
+# ------------------------------------------------------------------------------ both
+@dataclass
+class EncodedPrompt:
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    """Characters of the rendered prompt each id stands for (image tokens: the placeholder's)."""
+    pixel_values: np.ndarray | None = None
+
+
+def image_tokens_per_image(processor, pixels: np.ndarray) -> int:
+    """How many image tokens stand for one image (LlavaProcessor's count)."""
+    height, width = pixels.shape[-2:]
+    n = (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens
+    return n - 1 if processor.vision_feature_select_strategy == "default" else n
+
+
+def encode_prompt(processor, text: str, images: list | None = None) -> EncodedPrompt:
+    """Ids (image placeholders expanded to the image's token count) and pixel values."""
+    ids, offsets = prompt_ids(processor, text)
+    if not images:
+        return EncodedPrompt(ids, offsets)
+    if not hasattr(processor, "image_processor"):
+        raise ValueError("this model takes text only; remove the image")
+    pixels = pixel_values(processor, images)
+    image_token = _image_token(processor)
+    if image_token is None:  # GIT-style: the image enters through pixel_values alone
+        return EncodedPrompt(ids, offsets, pixels)
+    image_id = _tokenizer(processor).convert_tokens_to_ids(image_token)
+    count = ids.count(image_id)
+    if count != len(images):
+        raise ValueError(f"the prompt has {count} image placeholders for {len(images)} images")
+    per_image = image_tokens_per_image(processor, pixels)
+    out_ids, out_offsets = [], []
+    for tok_id, span in zip(ids, offsets):
+        reps = per_image if tok_id == image_id else 1
+        out_ids += [tok_id] * reps
+        out_offsets += [span] * reps
+    return EncodedPrompt(out_ids, out_offsets, pixels)
