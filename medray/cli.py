@@ -34,7 +34,7 @@ def _apply_delta(args) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="medray-delta-") as tmp:
         merged = apply_delta(args.base, args.delta, tmp, allow_pickle=args.allow_pickle)
-        print(convert_llava(merged, args.out, vision_tower=args.vision_tower))
+        print(convert_llava(merged, args.out, vision_tower=args.vision_tower, allow_pickle=args.allow_pickle))
     return 0
 
 
@@ -179,15 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert checkpoints into HF directories",
                        description="Convert checkpoints published in LLaVA's own format.")
     csub = c.add_subparsers(dest="convert_command", required=True, metavar="KIND")
-    cl = csub.add_parser("llava", help="LLaVA-format checkpoint (llava_llama / llava_mistral) -> HF Llava",
-                         description="Turn a LLaVA-format checkpoint (e.g. llava-med-v1.5-mistral-7b) "
-                                     "into an HF LlavaForConditionalGeneration directory.")
+    cl = csub.add_parser("llava", help="LLaVA-format checkpoint (llava / llava_llama / llava_mistral) -> HF Llava",
+                         description="Turn a LLaVA-format checkpoint (LLaVA-Med v1.5, e.g. "
+                                     "llava-med-v1.5-mistral-7b, or LLaVA-Med v1) into an HF "
+                                     "LlavaForConditionalGeneration directory that sees, tokenizes and "
+                                     "answers as the original does, or refuse naming the field it cannot honour.")
     cl.add_argument("src", help="source directory (local or s3://)")
     cl.add_argument("out", help="output directory")
     cl.add_argument("--vision-tower", help="HF CLIP directory, when the checkpoint does not hold the "
                                            "tower or names one medray does not know")
     cl.add_argument("--chat-template", choices=sorted(TEMPLATES),
-                    help="prompt format (default: mistral_instruct for llava_mistral, vicuna_v1 for llava_llama)")
+                    help="prompt format (default: mistral_instruct for llava_mistral, vicuna_v1 for llava_llama, "
+                         "llava_med_v1 for LLaVA-Med v1)")
     cl.add_argument("--allow-pickle", action="store_true",
                     help="also read pytorch_model*.bin (weights-only unpickler); output is safetensors")
     cl.set_defaults(func=_convert_llava)

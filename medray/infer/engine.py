@@ -86,6 +86,12 @@ class GenerationEngine:
         self.tokenizer = loaded.tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # A model's own stop strings (generation_config.json: LLaVA-Med v1's "###") end every
+        # answer, besides those a request names.
+        self.model_stop = tuple(getattr(loaded.model.generation_config, "stop_strings", None) or ())
+
+    def _stops(self, settings: GenerationSettings) -> tuple[str, ...]:
+        return settings.stop + tuple(s for s in self.model_stop if s not in settings.stop)
 
     def prompt(self, messages: list[dict]) -> str:
         return render_chat(self.loaded.processor, messages, add_generation_prompt=True)
@@ -159,7 +165,7 @@ class GenerationEngine:
         thread.start()
         new: list[int] = []
         sent = ""
-        hold = max((len(s) for s in settings.stop), default=1) - 1
+        hold = max((len(s) for s in self._stops(settings)), default=1) - 1
         eos = self._eos_ids()
         try:
             while (item := tokens.get()) is not None:
@@ -193,7 +199,7 @@ class GenerationEngine:
         """The answer text so far, or None once it contains a stop string."""
         text = self.tokenizer.decode([t for t in new if t != self.tokenizer.pad_token_id],
                                      skip_special_tokens=True).lstrip()
-        return None if any(s in text for s in settings.stop) else text
+        return None if any(s in text for s in self._stops(settings)) else text
 
     def _generate_kwargs(self, settings: GenerationSettings, adapters: Sequence[str | None] | None) -> dict:
         kwargs: dict = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
@@ -203,8 +209,8 @@ class GenerationEngine:
                 torch.manual_seed(settings.seed)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if settings.stop:
-            kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
+        if self._stops(settings):
+            kwargs.update(stop_strings=list(self._stops(settings)), tokenizer=self.tokenizer)
         if adapters is not None and hasattr(self.loaded.model, "peft_config"):
             # Named per row, so base rows skip whatever adapter happens to be active.
             kwargs["adapter_names"] = [a or "__base__" for a in adapters]
@@ -218,7 +224,7 @@ class GenerationEngine:
             finish = "stop"
         new = [t for t in new if t != self.tokenizer.pad_token_id]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        for s in settings.stop:
+        for s in self._stops(settings):
             if s in text:
                 text, finish = text[: text.index(s)], "stop"
         return Answer(text.strip(), prompt_tokens, len(new), finish)

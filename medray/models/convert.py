@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from medray import storage
 
 from .loading import ModelLoadError, read_config, resolve_model_uri
+from .processing import ModelOptions, attach_options, save_processor
 from .templates import get_template
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,78 @@ KNOWN_TOWERS = {
     "openai/clip-vit-large-patch14-336": {**_CLIP_L14, "image_size": 336},
     "openai/clip-vit-large-patch14": {**_CLIP_L14, "image_size": 224},
 }
-_TEXT_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral"}
+_TEXT_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral", "llava": "llama"}
+# LLaVA v1.5's conversation for each language model (llava/conversation.py), as medray templates.
 _DEFAULT_TEMPLATES = {"llava_llama": "vicuna_v1", "llava_mistral": "mistral_instruct"}
 _TOWER_PREFIX = re.compile(r"^(model\.vision_tower\.)?(vision_tower\.)?(vision_model\.)?")
+
+
+@dataclass(frozen=True)
+class LlavaSource:
+    """What a LLaVA-format config says, as far as it changes what the model sees.
+
+    LLaVA-Med v1 (tag v1.0.0: llava/model/llava.py, llava/eval/model_vqa_med.py) and v1.5
+    (llava_arch.py, mm_utils.py, model_vqa.py) differ in nearly every input detail:
+
+    | | v1 (model_type llava) | v1.5 (llava_mistral / llava_llama) |
+    | image placeholder | `<im_start>` + `<im_patch>` x N + `<im_end>` after the question | `<image>` (id -200) before it |
+    | image rule | CLIP resize + centre crop | `image_aspect_ratio` (pad: expand2square) |
+    | prompt ids | the whole prompt, tokenized once | text around `<image>` tokenized piece by piece |
+    | template | `simple` (### turns, example exchange) | mistral_instruct / vicuna_v1 |
+    | feature layer default | -1 | -2 |
+    """
+
+    version: str
+    """"v1" or "v1.5"."""
+    text_type: str
+    image_token: str
+    image_rule: str
+    """"pad" or "crop"."""
+    projector: str
+    """"linear" or "mlp2x_gelu"."""
+    select_layer: int
+    select_strategy: str
+    template: str
+    prompt_tokenization: str
+    added_tokens: tuple[str, ...]
+    """Tokens LLaVA's own code adds to the tokenizer, in its order, when they are missing."""
+
+    @classmethod
+    def read(cls, cfg: dict, src: str, chat_template: str | None = None) -> "LlavaSource":
+        mtype = cfg.get("model_type")
+        if mtype not in _TEXT_TYPES:
+            raise ModelLoadError(f"{src} has model_type {mtype!r}; expected one of {sorted(_TEXT_TYPES)} "
+                                 "(LLaVA-Med v1: llava; v1.5: llava_mistral, llava_llama)")
+        if mtype == "llava" and "text_config" in cfg:
+            raise ModelLoadError(f"{src} is already a Hugging Face Llava directory; load it as it is")
+        projector = cfg.get("mm_projector_type", "linear")
+        if projector not in ("linear", "mlp2x_gelu"):
+            raise ModelLoadError(f"{src}: mm_projector_type {projector!r} is not supported (linear, mlp2x_gelu)")
+        select = cfg.get("mm_vision_select_feature", "patch")
+        if select not in ("patch", "cls_patch"):
+            raise ModelLoadError(f"{src}: mm_vision_select_feature {select!r} is not supported (patch, cls_patch)")
+        if cfg.get("mm_patch_merge_type", "flat") != "flat":
+            raise ModelLoadError(f"{src}: mm_patch_merge_type {cfg['mm_patch_merge_type']!r} (LLaVA-NeXT tiling) "
+                                 "is not supported; only 'flat'")
+        strategy = "default" if select == "patch" else "full"
+        if mtype == "llava":
+            if projector != "linear":
+                raise ModelLoadError(f"{src}: LLaVA-Med v1 (model_type llava) has a linear projector, "
+                                     f"not mm_projector_type {projector!r}")
+            start_end = bool(cfg.get("mm_use_im_start_end", False))
+            return cls("v1", "llama", "<im_patch>", "crop", "linear", cfg.get("mm_vision_select_layer", -1),
+                       strategy, chat_template or ("llava_med_v1" if start_end else "llava_med_v1_patch"),
+                       "llava_v1", ("<im_patch>",) + (("<im_start>", "<im_end>") if start_end else ()))
+        if cfg.get("mm_use_im_start_end"):
+            raise ModelLoadError(
+                f"{src}: mm_use_im_start_end: true under model_type {mtype!r} cannot be honoured; medray "
+                "converts LLaVA v1.5 checkpoints that mark the image with <image> alone")
+        aspect = cfg.get("image_aspect_ratio") or "square"
+        if aspect not in ("pad", "square", "crop"):
+            raise ModelLoadError(f"{src}: image_aspect_ratio {aspect!r} is not supported (pad, square)")
+        return cls("v1.5", _TEXT_TYPES[mtype], "<image>", "pad" if aspect == "pad" else "crop", projector,
+                   cfg.get("mm_vision_select_layer", -2), strategy, chat_template or _DEFAULT_TEMPLATES[mtype],
+                   "llava", ("<image>",))
 
 
 def read_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -70,32 +141,54 @@ def _resolve_local(uri: str | Path) -> Path:
     return storage.sync_prefix(uri).path if storage.is_s3(uri) else storage.local_path(uri)
 
 
-def _clip_processor(image_size: int):
-    from transformers import CLIPImageProcessor
-
-    # CLIPImageProcessor's defaults are OpenAI CLIP's mean/std; only the size varies.
-    return CLIPImageProcessor(size={"shortest_edge": image_size},
-                              crop_size={"height": image_size, "width": image_size})
+# The image-processor settings a converted model keeps from its tower's CLIP processor.
+_IMAGE_SETTINGS = ("size", "crop_size", "image_mean", "image_std", "resample", "rescale_factor", "do_resize",
+                   "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")
 
 
-def _vision_setup(tower: str):
-    """(CLIPVisionConfig, CLIPImageProcessor, tower dir or None) for the tower LLaVA named."""
+def _image_processor(settings: dict, rule: str):
+    """A plain CLIP processor (crop), or transformers' LlavaImageProcessor with do_pad, which
+    vLLM and transformers read as they are."""
+    from transformers import CLIPImageProcessor, LlavaImageProcessor
+
+    if rule == "pad":
+        return LlavaImageProcessor(**settings, do_pad=True)
+    return CLIPImageProcessor(**settings)
+
+
+def _vision_setup(tower: str, *, allow_pickle: bool):
+    """(CLIPVisionConfig, image-processor settings, tower weights or None) for the tower LLaVA
+    names. A tower directory wins over everything else: LLaVA loads its tower from there."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig
 
-    local = None if tower in KNOWN_TOWERS else _resolve_local(tower)
+    if tower not in KNOWN_TOWERS:
+        local = _resolve_local(tower)
+    else:  # a hub name, unless a directory of that name is here
+        local = storage.local_path(tower) if storage.local_path(tower).is_dir() else None
     if local is not None and (local / "config.json").is_file():
         vcfg = CLIPVisionConfig.from_pretrained(local)
-        if (local / "preprocessor_config.json").is_file() or (local / "processor_config.json").is_file():
-            proc = CLIPImageProcessor.from_pretrained(local)
+        if (local / "preprocessor_config.json").is_file():
+            proc = CLIPImageProcessor.from_pretrained(local).to_dict()
+            settings = {k: proc[k] for k in _IMAGE_SETTINGS if k in proc}
         else:
-            proc = _clip_processor(vcfg.image_size)
-        return vcfg, proc, local
+            settings = _clip_settings(vcfg.image_size)
+        weights = {}
+        for k, v in read_state_dict(local, allow_pickle=allow_pickle).items():
+            name = _tower_key(k)
+            if name is not None:
+                weights[name] = v
+        return vcfg, settings, weights
     if tower in KNOWN_TOWERS:
         spec = KNOWN_TOWERS[tower]
-        return CLIPVisionConfig(**spec), _clip_processor(spec["image_size"]), None
+        return CLIPVisionConfig(**spec), _clip_settings(spec["image_size"]), None
     raise ModelLoadError(
         f"vision tower {tower!r} is neither a local CLIP directory nor one of {sorted(KNOWN_TOWERS)}; "
         "pass --vision-tower DIR (an HF CLIP directory, local or s3://)")
+
+
+def _clip_settings(image_size: int) -> dict:
+    # OpenAI CLIP's preprocessing (transformers' defaults are its mean/std); only the size varies.
+    return {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
 
 
 def _text_config(src_cfg: dict, text_type: str):
@@ -149,35 +242,38 @@ def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 def convert_llava(src: str | Path, out: str | Path, *, vision_tower: str | None = None,
                   chat_template: str | None = None, allow_pickle: bool = False) -> Path:
-    """Convert a LLaVA-format checkpoint directory (local or s3://) into an HF directory."""
+    """Convert a LLaVA-format checkpoint directory (local or s3://) into an HF directory that
+    sees, tokenizes and answers as the original does (see `LlavaSource`), or refuse, naming
+    the config field that cannot be honoured."""
     from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     src_path = _resolve_local(src)
     src_cfg = read_config(src_path)
-    mtype = src_cfg.get("model_type")
-    if mtype not in _TEXT_TYPES:
-        raise ModelLoadError(f"{src} has model_type {mtype!r}; expected one of {sorted(_TEXT_TYPES)}")
+    spec = LlavaSource.read(src_cfg, str(src), chat_template)
+    template = get_template(spec.template)
     sd = read_state_dict(src_path, allow_pickle=allow_pickle)
 
     tower = vision_tower or src_cfg.get("mm_vision_tower")
     if not tower:
         raise ModelLoadError(f"{src} names no vision tower (mm_vision_tower); pass --vision-tower")
-    vcfg, image_processor, tower_dir = _vision_setup(tower)
+    vcfg, image_settings, tower_sd = _vision_setup(tower, allow_pickle=allow_pickle)
 
-    new_sd = {}
+    new_sd, embedded = {}, {}
     for k, v in sd.items():
         name = _map_key(k)
         if name is not None:
-            new_sd[name] = v
-    if not any(k.startswith("model.vision_tower.") for k in new_sd):
-        if tower_dir is None:
-            raise ModelLoadError(f"{src} has no vision tower weights; pass --vision-tower DIR holding them")
-        for k, v in read_state_dict(tower_dir).items():
-            name = _tower_key(k)
-            if name is not None:
-                new_sd[name] = v
+            (embedded if name.startswith("model.vision_tower.") else new_sd)[name] = v
+    if tower_sd:
+        if embedded:
+            log.info("using the vision tower in %s, not the copy inside %s (LLaVA loads its tower from "
+                     "the tower's own directory)", tower, src)
+        new_sd.update(tower_sd)
+    elif embedded:
+        new_sd.update(embedded)
+    else:
+        raise ModelLoadError(f"{src} has no vision tower weights; pass --vision-tower DIR holding them")
 
-    linear = src_cfg.get("mm_projector_type", "linear") == "linear"
+    linear = spec.projector == "linear"
     if linear:
         # HF Llava's projector is linear_1 -> act -> linear_2. A single linear layer is
         # represented exactly by act="linear" (identity) and linear_2 = I, b = 0.
@@ -187,14 +283,12 @@ def convert_llava(src: str | Path, out: str | Path, *, vision_tower: str | None 
         new_sd["model.multi_modal_projector.linear_2.bias"] = torch.zeros(width, dtype=dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(src_path)
-    added = {}
-    if "<image>" not in tokenizer.get_vocab():
-        added["additional_special_tokens"] = ["<image>"]
-    if tokenizer.pad_token is None:
-        added["pad_token"] = "<pad>"
-    if added:
-        tokenizer.add_special_tokens(added)
-    text_cfg = _text_config(src_cfg, _TEXT_TYPES[mtype])
+    missing = [t for t in spec.added_tokens if t not in tokenizer.get_vocab()]
+    if missing:  # as LLaVA's own code adds them at load time, in its order
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if tokenizer.pad_token is None and spec.version == "v1.5":
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    text_cfg = _text_config(src_cfg, spec.text_type)
     old_vocab = new_sd["model.language_model.embed_tokens.weight"].shape[0]
     if len(tokenizer) > old_vocab:
         vocab = -(-len(tokenizer) // 64) * 64
@@ -203,45 +297,68 @@ def convert_llava(src: str | Path, out: str | Path, *, vision_tower: str | None 
         text_cfg.vocab_size = vocab
     text_cfg.pad_token_id = tokenizer.pad_token_id
 
-    select = src_cfg.get("mm_vision_select_feature", "patch")
     config = LlavaConfig(
         vision_config=vcfg, text_config=text_cfg,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=src_cfg.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy="default" if select == "patch" else "full",
+        image_token_index=tokenizer.convert_tokens_to_ids(spec.image_token),
+        vision_feature_layer=spec.select_layer,
+        vision_feature_select_strategy=spec.select_strategy,
         projector_hidden_act="linear" if linear else "gelu",
         multimodal_projector_bias=True,
     )
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     try:
-        missing, unexpected = model.load_state_dict(new_sd, strict=False, assign=True)
+        missing_keys, unexpected = model.load_state_dict(new_sd, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches: usually the tower config is not the tower
         raise ModelLoadError(f"weights of {src} do not fit the config built for them (vision tower "
                              f"{tower!r}); pass --vision-tower DIR with the matching CLIP config. "
                              f"First mismatch: {str(e).splitlines()[1].strip()}") from e
-    if missing or unexpected:
-        raise ModelLoadError(f"converted weights do not fit the HF model: missing {missing[:5]}, "
+    if missing_keys or unexpected:
+        raise ModelLoadError(f"converted weights do not fit the HF model: missing {missing_keys[:5]}, "
                              f"unexpected {unexpected[:5]}")
     if config.text_config.tie_word_embeddings:
         model.tie_weights()
 
-    template = get_template(chat_template or _DEFAULT_TEMPLATES[mtype])
     tokenizer.chat_template = template
-    patch = vcfg.patch_size
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               chat_template=template, patch_size=patch,
-                               vision_feature_select_strategy=config.vision_feature_select_strategy,
-                               num_additional_image_tokens=1, image_token="<image>")
+    processor = LlavaProcessor(image_processor=_image_processor(image_settings, spec.image_rule), tokenizer=tokenizer,
+                               chat_template=template, patch_size=vcfg.patch_size,
+                               vision_feature_select_strategy=spec.select_strategy,
+                               num_additional_image_tokens=1, image_token=spec.image_token)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
+    save_processor(attach_options(processor, ModelOptions(prompt_tokenization=spec.prompt_tokenization)), out)
+    _keep_legacy_flag(src_path, out)
+    _write_generation_config(src_path, out, spec)
+    log.info("converted %s (LLaVA %s, %s) to %s", src, spec.version, src_cfg["model_type"], out)
+    return out
+
+
+def _keep_legacy_flag(src_path: Path, out: Path) -> None:
+    # transformers 5 saves a tokenizer without its `legacy` flag, and rebuilds a Llama
+    # tokenizer's pre-tokenizer from that flag on load: a legacy tokenizer would come back
+    # non-legacy and split text after special tokens differently.
+    src_file = src_path / "tokenizer_config.json"
+    source = json.loads(src_file.read_text()) if src_file.is_file() else {}
+    if "legacy" not in source:
+        return
+    out_file = out / "tokenizer_config.json"
+    saved = json.loads(out_file.read_text())
+    saved["legacy"] = source["legacy"]
+    out_file.write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def _write_generation_config(src_path: Path, out: Path, spec: LlavaSource) -> None:
+    from transformers import GenerationConfig
+
     gen = src_path / "generation_config.json"
     if gen.is_file():
         shutil.copy(gen, out / "generation_config.json")
-    log.info("converted %s (%s) to %s", src, mtype, out)
-    return out
+    if spec.version == "v1":
+        # model_vqa_med.py cuts every answer at "###", the template's turn separator.
+        config = GenerationConfig.from_pretrained(out)
+        config.stop_strings = ["###"]
+        config.save_pretrained(out)
 
 
 def apply_delta(base: str | Path, delta: str | Path, out: str | Path, *, allow_pickle: bool = False) -> Path:

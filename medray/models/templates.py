@@ -9,7 +9,12 @@ add_special_tokens=False.
 
 Formats (checked against the seeds' conversation.py):
 - mistral_instruct (LLaVA-Med v1.5): ``[INST] <image>\\nQ [/INST] A </s>[INST] Q2 [/INST] A2 </s>``
-- vicuna_v1 (LLaVA-Med v1): ``SYSTEM USER: <image>\\nQ ASSISTANT: A</s> USER: Q2 ASSISTANT: A2</s>``
+- vicuna_v1 (LLaVA v1.5 on Llama): ``SYSTEM USER: <image>\\nQ ASSISTANT: A</s> USER: Q2 ASSISTANT: A2</s>``
+- llava_med_v1 (LLaVA-Med v1, its ``simple`` conversation as model_vqa_med.py prompts it): the
+  system text, an example exchange, then ``###Human: Q\\n<im_start><im_patch><im_end>###`` -
+  the image after the question, each turn closed by ``###``, nothing added for the answer.
+  ``llava_med_v1_patch`` is the same without ``<im_start>``/``<im_end>``
+  (``mm_use_im_start_end: false``).
 - llama_2 (BabyDoctor, LLaVA's llava_llama_2):
   ``[INST] <<SYS>>\\nSYSTEM\\n<</SYS>>\\n\\n<image>\\nQ [/INST] A </s><s>[INST] Q2 [/INST] A2 </s>``
 - alpaca (Med-Alpaca / Visual Med-Alpaca): the Stanford Alpaca instruction block
@@ -29,6 +34,12 @@ LLAVA_LLAMA2_SYSTEM = (
     "content that the user provides, and assist the user with a variety of tasks using "
     "natural language."
 )
+LLAVA_MED_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+# The example exchange LLaVA-Med v1's `simple` conversation opens with (two spaces are its own).
+LLAVA_MED_V1_EXAMPLE = "Human: Hi!###Assistant: Hi there!  How can I help you today?\n###"
 ALPACA_HEADER = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
@@ -80,6 +91,20 @@ def _llama2_style(sep: str) -> str:
 """.replace("SEP", sep)
 
 
+# LLaVA-Med v1's SeparatorStyle.SINGLE as model_vqa_med.py uses it: the image goes after the
+# question, and the prompt ends with the human turn's "###" (the model writes the rest).
+def _llava_med_v1(image: str) -> str:
+    return r"""
+{{- bos_token + system + '###' + EXAMPLE -}}
+{%- for m in turns -%}
+{%- if m['role'] == 'user' -%}
+{{ 'Human: ' + text_of(m['content']) }}{%- if has_image(m['content']) -%}{{ IMAGE }}{%- endif -%}{{ '###' }}
+{%- elif m['role'] == 'assistant' -%}{{ 'Assistant: ' + text_of(m['content']) + '###' }}
+{%- endif -%}
+{%- endfor -%}
+""".replace("EXAMPLE", repr(LLAVA_MED_V1_EXAMPLE)).replace("IMAGE", repr(image))
+
+
 TEMPLATES: dict[str, str] = {
     "mistral_instruct": _template(_llama2_style("''")),
     "llama_2": _template(_llama2_style("bos_token"), default_system=LLAVA_LLAMA2_SYSTEM),
@@ -95,6 +120,8 @@ TEMPLATES: dict[str, str] = {
 {%- if add_generation_prompt -%}{%- set ns.out = ns.out + ' ASSISTANT:' -%}{%- endif -%}
 {{- ns.out -}}
 """, default_system=VICUNA_SYSTEM),
+    "llava_med_v1": _template(_llava_med_v1("\n<im_start><im_patch><im_end>"), default_system=LLAVA_MED_V1_SYSTEM),
+    "llava_med_v1_patch": _template(_llava_med_v1("\n<im_patch>"), default_system=LLAVA_MED_V1_SYSTEM),
     "alpaca": _template(r"""
 {{- bos_token + system -}}
 {%- for m in turns -%}
