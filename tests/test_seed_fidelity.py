@@ -385,3 +385,22 @@ def test_llava_med_v1_delta_converts_to_hf(tmp_path):
     assert cli_main(["convert", "apply-delta", "--base", str(tmp_path / "base"), "--delta", str(tmp_path / "delta"),
                      str(out), "--to-hf"]) == 0
     _check_against_reference(ckpt, tower, out, "v1", strip_image(), pad=False)
+
+
+def test_the_batch_pipeline_prepares_inputs_as_the_engine_does(tmp_path):
+    """Batch inference's CPU stage (no Ray needed to call it) follows the same rule."""
+    from medray.infer.pipeline import InferConfig, preprocess
+
+    ckpt, _ = write_llava_med_v15(tmp_path, legacy=False)
+    out = convert_llava(ckpt, tmp_path / "hf")
+    image = tmp_path / "scan.png"
+    grey_portrait().save(image)
+    cfg = InferConfig(model=str(out), input=str(tmp_path), output=str(tmp_path / "answers"), task="vqa")
+    batch = {"id": np.array(["a"], dtype=object), "image": np.array([str(image)], dtype=object),
+             "question": np.array([QUESTION], dtype=object), "references": np.array([""], dtype=object),
+             "error": np.array([""], dtype=object)}
+    row = preprocess(batch, cfg=cfg.model_dump(mode="json"))
+    assert row["error"][0] == ""
+    ids, pixels = _medray_inputs(load_model(str(out)), Image.open(image))
+    assert row["input_ids"][0].tolist() == ids
+    np.testing.assert_array_equal(row["pixel_values"][0], pixels.numpy())

@@ -18,6 +18,7 @@ import torch
 
 from medray import storage
 from medray.models import load_model
+from medray.models.processing import save_processor
 
 from .config import StageConfig
 from .metrics import MetricsLog
