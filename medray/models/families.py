@@ -21,7 +21,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llava-mistral", "vlm", "mistral_instruct", "LLaVA-Med v1.5"),
-    Family("llava-llama", "vlm", "vicuna_v1", "LLaVA-Med v1; BabyDoctor with chat_template=llama_2"),
+    Family("llava-llama", "vlm", "vicuna_v1", "LLaVA-Med v1 (converted: llava_med_v1); BabyDoctor (llama_2)"),
     Family("llama", "text", "alpaca", "Med-Alpaca / Visual Med-Alpaca"),
     Family("mixtral", "text", "mixtral_instruct", "BiMediX"),
     Family("git", "captioner", "git_caption", "GIT captioner (Visual Med-Alpaca's visual experts)"),
