@@ -166,6 +166,21 @@ def test_engine_stop_strings_and_length(tiny_dirs):
     assert stop not in cut.text and full.text.startswith(cut.text)
 
 
+def test_a_models_own_stop_strings_apply_to_every_request(tiny_dirs, tmp_path):
+    # generation_config.json's stop_strings (a converted LLaVA-Med v1 says "###").
+    model_dir = tmp_path / "llama"
+    shutil.copytree(tiny_dirs["llama"], model_dir)
+    req = Request(_messages("llama"))
+    full = GenerationEngine(load_model(str(model_dir))).generate([req], GenerationSettings(max_new_tokens=12))[0]
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**gen, "stop_strings": [full.text[2:4]]}))
+    engine = GenerationEngine(load_model(str(model_dir)))
+    cut = engine.generate([req], GenerationSettings(max_new_tokens=12))[0]
+    assert cut.finish_reason == "stop" and full.text.startswith(cut.text) and full.text[2:4] not in cut.text
+    streamed = list(engine.stream(engine.encode(req), GenerationSettings(max_new_tokens=12)))
+    assert "".join(x for x in streamed if isinstance(x, str)) == cut.text
+
+
 def test_lora_adapter_directory_is_applied(tiny_dirs, tmp_path):
     from peft import LoraConfig, get_peft_model
 
