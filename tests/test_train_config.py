@@ -154,3 +154,13 @@ def test_records_dataset_caches_image_bytes_within_its_budget(tmp_path, monkeypa
     reads.clear()
     [small[i] for i in range(6)] + [small[i] for i in range(6)]
     assert len(reads) == 12 and small.cached == 0
+
+
+def test_records_without_answers_are_refused_for_training(tmp_path):
+    from medray.train._data import RecordsDataset
+
+    (tmp_path / "images.jsonl").write_text('{"id": "1", "image": "a.png"}\n')
+    (tmp_path / "questions.jsonl").write_text('{"question_id": 1, "image": "a.png", "text": "Where?"}\n')
+    for name in ("images.jsonl", "questions.jsonl"):
+        with pytest.raises(ValueError, match="no answer to learn"):
+            RecordsDataset(str(tmp_path / name))

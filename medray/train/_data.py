@@ -15,7 +15,7 @@ from collections import OrderedDict
 import numpy as np
 
 from medray import storage
-from medray.data import Example, load_image, read_records
+from medray.data import ConversationRecord, Example, load_image, read_records
 
 
 class RecordsDataset:
@@ -28,6 +28,9 @@ class RecordsDataset:
         self.records = read_records(records_uri, kind=kind, image_root=image_root)
         if not self.records:
             raise ValueError(f"{records_uri} holds no records")
+        if self.records[0].query()[1] is None and not isinstance(self.records[0], ConversationRecord):
+            raise ValueError(f"{records_uri}: its rows carry no answer to learn (e.g. images alone); "
+                             "training needs conversations, captions, or questions with answers")
         self.cache: OrderedDict[str, bytes] = OrderedDict()
         self.cache_bytes, self.cached = cache_bytes, 0
 
