@@ -314,6 +314,10 @@ def test_square_checkpoints_crop_and_every_input_path_agrees(tmp_path):
     assert batch["input_ids"][0].tolist() == [x for t in ref for x in ([image_id] * N_PATCHES if t < 0 else [t])]
     answer = [t for t, lab in zip(batch["input_ids"][0].tolist(), batch["labels"][0].tolist()) if lab != -100]
     assert "yes" in lm.tokenizer.decode(answer) and lm.model.config.image_token_index not in answer
+    # A model trained with crop can be told to pad scans (medray_config.json).
+    (out / "medray_config.json").write_text(json.dumps({"image_aspect_ratio": "pad", "prompt_tokenization": "llava"}))
+    _, padded = _medray_inputs(load_model(str(out)), strip_image())
+    torch.testing.assert_close(padded, ref_pixels(tower, strip_image(), pad=True), rtol=0, atol=1e-6)
 
 
 def test_start_end_tokens_under_v15_are_refused_by_name(tmp_path):
