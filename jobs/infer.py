@@ -4,8 +4,7 @@ import argparse
 import logging
 import sys
 
-from medray.cli import add_infer_arguments, infer_config_from_args
-from medray.infer.pipeline import run_inference
+from medray.infer import add_infer_arguments, infer_config_from_args, run_inference
 
 
 def main() -> int:

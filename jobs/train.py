@@ -4,14 +4,14 @@ import argparse
 import logging
 import sys
 
-from medray.train import load_manifest, run_curriculum
+from medray.config import add_arguments, values_from_args
+from medray.train import TrainArgs, load_manifest, run_curriculum
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("manifest")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
+    add_arguments(parser, TrainArgs, positional=("manifest",))
+    args = TrainArgs.model_validate(values_from_args(TrainArgs, parser.parse_args()))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for result in run_curriculum(load_manifest(args.manifest, args.set)):
         logging.info("stage %s: %s -> %s", result.name, "skipped" if result.skipped else "trained", result.model)

@@ -61,9 +61,11 @@ def _ask(args) -> int:
 
 
 def _train(args) -> int:
-    from medray.train import load_manifest, run_curriculum
+    from medray.config import values_from_args
+    from medray.train import TrainArgs, load_manifest, run_curriculum
 
-    results = run_curriculum(load_manifest(args.manifest, args.set))
+    train = TrainArgs.model_validate(values_from_args(TrainArgs, args))
+    results = run_curriculum(load_manifest(train.manifest, train.set))
     for r in results:
         state = "skipped (done)" if r.skipped else f"trained in {r.seconds:.0f} s"
         loss = r.metrics.get("loss")
@@ -71,57 +73,11 @@ def _train(args) -> int:
     return 0
 
 
-def infer_config_from_args(args):
-    """InferConfig from `medray infer` / jobs/infer.py flags (unset flags keep the defaults)."""
-    from medray.infer.pipeline import InferConfig
-
-    values = {k: v for k, v in vars(args).items()
-              if k in InferConfig.model_fields and k != "experts" and v is not None}
-    if args.experts:
-        experts = {"plot": args.plot_expert}
-        if args.radiology_expert:
-            experts["radiology"] = args.radiology_expert
-        values["experts"] = experts
-    return InferConfig.model_validate(values)
-
-
 def _infer(args) -> int:
-    from medray.infer.pipeline import run_inference
+    from medray.infer import infer_config_from_args, run_inference
 
     print(run_inference(infer_config_from_args(args)).line())
     return 0
-
-
-def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `medray infer` flags; jobs/infer.py takes the same ones."""
-    parser.add_argument("--model", required=True, help="model URI (directory, s3://, tiny://)")
-    parser.add_argument("--adapter", help="PEFT adapter directory (local or s3://)")
-    parser.add_argument("--input", required=True,
-                        help="image prefix (recursive) or a records file (JSON/JSONL/Parquet, e.g. LLaVA-Med's test.json)")
-    parser.add_argument("--image-folder", help="folder that relative image paths in --input resolve against "
-                                                "(default: the records file's folder)")
-    parser.add_argument("--output", required=True, help="prefix for result shards")
-    parser.add_argument("--task", choices=["caption", "vqa", "chat"], default="caption")
-    parser.add_argument("--question", help="vqa: question for every image; chat: the prompt")
-    parser.add_argument("--format", choices=["parquet", "jsonl"], default="parquet")
-    parser.add_argument("--include", help="glob the image paths must match (relative to --input)")
-    parser.add_argument("--exclude", help="glob of image paths to leave out")
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--temperature", type=float, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--batch-size", type=int, help="rows per generate call")
-    parser.add_argument("--min-actors", type=int)
-    parser.add_argument("--max-actors", type=int)
-    parser.add_argument("--gpus-per-actor", type=float)
-    parser.add_argument("--cpus-per-actor", type=float)
-    parser.add_argument("--cpus-per-task", type=float, help="CPUs per read/decode task (default 0.5)")
-    parser.add_argument("--rows-per-shard", type=int)
-    parser.add_argument("--experts", action="store_true",
-                        help="visual-experts mode: --model is a text LLM; images are routed to experts")
-    parser.add_argument("--radiology-expert", help="with --experts: captioner URI for radiology images")
-    parser.add_argument("--plot-expert", help="with --experts: plot-to-table model URI (default: none)")
 
 
 def _eval(args) -> int:
@@ -221,15 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run each stage of a curriculum manifest with Ray Train, on the Ray "
                                     "cluster in RAY_ADDRESS (or a running one), else on a local one. "
                                     "Finished stages are skipped; interrupted ones resume.")
-    tr.add_argument("manifest", help="manifest YAML (local or s3://)")
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a manifest value, e.g. output=/tmp/run or stages.align.max_steps=5")
+    from medray.config import add_arguments
+    from medray.train.config import TrainArgs
+
+    add_arguments(tr, TrainArgs, positional=("manifest",))
     tr.set_defaults(func=_train)
 
     inf = sub.add_parser("infer", help="batch captioning / VQA over an image corpus on Ray Data",
                          description="Caption or question every image under a prefix (or every row of a "
                                      "manifest) and write Parquet/JSONL shards to an output prefix. "
                                      "Reruns process only the rows not yet written.")
+    from medray.infer import add_infer_arguments
+
     add_infer_arguments(inf)
     inf.set_defaults(func=_infer)
 

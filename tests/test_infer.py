@@ -17,11 +17,12 @@ from pydicom.data import get_testdata_file
 
 from medray import storage
 from medray.data.synthetic import chest_image, png_bytes, write_synthetic
-from medray.infer.pipeline import AllRowsFailed, InferConfig, read_shard, run_inference
+from medray.data.shards import read_shards
+from medray.infer import AllRowsFailed, InferConfig, run_inference
 
 
 def _rows(output: str) -> list[dict]:
-    return [r for f in storage.list_files(output, include="part-*") for r in read_shard(f.uri)]
+    return read_shards(output)
 
 
 def _cfg(**kw) -> InferConfig:

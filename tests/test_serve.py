@@ -341,8 +341,7 @@ def _wait_job(server, job_id, done, timeout=240):
 def test_a_batch_job_survives_a_restart_of_the_serve_app(server):
     from ray import serve
 
-    from medray.infer.pipeline import read_shard
-    from medray.storage import list_files
+    from medray.data.shards import read_shards
 
     bucket = server["bucket"]
     ids = _write_corpus(f"{bucket}/corpus/restart", 40)
@@ -365,7 +364,7 @@ def test_a_batch_job_survives_a_restart_of_the_serve_app(server):
     done = _wait_job(server, job["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded", done
     assert done["progress"] == {"rows_done": len(ids), "rows_total": len(ids), "rows_error": 1}
-    rows = [r for f in list_files(done["output"], include="part-*") for r in read_shard(f.uri)]
+    rows = read_shards(done["output"])
     assert sorted(r["id"] for r in rows) == sorted(ids)  # every row exactly once
     errors = {r["id"]: r["error"] for r in rows if r["error"]}
     assert list(errors) == ["broken.png"]

@@ -8,9 +8,9 @@
 from .metrics import (answer_words, bleu1, corrected_closed_hit, corrected_scores, llava_closed_hit,
                       llava_exact_match, llava_f1, llava_med_scores, llava_open_hit, mcqa_accuracy, mcqa_choice,
                       normalize, normalize_llava_med, open_recall, vqa_metrics, yes_no)
-from .report import evaluate, read_candidates, read_predictions, write_report
+from .report import evaluate, read_candidates, write_report
 
 __all__ = ["answer_words", "bleu1", "corrected_closed_hit", "corrected_scores", "llava_closed_hit",
            "llava_exact_match", "llava_f1", "llava_med_scores", "llava_open_hit", "mcqa_accuracy", "mcqa_choice",
            "normalize", "normalize_llava_med", "open_recall", "vqa_metrics", "yes_no", "evaluate",
-           "read_candidates", "read_predictions", "write_report"]
+           "read_candidates", "write_report"]

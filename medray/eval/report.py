@@ -5,30 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
-from pathlib import PurePosixPath
 
 from medray import storage
-from medray.data import MCQARecord, RecordError, VQARecord, read_records, read_rows
+from medray.data import MCQARecord, RecordError, VQARecord, read_records
+from medray.data.shards import read_answers
 
 from .metrics import mcqa_accuracy, vqa_metrics
 
 log = logging.getLogger(__name__)
-
-
-def read_predictions(uri: str) -> dict[str, str]:
-    """id -> answer from medray infer shards (a prefix) or a JSON/JSONL/Parquet answer file
-    (LLaVA-Med's answer files: question_id + text)."""
-    if PurePosixPath(uri).suffix.lower() in (".json", ".jsonl", ".parquet"):
-        rows = read_rows(uri)
-    else:
-        from medray.infer.pipeline import read_shard
-
-        rows = [r for f in storage.list_files(uri, include="part-*") for r in read_shard(f.uri)]
-    out = {}
-    for r in rows:
-        rid = str(r.get("id", r.get("question_id")))
-        out[rid] = str(r.get("answer", r.get("text")) or "")
-    return out
 
 
 def read_candidates(uri: str) -> list:
@@ -48,7 +32,7 @@ def evaluate(predictions: str, references: str, candidates: str | None = None) -
     Reference rows medray cannot read, and rows it cannot score (no answer, no answer_type),
     are counted in the report and logged, never dropped silently.
     """
-    preds = read_predictions(predictions)
+    preds = read_answers(predictions)
     errors: list[RecordError] = []
     refs = read_records(references, errors=errors)
     vqa, mcqa, missing, unscored = [], [], [], []

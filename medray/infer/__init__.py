@@ -1,5 +1,18 @@
-"""Generation: the engine shared by batch inference, serving and the demo."""
+"""Generation: the engine shared by batch inference, serving and the demo, and the Ray Data
+batch pipeline.
 
-from .engine import Answer, Encoded, GenerationEngine, GenerationSettings, Request, encode_request
+    >>> from medray.infer import InferConfig, run_inference
+    >>> run_inference(InferConfig(model="tiny://llava-mistral", input="s3://b/scans/",   # doctest: +SKIP
+    ...                           output="s3://b/answers/", task="vqa", question="Is there an opacity?"))
 
-__all__ = ["Answer", "Encoded", "GenerationEngine", "GenerationSettings", "Request", "encode_request"]
+Owns: the engine (encode on CPU, generate batched), the pipeline and its options and flags,
+visual experts. Must not import: medray.serve, medray.train, medray.cli.
+"""
+
+from .engine import (MAX_NEW_TOKENS, MAX_TEMPERATURE, Answer, Encoded, GenerationEngine, GenerationSettings,
+                     Request, encode_request)
+from .pipeline import AllRowsFailed, InferConfig, Summary, add_infer_arguments, infer_config_from_args, run_inference
+
+__all__ = ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "GenerationEngine", "GenerationSettings",
+           "Request", "encode_request", "AllRowsFailed", "InferConfig", "Summary", "add_infer_arguments",
+           "infer_config_from_args", "run_inference"]

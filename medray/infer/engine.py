@@ -20,6 +20,12 @@ from medray.models.processing import encode_prompt
 log = logging.getLogger(__name__)
 
 
+# The generation limits, defined once: batch options, job requests and the chat API check
+# their own fields against these.
+MAX_NEW_TOKENS = 4096
+MAX_TEMPERATURE = 2.0
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     max_new_tokens: int = 64
@@ -34,10 +40,10 @@ class GenerationSettings:
     """Seed for sampling, for reproducible samples."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}]")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}]")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
 

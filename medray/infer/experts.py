@@ -15,13 +15,15 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from medray.config import StrictModel
 
 ImageType = Literal["radiology", "plot", "other"]
 
 
-class ExpertsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ExpertsConfig(StrictModel):
+    """Visual-experts mode: which expert reads which image type, and the router's thresholds."""
 
     radiology: str | None = "tiny://git"
     """Image-to-text model URI for radiology images (a GIT captioner)."""

@@ -12,8 +12,7 @@ is written with its error; it never fails the job.
 
 from __future__ import annotations
 
-import hashlib
-import io
+import argparse
 import json
 import logging
 import time
@@ -21,12 +20,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from medray import storage
+from medray.config import StrictModel, add_arguments, values_from_args
+from medray.data import shards
 from medray.data.records import CAPTION_PROMPT
 
-from .engine import GenerationSettings
+from .engine import MAX_NEW_TOKENS, MAX_TEMPERATURE, GenerationSettings
 from .experts import ExpertsConfig
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 
 
-class InferConfig(BaseModel):
-    """One batch-inference run. Field names match the `medray infer` flags."""
-
-    model_config = ConfigDict(extra="forbid")
+class InferConfig(StrictModel):
+    """One batch-inference run. The `medray infer` flags are generated from these fields."""
 
     model: str
     """Model URI: a directory, s3://bucket/prefix or tiny://family."""
@@ -52,30 +51,41 @@ class InferConfig(BaseModel):
     output: str
     """Prefix that receives the result shards."""
     task: Literal["caption", "vqa", "chat"] = "caption"
+    """caption the image; answer a question about it (vqa); or a free prompt (chat)."""
     question: str | None = None
     """vqa: the question for every image (rows may carry their own); chat: the prompt."""
     format: Literal["parquet", "jsonl"] = "parquet"
+    """File format of the result shards."""
     include: str | None = None
     """Glob (relative to the input prefix) that images must match."""
     exclude: str | None = None
     """Glob of images to leave out."""
-    max_new_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
+    """Upper bound on generated tokens per answer."""
+    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE)
     """0 = greedy, deterministic."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass, used only when sampling."""
     stop: list[str] = Field(default_factory=list)
+    """Strings that end an answer (repeatable)."""
     seed: int | None = None
+    """Seed for sampling."""
     batch_size: int = Field(8, ge=1)
     """Rows per generate call."""
     min_actors: int = Field(1, ge=1)
+    """Generation actors to start with (one model each)."""
     max_actors: int = Field(1, ge=1)
+    """Generation actors the pool may grow to."""
     gpus_per_actor: float = Field(0, ge=0)
+    """GPUs each generation actor reserves."""
     cpus_per_actor: float = Field(0.5, gt=0)
     """Fractional by default: on a 2-CPU machine whole-CPU actors starve the read tasks."""
     cpus_per_task: float = Field(0.5, gt=0)
     """CPUs each read/decode/preprocess task reserves."""
     rows_per_shard: int = Field(256, ge=1)
+    """Rows each generation actor writes as one shard."""
     max_pixels: int = Field(64_000_000, ge=1)
+    """Larger images (width x height) fail their row."""
     max_image_bytes: int = Field(512 * 1024 * 1024, ge=1)
     """Larger files fail their row without being read."""
     experts: ExpertsConfig | None = None
@@ -94,6 +104,25 @@ class InferConfig(BaseModel):
     def settings(self) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                   top_p=self.top_p, stop=tuple(self.stop), seed=self.seed)
+
+
+def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `medray infer` / jobs/infer.py flags, generated from InferConfig's fields; the
+    experts block gets three flags of its own."""
+    add_arguments(parser, InferConfig, exclude=("experts",))
+    parser.add_argument("--experts", action="store_true",
+                        help="visual-experts mode: --model is a text LLM; images are routed to experts")
+    parser.add_argument("--radiology-expert", help="with --experts: captioner URI for radiology images")
+    parser.add_argument("--plot-expert", help="with --experts: plot-to-table model URI (default: none)")
+
+
+def infer_config_from_args(args: argparse.Namespace) -> InferConfig:
+    """InferConfig from the flags of `add_infer_arguments` (unset flags keep the defaults)."""
+    values = values_from_args(InferConfig, args, exclude=("experts",))
+    if args.experts:
+        values["experts"] = {"plot": args.plot_expert,
+                             **({"radiology": args.radiology_expert} if args.radiology_expert else {})}
+    return InferConfig.model_validate(values)
 
 
 @dataclass
@@ -174,23 +203,6 @@ def list_rows(cfg: InferConfig) -> list[dict]:
             for f in files if f.uri.lower().endswith(IMAGE_SUFFIXES)]
 
 
-def done_ids(cfg: InferConfig) -> set[str]:
-    """Ids already written under the output prefix (by earlier runs)."""
-    done: set[str] = set()
-    for f in storage.list_files(cfg.output, include="part-*"):
-        done.update(r["id"] for r in read_shard(f.uri))
-    return done
-
-
-def read_shard(uri: str) -> list[dict]:
-    data = storage.read_bytes(uri)
-    if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-
-
 # ------------------------------------------------------------------------------ stages
 _PROCESSORS: dict = {}
 # Rows without an image carry an empty 4-D array, so the column stays a tensor column.
@@ -230,7 +242,6 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
     from medray.data import ImageOptions, load_image
 
     from .engine import Request, encode_request
-
     from .experts import route
 
     conf = InferConfig.model_validate(cfg)
@@ -334,7 +345,7 @@ class Generator:
         return texts
 
     def __call__(self, batch: dict) -> dict:
-        return write_shard(self.generate(batch), output=self.cfg.output, fmt=self.cfg.format)
+        return _write_batch(self.generate(batch), output=self.cfg.output, fmt=self.cfg.format)
 
     def generate(self, batch: dict) -> dict:
         from .engine import Request
@@ -370,25 +381,10 @@ class Generator:
         }
 
 
-COLUMNS = ["id", "image", "question", "answer", "references", "model", "generation", "latency_s",
-           "completion_tokens", "error", "image_type", "expert_text"]
-
-
-def write_shard(batch: dict, *, output: str, fmt: str) -> dict:
-    """Write one shard atomically; its name is a hash of its ids, so a retry overwrites it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    ids = [str(x) for x in batch["id"]]
-    name = "part-" + hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:20] + \
-        (".parquet" if fmt == "parquet" else ".jsonl")
-    rows = {c: [x.item() if hasattr(x, "item") else x for x in batch[c]] for c in COLUMNS}
-    with storage.atomic_writer(storage.join(output, name)) as f:
-        if fmt == "parquet":
-            pq.write_table(pa.table(rows), f)
-        else:
-            for i in range(len(ids)):
-                f.write((json.dumps({c: rows[c][i] for c in COLUMNS}) + "\n").encode())
+def _write_batch(batch: dict, *, output: str, fmt: str) -> dict:
+    """Write a generated batch as one shard (medray.data.shards); returns what the driver counts."""
+    shards.write_shard({c: [x.item() if hasattr(x, "item") else x for x in batch[c]] for c in shards.COLUMNS},
+                       output=output, fmt=fmt)
     return {"id": batch["id"], "error": batch["error"], "completion_tokens": batch["completion_tokens"]}
 
 
@@ -409,7 +405,7 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
         ray.init(log_to_driver=False)
     t0 = time.perf_counter()
     rows = list_rows(cfg)
-    done = done_ids(cfg)
+    done = shards.written_ids(cfg.output)
     todo = [r for r in rows if r["id"] not in done]
     log.info("%d input rows, %d already written, %d to do", len(rows), len(rows) - len(todo), len(todo))
     if on_progress:

@@ -30,16 +30,16 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from medray.config import StrictModel
 
 OPTIONS_FILE = "medray_config.json"
 ImageRule = Literal["pad", "crop"]
 
 
-class ModelOptions(BaseModel):
+class ModelOptions(StrictModel):
     """medray's own settings for a model directory (`medray_config.json`)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     image_aspect_ratio: ImageRule | None = Field(
         None, description="pad: paste non-square images on a mean-colour square before the processor; "

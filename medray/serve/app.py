@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from medray import storage
+from medray.infer.engine import MAX_TEMPERATURE
 
 from .config import ServeConfig
 from .jobs import JobRequest, JobStore, ensure_runner, new_record, recover, view
@@ -78,7 +79,7 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
     messages: list[Message] = Field(min_length=1)
-    temperature: float = Field(0.0, ge=0, le=2)
+    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -397,13 +398,8 @@ class Api:
         from medray.infer.pipeline import InferConfig
 
         try:
-            infer = InferConfig(
-                model=spec.uri, adapter=spec.adapters[adapter] if adapter else None, input=body.input,
-                image_folder=body.image_folder, output=body.output, task=body.task, question=body.question, max_new_tokens=body.max_new_tokens,
-                format=body.format, include=body.include, exclude=body.exclude, batch_size=jobs.batch_size,
-                rows_per_shard=jobs.rows_per_shard, max_actors=jobs.max_actors,
-                cpus_per_actor=jobs.cpus_per_actor, cpus_per_task=jobs.cpus_per_task,
-                gpus_per_actor=jobs.gpus_per_actor)
+            infer = InferConfig(model=spec.uri, adapter=spec.adapters[adapter] if adapter else None,
+                                **body.model_dump(exclude={"model"}), **jobs.pipeline_resources())
         except ValidationError as e:
             raise ApiError(400, f"invalid job: {e.errors()[0]['msg']}") from None
         record = new_record(store.new_id(), body, infer.model_dump(mode="json"))

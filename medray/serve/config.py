@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from medray.config import StrictModel
+from medray.infer.engine import MAX_NEW_TOKENS
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Autoscaling(_Strict):
+class Autoscaling(StrictModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
@@ -32,7 +31,7 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 """Model and adapter names; no ':' because clients address an adapter as '<model>:<adapter>'."""
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     name: str = Field(pattern=NAME)
     """The name clients send as `model`."""
     uri: str
@@ -60,7 +59,7 @@ class ModelSpec(_Strict):
         return self
 
 
-class JobsConfig(_Strict):
+class JobsConfig(StrictModel):
     """The asynchronous batch-job API (POST /v1/jobs): where records live and what jobs may touch."""
 
     store: str
@@ -78,20 +77,25 @@ class JobsConfig(_Strict):
     cpus_per_task: float = Field(0.5, gt=0)
     """CPUs per read/decode task."""
     gpus_per_actor: float = Field(0, ge=0)
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     """Upper bound a job may ask for."""
 
+    def pipeline_resources(self) -> dict:
+        """The InferConfig fields the server, not the client, decides for every job."""
+        return self.model_dump(include={"batch_size", "rows_per_shard", "max_actors", "cpus_per_actor",
+                                        "cpus_per_task", "gpus_per_actor"})
 
-class Limits(_Strict):
+
+class Limits(StrictModel):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_images: int = Field(4, ge=0)
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
-    max_tokens: int = Field(512, ge=1)
+    max_tokens: int = Field(512, ge=1, le=MAX_NEW_TOKENS)
     max_prompt_chars: int = Field(16_000, ge=1)
 
 
-class Ingress(_Strict):
+class Ingress(StrictModel):
     """The API deployment in front of the models: cheap per request, so few replicas."""
 
     min_replicas: int = Field(1, ge=1)
@@ -103,7 +107,7 @@ class Ingress(_Strict):
     cpus_per_replica: float = Field(0.1, gt=0)
 
 
-class ServeConfig(_Strict):
+class ServeConfig(StrictModel):
     models: list[ModelSpec] = Field(min_length=1)
     api_keys: list[str] = Field(default_factory=list)
     """Bearer tokens; MEDRAY_API_KEYS (comma-separated) adds to them. At least one is required."""

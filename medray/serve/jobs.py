@@ -18,12 +18,13 @@ import logging
 import re
 import time
 import uuid
-from typing import Literal
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, create_model
 
 from medray import storage
+from medray.config import StrictModel
+from medray.infer.pipeline import InferConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +35,16 @@ MAX_ATTEMPTS = 3
 _ID = re.compile(r"^job-[0-9a-f]{16}$")
 
 
-class JobRequest(BaseModel):
-    """The body of POST /v1/jobs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    """A served model name, or '<model>:<adapter>'."""
-    input: str
-    """A prefix of images, or a JSONL / JSON / Parquet manifest of rows."""
-    image_folder: str | None = None
-    """Folder that relative image paths in a manifest resolve against (default: its folder)."""
-    output: str
-    """The prefix that receives the result shards."""
-    task: Literal["caption", "vqa", "chat"] = "caption"
-    question: str | None = None
-    max_new_tokens: int = Field(64, ge=1)
-    format: Literal["parquet", "jsonl"] = "parquet"
-    include: str | None = None
-    exclude: str | None = None
+# What a client may set in a job: a declared subset of InferConfig, so a pipeline option is
+# defined once. Resources (actors, CPUs, batch sizes) stay the server's (JobsConfig), and
+# `model` names a served model instead of a URI.
+JOB_FIELDS = ("input", "image_folder", "output", "task", "question", "max_new_tokens", "temperature", "top_p",
+              "stop", "seed", "format", "include", "exclude")
+JobRequest = create_model(
+    "JobRequest", __base__=StrictModel, __doc__="The body of POST /v1/jobs.",
+    model=(str, Field(description="A served model name, or '<model>:<adapter>'.")),
+    **{name: (InferConfig.model_fields[name].annotation, InferConfig.model_fields[name]) for name in JOB_FIELDS},
+)
 
 
 class JobCancelled(Exception):

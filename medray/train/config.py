@@ -13,16 +13,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from medray.config import StrictModel
 
 Part = Literal["vision", "projector", "llm"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class TrainArgs(StrictModel):
+    """What `medray train` and jobs/train.py take."""
+
+    manifest: str
+    """Manifest YAML (local or s3://)."""
+    set: list[str] = Field(default_factory=list)
+    """Override a manifest value, e.g. output=/tmp/run or stages.align.max_steps=5 (repeatable)."""
 
 
-class SyntheticData(_Strict):
+class SyntheticData(StrictModel):
     """A labelled corpus generated at run time (see medray.data.synthetic)."""
 
     kind: Literal["chest-vqa", "chest-captions", "chest-conversations", "text-qa", "mcqa"]
@@ -37,7 +44,7 @@ class SyntheticData(_Strict):
     """Share of images written as DICOM instead of PNG."""
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Where a stage's records come from: a records file, or a synthetic corpus."""
 
     records: str | None = None
@@ -58,7 +65,7 @@ class DataConfig(_Strict):
         return self
 
 
-class LoraSpec(_Strict):
+class LoraSpec(StrictModel):
     """LoRA adapters (PEFT). `target_parameters` reaches fused MoE experts."""
 
     r: int = Field(8, ge=1, le=1024)
@@ -77,7 +84,7 @@ class LoraSpec(_Strict):
     """Also write base + adapter merged into a plain HF model at the stage directory."""
 
 
-class StageConfig(_Strict):
+class StageConfig(StrictModel):
     """One stage of a curriculum."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -174,7 +181,7 @@ class StageConfig(_Strict):
         return self.micro_batch_size * self.accum * self.workers
 
 
-class Curriculum(_Strict):
+class Curriculum(StrictModel):
     """A base model, an output location and the ordered stages that adapt it."""
 
     base_model: str

@@ -1,0 +1,68 @@
+"""Typed configs: one strict base, and flags generated from the fields (no Ray, no models)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from pydantic import ValidationError
+
+from medray.config import StrictModel, add_arguments, values_from_args
+from medray.infer import MAX_NEW_TOKENS, InferConfig, add_infer_arguments, infer_config_from_args
+from medray.serve.config import ServeConfig
+from medray.serve.jobs import JOB_FIELDS, JobRequest
+from medray.train import TrainArgs
+
+
+def _parse(argv: list[str]) -> InferConfig:
+    parser = argparse.ArgumentParser()
+    add_infer_arguments(parser)
+    return infer_config_from_args(parser.parse_args(argv))
+
+
+def test_infer_flags_are_the_config_fields():
+    cfg = _parse(["--model", "tiny://llava-mistral", "--input", "s3://b/in/", "--output", "s3://b/out/",
+                  "--task", "vqa", "--stop", "###", "--stop", "\n", "--max-new-tokens", "7", "--image-folder", "/img"])
+    assert (cfg.task, cfg.stop, cfg.max_new_tokens, cfg.image_folder, cfg.experts) == ("vqa", ["###", "\n"], 7,
+                                                                                       "/img", None)
+    assert cfg.batch_size == InferConfig.model_fields["batch_size"].default  # unset flags keep defaults
+    experts = _parse(["--model", "m", "--input", "i", "--output", "o", "--experts", "--plot-expert", "p"])
+    assert experts.experts.plot == "p" and experts.experts.radiology == "tiny://git"
+    parser = argparse.ArgumentParser()
+    add_infer_arguments(parser)
+    flags = {a.dest for a in parser._actions}
+    assert set(InferConfig.model_fields) - {"experts"} <= flags
+    helps = {a.dest: a.help for a in parser._actions}
+    assert "greedy" in helps["temperature"]  # descriptions come from the field docstrings
+
+
+def test_flags_are_typed_and_checked_by_the_model():
+    with pytest.raises(SystemExit):  # argparse refuses a bad choice
+        _parse(["--model", "m", "--input", "i", "--output", "o", "--task", "translate"])
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        _parse(["--model", "m", "--input", "i", "--output", "o", "--max-new-tokens", str(MAX_NEW_TOKENS + 1)])
+
+
+def test_job_requests_are_a_declared_subset_of_infer_options():
+    assert set(JOB_FIELDS) <= set(InferConfig.model_fields)
+    for name in JOB_FIELDS:  # same types, limits and descriptions
+        assert JobRequest.model_fields[name].description == InferConfig.model_fields[name].description
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        JobRequest(model="m", input="i", output="o", max_new_tokens=MAX_NEW_TOKENS + 1)
+    with pytest.raises(ValidationError, match="gpus_per_actor"):  # resources are the server's to set
+        JobRequest(model="m", input="i", output="o", gpus_per_actor=8)
+
+
+def test_one_strict_base():
+    for model in (InferConfig, JobRequest, ServeConfig, TrainArgs):
+        assert issubclass(model, StrictModel)
+        with pytest.raises(ValidationError, match="bogus"):
+            model.model_validate({"bogus": 1})
+
+
+def test_train_flags():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainArgs, positional=("manifest",))
+    args = TrainArgs.model_validate(values_from_args(TrainArgs, parser.parse_args(["m.yaml", "--set", "a=1"])))
+    assert (args.manifest, args.set) == ("m.yaml", ["a=1"])
+    assert TrainArgs.model_validate(values_from_args(TrainArgs, parser.parse_args(["m.yaml"]))).set == []
