@@ -39,22 +39,11 @@ def _apply_delta(args) -> int:
 
 
 def _ask(args) -> int:
-    from medray import storage
-    from medray.data import load_image
-    from medray.infer.engine import GenerationEngine, GenerationSettings, Request
-    from medray.models import load_model
+    from medray.infer import GenerationSettings, ask
 
-    lm = load_model(args.model, adapter=args.adapter, trust_remote_code=args.trust_remote_code)
-    content: list[dict] = []
-    images = []
-    if args.image:
-        images.append(load_image(storage.read_bytes(args.image), args.image))
-        content.append({"type": "image"})
-    content.append({"type": "text", "text": args.question})
-    engine = GenerationEngine(lm)
-    answer = engine.generate([Request([{"role": "user", "content": content}], images)],
-                             GenerationSettings(max_new_tokens=args.max_new_tokens,
-                                                temperature=args.temperature))[0]
+    answer = ask(args.model, args.question, image=args.image, adapter=args.adapter,
+                 settings=GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+                 trust_remote_code=args.trust_remote_code)
     print(json.dumps({"model": args.model, "question": args.question, "answer": answer.text,
                       "completion_tokens": answer.completion_tokens}))
     return 0
