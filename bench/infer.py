@@ -22,7 +22,7 @@ from medray import storage
 from medray.data import load_image
 from medray.data.synthetic import write_synthetic
 from medray.infer import GenerationEngine, GenerationSettings, Request
-from medray.infer.pipeline import InferConfig, run_inference
+from medray.infer import InferConfig, run_inference
 from medray.models import load_model
 
 QUESTION = "Is there an opacity?"

@@ -121,7 +121,7 @@ def _curriculum(opts: DemoOptions, root: str, corpus: dict[str, str]):
 
 
 def _batch_vqa(model: str, test_records: str, output: str):
-    from medray.infer.pipeline import InferConfig, run_inference
+    from medray.infer import InferConfig, run_inference
 
     return run_inference(InferConfig(model=model, input=test_records, output=output, task="vqa",
                                      max_new_tokens=6, batch_size=16, rows_per_shard=16), progress=False)

@@ -291,3 +291,26 @@ def test_llava_med_test_json_with_an_image_folder(ray_cluster, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "all 4 rows failed" in err and "vqarad-0" in err and "synpic0.png" in err
     assert len(_rows(str(tmp_path / "out-missing"))) == 4  # the errors are written all the same
+
+
+def test_the_stages_run_without_ray(tmp_path):
+    """preprocess -> Generator is the pipeline minus Ray: every row lands in one shard, the bad
+    one with its error."""
+    import numpy as np
+
+    from medray.infer.stages import Generator, preprocess
+
+    corpus = write_synthetic("chest-vqa", str(tmp_path / "c"), n=3, seed=11)
+    (tmp_path / "c" / "images" / "bad.png").write_bytes(b"not a png")
+    images = sorted(str(p) for p in (tmp_path / "c" / "images").iterdir())
+    cfg = _cfg(input=corpus.records, output=str(tmp_path / "out"), format="jsonl").model_dump(mode="json")
+    n = len(images)
+    batch = {"id": np.array([f"r{i}" for i in range(n)], dtype=object), "image": np.array(images, dtype=object),
+             "question": np.array([""] * n, dtype=object), "references": np.array([""] * n, dtype=object),
+             "error": np.array([""] * n, dtype=object)}
+    written = Generator(cfg)(preprocess(batch, cfg=cfg))
+    rows = {r["id"]: r for r in _rows(str(tmp_path / "out"))}
+    assert sorted(rows) == sorted(written["id"]) == [f"r{i}" for i in range(n)]
+    bad = images.index(str(tmp_path / "c" / "images" / "bad.png"))
+    assert "bad.png" in rows[f"r{bad}"]["error"] and rows[f"r{bad}"]["answer"] == ""
+    assert all(r["answer"] and r["question"] == "Is there an opacity?" for k, r in rows.items() if k != f"r{bad}")

@@ -393,7 +393,8 @@ def test_llava_med_v1_delta_converts_to_hf(tmp_path):
 
 def test_the_batch_pipeline_prepares_inputs_as_the_engine_does(tmp_path):
     """Batch inference's CPU stage (no Ray needed to call it) follows the same rule."""
-    from medray.infer.pipeline import InferConfig, preprocess
+    from medray.infer import InferConfig
+    from medray.infer.stages import preprocess
 
     ckpt, _ = write_llava_med_v15(tmp_path, legacy=False)
     out = convert_llava(ckpt, tmp_path / "hf")

@@ -12,7 +12,8 @@ visual experts. Must not import: medray.serve, medray.train, medray.cli.
 from .ask import ask
 from .engine import (MAX_NEW_TOKENS, MAX_TEMPERATURE, Answer, Encoded, GenerationEngine, GenerationSettings,
                      Request, encode_request)
-from .pipeline import AllRowsFailed, InferConfig, Summary, add_infer_arguments, infer_config_from_args, run_inference
+from .options import AllRowsFailed, InferConfig, Summary, add_infer_arguments, infer_config_from_args
+from .pipeline import run_inference
 
 __all__ = ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "GenerationEngine", "GenerationSettings",
            "Request", "encode_request", "AllRowsFailed", "InferConfig", "Summary", "add_infer_arguments",

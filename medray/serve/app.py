@@ -395,7 +395,7 @@ class Api:
             raise ApiError(400, f"max_new_tokens may be at most {jobs.max_new_tokens}", param="max_new_tokens")
         if body.input.lower().endswith((".jsonl", ".json", ".parquet")) and not storage.exists(body.input):
             raise ApiError(404, f"input manifest {body.input} does not exist", param="input")
-        from medray.infer.pipeline import InferConfig
+        from medray.infer import InferConfig
 
         try:
             infer = InferConfig(model=spec.uri, adapter=spec.adapters[adapter] if adapter else None,

@@ -24,7 +24,7 @@ from pydantic import Field, create_model
 
 from medray import storage
 from medray.config import StrictModel
-from medray.infer.pipeline import InferConfig
+from medray.infer import InferConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class JobRunner:
     """Runs one job's pipeline and keeps its record current. Detached: outlives the Serve app."""
 
     def run(self, store_prefix: str, job_id: str) -> None:
-        from medray.infer.pipeline import InferConfig, run_inference
+        from medray.infer import InferConfig, run_inference
 
         store = JobStore(store_prefix)
         record = store.get(job_id)

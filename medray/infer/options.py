@@ -1,0 +1,147 @@
+"""The options of one batch-inference run, their flags, and what a run reports."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from medray.config import StrictModel, add_arguments, values_from_args
+
+from .engine import MAX_NEW_TOKENS, MAX_TEMPERATURE, GenerationSettings
+from .experts import ExpertsConfig
+
+
+class InferConfig(StrictModel):
+    """One batch-inference run. The `medray infer` flags are generated from these fields."""
+
+    model: str
+    """Model URI: a directory, s3://bucket/prefix or tiny://family."""
+    adapter: str | None = None
+    """PEFT adapter directory applied on top of the model."""
+    input: str
+    """A prefix of images (listed recursively) or a JSON / JSONL / Parquet records file (any
+    form `medray.data.read_records` reads: LLaVA-Med test.json and question files, VQA, MCQA...)."""
+    image_folder: str | None = None
+    """Folder that relative image paths in a records file resolve against (LLaVA-Med's
+    --image-folder); default: the records file's folder."""
+    output: str
+    """Prefix that receives the result shards."""
+    task: Literal["caption", "vqa", "chat"] = "caption"
+    """caption the image; answer a question about it (vqa); or a free prompt (chat)."""
+    question: str | None = None
+    """vqa: the question for every image (rows may carry their own); chat: the prompt."""
+    format: Literal["parquet", "jsonl"] = "parquet"
+    """File format of the result shards."""
+    include: str | None = None
+    """Glob (relative to the input prefix) that images must match."""
+    exclude: str | None = None
+    """Glob of images to leave out."""
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
+    """Upper bound on generated tokens per answer."""
+    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE)
+    """0 = greedy, deterministic."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass, used only when sampling."""
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end an answer (repeatable)."""
+    seed: int | None = None
+    """Seed for sampling."""
+    batch_size: int = Field(8, ge=1)
+    """Rows per generate call."""
+    min_actors: int = Field(1, ge=1)
+    """Generation actors to start with (one model each)."""
+    max_actors: int = Field(1, ge=1)
+    """Generation actors the pool may grow to."""
+    gpus_per_actor: float = Field(0, ge=0)
+    """GPUs each generation actor reserves."""
+    cpus_per_actor: float = Field(0.5, gt=0)
+    """Fractional by default: on a 2-CPU machine whole-CPU actors starve the read tasks."""
+    cpus_per_task: float = Field(0.5, gt=0)
+    """CPUs each read/decode/preprocess task reserves."""
+    rows_per_shard: int = Field(256, ge=1)
+    """Rows each generation actor writes as one shard."""
+    max_pixels: int = Field(64_000_000, ge=1)
+    """Larger images (width x height) fail their row."""
+    max_image_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    """Larger files fail their row without being read."""
+    experts: ExpertsConfig | None = None
+    """Visual-experts mode: `model` is a text LLM; each image is routed to an expert whose
+    text goes into the LLM's prompt."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_actors < self.min_actors:
+            raise ValueError("max_actors must be >= min_actors")
+        if self.task == "chat" and not self.question:
+            raise ValueError("task chat needs --question (the prompt)")
+        return self
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                  top_p=self.top_p, stop=tuple(self.stop), seed=self.seed)
+
+
+def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `medray infer` / jobs/infer.py flags, generated from InferConfig's fields; the
+    experts block gets three flags of its own."""
+    add_arguments(parser, InferConfig, exclude=("experts",))
+    parser.add_argument("--experts", action="store_true",
+                        help="visual-experts mode: --model is a text LLM; images are routed to experts")
+    parser.add_argument("--radiology-expert", help="with --experts: captioner URI for radiology images")
+    parser.add_argument("--plot-expert", help="with --experts: plot-to-table model URI (default: none)")
+
+
+def infer_config_from_args(args: argparse.Namespace) -> InferConfig:
+    """InferConfig from the flags of `add_infer_arguments` (unset flags keep the defaults)."""
+    values = values_from_args(InferConfig, args, exclude=("experts",))
+    if args.experts:
+        values["experts"] = {"plot": args.plot_expert,
+                             **({"radiology": args.radiology_expert} if args.radiology_expert else {})}
+    return InferConfig.model_validate(values)
+
+
+@dataclass
+class Summary:
+    rows: int
+    """Rows written by this run."""
+    errors: int
+    skipped: int
+    """Rows already in the output from an earlier run."""
+    seconds: float
+    generated_tokens: int
+    output: str
+    first_rows_s: float = 0.0
+    """Seconds until the first shard was written: start-up (listing, model loads)."""
+    first_rows: int = 0
+    first_errors: list[str] = field(default_factory=list)
+    """"id: error" of the first few rows that failed."""
+
+    @property
+    def steady_rows_per_s(self) -> float:
+        """Throughput after the first shard, i.e. without start-up."""
+        dt = self.seconds - self.first_rows_s
+        return (self.rows - self.first_rows) / dt if dt > 0 and self.rows > self.first_rows else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        return (f"{self.rows} rows ({self.errors} errors, {self.skipped} already done) in {self.seconds:.1f} s: "
+                f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} generated tokens/s -> {self.output}")
+
+
+class AllRowsFailed(RuntimeError):
+    """Every row this run processed failed: the run wrote its errors, and produced nothing else."""
+
+    def __init__(self, summary: Summary):
+        self.summary = summary
+        super().__init__(f"all {summary.rows} rows failed; first errors: " + "; ".join(summary.first_errors))

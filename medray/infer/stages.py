@@ -1,0 +1,199 @@
+"""The two stages of the batch pipeline, callable without Ray: `preprocess` (CPU: read,
+decode, prompt, processor; errors stay on their row) and `Generator` (one model: generate,
+then write the rows as one shard)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from medray import storage
+from medray.data import shards
+from medray.data.records import CAPTION_PROMPT
+
+from .options import InferConfig
+
+_PROCESSORS: dict = {}
+# Rows without an image carry an empty 4-D array, so the column stays a tensor column.
+_NO_PIXELS = np.zeros((0, 0, 0, 0), dtype=np.float32)
+
+
+def _processor(model_uri: str):
+    # One processor per worker process, loaded on first use.
+    if model_uri not in _PROCESSORS:
+        from medray.models import family_of, load_processor, resolve_model_uri
+        from medray.models.loading import adapter_base, read_config
+
+        path = resolve_model_uri(model_uri)
+        base = adapter_base(path)
+        config_dir = resolve_model_uri(base) if base else path
+        family = family_of(read_config(config_dir))
+        _PROCESSORS[model_uri] = (load_processor(config_dir, family), family)
+    return _PROCESSORS[model_uri]
+
+
+def messages_for(task: str, family_kind: str, question: str, with_image: bool) -> list[dict]:
+    if family_kind == "captioner":  # GIT: the prompt, if any, prefixes the caption
+        text = "" if task == "caption" else question
+    else:
+        text = question or CAPTION_PROMPT if task == "caption" else question
+    content = ([{"type": "image"}] if with_image and family_kind == "vlm" else []) + \
+        ([{"type": "text", "text": text}] if text or family_kind != "captioner" else [])
+    return [{"role": "user", "content": content}]
+
+
+class _ListedError(Exception):
+    """An error the listing already put on the row (a records row that could not be read)."""
+
+
+def preprocess(batch: dict, *, cfg: dict) -> dict:
+    """CPU stage: read bytes, decode, render the prompt, run the processor. Errors stay per row."""
+    from medray.data import ImageOptions, load_image
+
+    from .engine import Request, encode_request
+    from .experts import route
+
+    conf = InferConfig.model_validate(cfg)
+    n = len(batch["id"])
+    input_ids, pixels, errors, questions, kinds = [], [], [], [], []
+    for i in range(n):
+        uri, question = str(batch["image"][i]), str(batch["question"][i]) or (conf.question or "")
+        if conf.task == "caption":
+            question = question or (conf.question or "")
+        questions.append(question)
+        try:
+            if batch["error"][i]:
+                raise _ListedError(str(batch["error"][i]))
+            if conf.task == "vqa" and not question:
+                raise ValueError("no question: give --question or a question per row")
+            images = []
+            if uri:
+                size = storage.default_storage().size(uri)
+                if size > conf.max_image_bytes:
+                    raise ValueError(f"{uri} is {size} bytes, over the limit of {conf.max_image_bytes}")
+                images = [load_image(storage.read_bytes(uri), uri, ImageOptions(max_pixels=conf.max_pixels))]
+            kind = ""
+            if conf.experts is not None:
+                # The generation stage prompts the LLM; here only the expert's input is prepared.
+                if not images:
+                    raise ValueError("row has no image")
+                kind = route(images[0], conf.experts)
+                expert = conf.experts.expert_for(kind)
+                enc = None
+                if expert:
+                    processor, family = _processor(expert)
+                    enc = encode_request(processor, Request(messages_for("caption", family.kind, "", True), images))
+            else:
+                processor, family = _processor(conf.model)
+                if not images and family.kind != "text":
+                    raise ValueError("row has no image")
+                enc = encode_request(processor, Request(messages_for(conf.task, family.kind, question, bool(images)),
+                                                        images))
+            input_ids.append(np.asarray(enc.input_ids if enc else [], dtype=np.int64))
+            pixels.append(enc.pixel_values if enc else None)
+            errors.append("")
+            kinds.append(kind)
+        except Exception as e:  # recorded on the row; the job goes on
+            input_ids.append(np.zeros(0, dtype=np.int64))
+            pixels.append(None)
+            errors.append(str(e) if isinstance(e, _ListedError) else f"{type(e).__name__}: {e}")
+            kinds.append("")
+        if pixels[-1] is None:
+            pixels[-1] = _NO_PIXELS
+    out = {k: batch[k] for k in ("id", "image", "references")}
+    out["question"] = np.array(questions, dtype=object)
+    out["input_ids"] = np.array(input_ids + [None], dtype=object)[:-1]  # keep a 1-D object array
+    out["pixel_values"] = np.array(pixels + [None], dtype=object)[:-1]
+    out["error"] = np.array(errors, dtype=object)
+    out["image_type"] = np.array(kinds, dtype=object)
+    return out
+
+
+class Generator:
+    """Actor stage: one model per actor; generates over the preprocessed rows, then writes them
+    as one shard.
+
+    Writing from the actor instead of a separate task stage is deliberate: on small machines
+    the extra stage of short tasks stalled the stream (measured 4-7x fewer rows/s, see
+    bench/infer.py). A retried call sees the same rows, so it rewrites the same shard name.
+    """
+
+    def __init__(self, cfg: dict):
+        from medray.models import load_model
+
+        from .engine import GenerationEngine
+
+        self.cfg = InferConfig.model_validate(cfg)
+        self.engine = GenerationEngine(load_model(self.cfg.model, adapter=self.cfg.adapter))
+        self.experts = {}
+        if self.cfg.experts is not None:
+            for kind in ("radiology", "plot"):
+                uri = self.cfg.experts.expert_for(kind)
+                if uri:
+                    self.experts[kind] = GenerationEngine(load_model(uri))
+        self.generation = json.dumps({"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
+                                      "top_p": self.cfg.top_p, "stop": self.cfg.stop, "seed": self.cfg.seed})
+
+    def _encoded(self, batch: dict, i: int):
+        from .engine import Encoded
+
+        pixels = batch["pixel_values"][i]
+        return Encoded(batch["input_ids"][i].tolist(), np.array(pixels) if pixels.size else None)
+
+    def _expert_texts(self, batch: dict, ok: list[int]) -> list[str]:
+        from .engine import GenerationSettings
+
+        texts = [""] * len(batch["id"])
+        settings = GenerationSettings(max_new_tokens=self.cfg.experts.max_expert_tokens)
+        for kind, engine in self.experts.items():
+            rows = [i for i in ok if batch["image_type"][i] == kind]
+            for start in range(0, len(rows), self.cfg.batch_size):
+                chunk = rows[start: start + self.cfg.batch_size]
+                for i, r in zip(chunk, engine.generate_encoded([self._encoded(batch, i) for i in chunk], settings)):
+                    texts[i] = r.text
+        return texts
+
+    def __call__(self, batch: dict) -> dict:
+        return _write_batch(self.generate(batch), output=self.cfg.output, fmt=self.cfg.format)
+
+    def generate(self, batch: dict) -> dict:
+        from .engine import Request
+        from .experts import llm_prompt
+
+        n = len(batch["id"])
+        answers = [""] * n
+        completion = np.zeros(n, dtype=np.int64)
+        latency = np.zeros(n, dtype=np.float64)
+        ok = [i for i in range(n) if not batch["error"][i]]
+        expert_texts = self._expert_texts(batch, ok) if self.cfg.experts is not None else [""] * n
+        for start in range(0, len(ok), self.cfg.batch_size):
+            chunk = ok[start: start + self.cfg.batch_size]
+            t0 = time.perf_counter()
+            if self.cfg.experts is not None:
+                prompts = [llm_prompt(str(batch["question"][i]) or "Describe the findings.", expert_texts[i],
+                                      str(batch["image_type"][i])) for i in chunk]
+                encoded = [self.engine.encode(Request([{"role": "user", "content": [{"type": "text", "text": p}]}]))
+                           for p in prompts]
+            else:
+                encoded = [self._encoded(batch, i) for i in chunk]
+            results = self.engine.generate_encoded(encoded, self.cfg.settings)
+            dt = time.perf_counter() - t0
+            for i, r in zip(chunk, results):
+                answers[i], completion[i], latency[i] = r.text, r.completion_tokens, dt
+        return {
+            "id": batch["id"], "image": batch["image"], "question": batch["question"],
+            "answer": np.array(answers, dtype=object), "references": batch["references"],
+            "model": np.array([self.cfg.model] * n, dtype=object),
+            "generation": np.array([self.generation] * n, dtype=object),
+            "latency_s": latency, "completion_tokens": completion, "error": batch["error"],
+            "image_type": batch["image_type"], "expert_text": np.array(expert_texts, dtype=object),
+        }
+
+
+def _write_batch(batch: dict, *, output: str, fmt: str) -> dict:
+    """Write a generated batch as one shard (medray.data.shards); returns what the driver counts."""
+    shards.write_shard({c: [x.item() if hasattr(x, "item") else x for x in batch[c]] for c in shards.COLUMNS},
+                       output=output, fmt=fmt)
+    return {"id": batch["id"], "error": batch["error"], "completion_tokens": batch["completion_tokens"]}
