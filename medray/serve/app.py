@@ -11,88 +11,29 @@ any model time; it also runs the batch-job API (medray.serve.jobs) and serves th
 # body model) on the ingress methods, which Serve wraps. `@serve.ingress` also pickles the
 # app (routes included) when the class is defined, so everything the routes call must be
 # defined above the class.
-import asyncio
-import base64
-import binascii
-import json
 import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 
 from medray import storage
-from medray.infer.engine import MAX_TEMPERATURE
 
 from .config import ServeConfig
 from .jobs import JobRequest, JobStore, ensure_runner, new_record, recover, view
+from .images import read_image
 from .metrics import Metrics
 from .model import ModelServer
+from .openai_api import ApiError, ChatRequest, ContentPart, error_response, sse_chunks, usage_of
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """An error for the client, rendered in OpenAI's error format."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-
-def _error(status: int, message: str, *, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
-
-
-# ----------------------------------------------------------------------------- request models
-class ImageURL(BaseModel):
-    url: str
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-# ----------------------------------------------------------------------------- ingress
-def _usage(out: dict) -> dict:
-    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
 
 
 app = FastAPI(title="medray", description="OpenAI-compatible chat/VQA and batch jobs for medical VLMs")
@@ -108,7 +49,7 @@ async def _limits_and_metrics(request: Request, call_next):
     size = request.headers.get("content-length")
     if config and size and size.isdigit() and int(size) > config.limits.max_body_bytes:
         # Refused before the body is read: an oversized upload costs nothing.
-        response = _error(413, f"request body over {config.limits.max_body_bytes} bytes; send smaller images")
+        response = error_response(413, f"request body over {config.limits.max_body_bytes} bytes; send smaller images")
     else:
         response = await call_next(request)
     route = request.scope.get("route")
@@ -120,15 +61,15 @@ async def _limits_and_metrics(request: Request, call_next):
 
 
 @app.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError):
-    return _error(exc.status, exc.message, param=exc.param, code=exc.code, kind=exc.kind)
+async def _apierror_response(request: Request, exc: ApiError):
+    return error_response(exc.status, exc.message, param=exc.param, code=exc.code, kind=exc.kind)
 
 
 def _storage_unavailable(request: Request, exc: Exception):
     # S3 (job records, s3:// images) unreachable or refusing us: the server's problem, said
     # plainly and without credentials or stack traces.
     log.warning("storage error on %s: %s", request.url.path, type(exc).__name__)
-    return _error(503, f"storage is unavailable ({type(exc).__name__}); try again later", kind="server_error")
+    return error_response(503, f"storage is unavailable ({type(exc).__name__}); try again later", kind="server_error")
 
 
 for _exc in (storage.StorageError, BotoCoreError, ClientError):
@@ -137,14 +78,14 @@ for _exc in (storage.StorageError, BotoCoreError, ClientError):
 
 @app.exception_handler(storage.AccessDenied)
 async def _access_denied(request: Request, exc: storage.AccessDenied):
-    return _error(403, str(exc), kind="permission_error")
+    return error_response(403, str(exc), kind="permission_error")
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError):
+async def _validationerror_response(request: Request, exc: RequestValidationError):
     problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}"
                          for e in exc.errors())
-    return _error(400, f"invalid request: {problems}")
+    return error_response(400, f"invalid request: {problems}")
 
 
 @serve.deployment
@@ -179,61 +120,6 @@ class Api:
             raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            kind="authentication_error", code="invalid_api_key")
 
-    def _image(self, url: str, param: str):
-        from medray.data import ImageDecodeError, ImageOptions, load_image
-
-        limits = self.config.limits
-        if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if ";base64" not in header:
-                raise ApiError(400, "image data URLs must be base64 (data:image/png;base64,...)", param=param)
-            try:
-                data = base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError):
-                raise ApiError(400, "image data URL is not valid base64", param=param) from None
-            name = "data-url"
-        elif url.startswith("s3://"):
-            if not storage.within(url, self.config.allowed_s3_prefixes):
-                raise ApiError(403, f"{url} is outside the allowed S3 prefixes", param=param,
-                               kind="permission_error")
-            try:
-                if storage.default_storage().size(url) > limits.max_image_bytes:
-                    raise ApiError(413, f"image over {limits.max_image_bytes} bytes", param=param)
-                data = storage.read_bytes(url)
-            except FileNotFoundError:
-                raise ApiError(404, f"{url} does not exist", param=param) from None
-            name = url
-        elif url.startswith(("http://", "https://")):
-            if not self.config.allow_http_images:
-                raise ApiError(400, "http(s) image URLs are disabled on this server; send a data: URL", param=param)
-            data = self._fetch(url, param)
-            name = url
-        else:
-            raise ApiError(400, "image_url must be a data: URL or an s3:// URI", param=param)
-        if len(data) > limits.max_image_bytes:
-            raise ApiError(413, f"image over {limits.max_image_bytes} bytes", param=param)
-        try:
-            return load_image(data, name, ImageOptions(max_pixels=limits.max_pixels))
-        except ImageDecodeError as e:
-            raise ApiError(400, f"{param}: {e.reason}", param=param) from None
-
-    def _fetch(self, url: str, param: str) -> bytes:
-        import httpx
-
-        limit = self.config.limits.max_image_bytes
-        try:
-            with httpx.stream("GET", url, timeout=10.0, follow_redirects=False) as r:
-                if r.status_code != 200:
-                    raise ApiError(400, f"fetching the image gave HTTP {r.status_code}", param=param)
-                data = b""
-                for chunk in r.iter_bytes():
-                    data += chunk
-                    if len(data) > limit:
-                        raise ApiError(413, f"image over {limit} bytes", param=param)
-                return data
-        except httpx.HTTPError as e:
-            raise ApiError(400, f"could not fetch the image: {type(e).__name__}", param=param) from None
-
     def _convert(self, req: ChatRequest, kind: str) -> tuple[list[dict], list]:
         messages, images, chars = [], [], 0
         for i, m in enumerate(req.messages):
@@ -248,7 +134,7 @@ class Api:
                         raise ApiError(400, "image_url part without image_url", param=f"messages.{i}.content.{j}")
                     if kind == "text":
                         raise ApiError(400, f"model {req.model} takes text only", param=f"messages.{i}.content.{j}")
-                    images.append(self._image(part.image_url.url, f"messages.{i}.content.{j}.image_url"))
+                    images.append(read_image(part.image_url.url, f"messages.{i}.content.{j}.image_url", self.config))
                     content.append({"type": "image"})
             messages.append({"role": m.role, "content": content})
         if len(images) > self.config.limits.max_images:
@@ -281,7 +167,7 @@ class Api:
             for handle in self.models.values():
                 await handle.info.remote()
         except Exception as e:
-            return _error(503, f"not ready: {e}", kind="server_error")
+            return error_response(503, f"not ready: {e}", kind="server_error")
         return {"status": "ready", "models": sorted(self.models)}
 
     @app.get("/metrics", include_in_schema=False)
@@ -319,7 +205,7 @@ class Api:
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             events = handle.options(stream=True).stream.remote(item)
-            return StreamingResponse(self._sse(events, completion_id, body.model, usage),
+            return StreamingResponse(sse_chunks(events, completion_id, body.model, usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -332,38 +218,8 @@ class Api:
             "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                          "finish_reason": out["finish_reason"]}],
-            "usage": _usage(out),
+            "usage": usage_of(out),
         }
-
-    async def _sse(self, events, completion_id: str, model: str, include_usage: bool):
-        """OpenAI's chunk stream: a role delta, content deltas, a finish chunk, [DONE]."""
-        created = int(time.time())
-
-        def chunk(delta: dict, finish=None, usage=None) -> str:
-            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
-            if usage is not None:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
-
-        yield chunk({"role": "assistant", "content": ""})
-        try:
-            async for event in events:
-                if isinstance(event, str):
-                    yield chunk({"content": event})
-                else:
-                    yield chunk({}, event["finish_reason"])
-                    if include_usage:
-                        yield chunk({}, usage=_usage(event))
-        except asyncio.CancelledError:  # the client went away; the replica stops generating
-            events.cancel()
-            raise
-        except Exception as e:
-            # The status line is sent already: report in the stream, as OpenAI does.
-            log.warning("stream failed: %s", type(e).__name__)
-            message = f"the model could not answer this request: {str(e).splitlines()[-1][:300]}"
-            yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
-        yield "data: [DONE]\n\n"
 
     # -- batch jobs
     def _job_store(self) -> JobStore:

@@ -1,0 +1,69 @@
+"""Image intake for the chat API: a `data:` URL, an `s3://` URI inside the allowed prefixes,
+or (only when enabled) an http(s) URL, read under the server's limits and then decoded by
+`medray.data.load_image`. Every refusal is an ApiError that says what to fix."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from medray import storage
+from medray.data import ImageDecodeError, ImageOptions, load_image
+
+from .config import ServeConfig
+from .openai_api import ApiError
+
+
+def read_image(url: str, param: str, config: ServeConfig):
+    """An image_url part as a decoded image, under the server's limits and S3 rules."""
+    limits = config.limits
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise ApiError(400, "image data URLs must be base64 (data:image/png;base64,...)", param=param)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "image data URL is not valid base64", param=param) from None
+        name = "data-url"
+    elif url.startswith("s3://"):
+        if not storage.within(url, config.allowed_s3_prefixes):
+            raise ApiError(403, f"{url} is outside the allowed S3 prefixes", param=param,
+                           kind="permission_error")
+        try:
+            if storage.default_storage().size(url) > limits.max_image_bytes:
+                raise ApiError(413, f"image over {limits.max_image_bytes} bytes", param=param)
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            raise ApiError(404, f"{url} does not exist", param=param) from None
+        name = url
+    elif url.startswith(("http://", "https://")):
+        if not config.allow_http_images:
+            raise ApiError(400, "http(s) image URLs are disabled on this server; send a data: URL", param=param)
+        data = _fetch(url, param, config.limits.max_image_bytes)
+        name = url
+    else:
+        raise ApiError(400, "image_url must be a data: URL or an s3:// URI", param=param)
+    if len(data) > limits.max_image_bytes:
+        raise ApiError(413, f"image over {limits.max_image_bytes} bytes", param=param)
+    try:
+        return load_image(data, name, ImageOptions(max_pixels=limits.max_pixels))
+    except ImageDecodeError as e:
+        raise ApiError(400, f"{param}: {e.reason}", param=param) from None
+
+
+def _fetch(url: str, param: str, limit: int) -> bytes:
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=10.0, follow_redirects=False) as r:
+            if r.status_code != 200:
+                raise ApiError(400, f"fetching the image gave HTTP {r.status_code}", param=param)
+            data = b""
+            for chunk in r.iter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    raise ApiError(413, f"image over {limit} bytes", param=param)
+            return data
+    except httpx.HTTPError as e:
+        raise ApiError(400, f"could not fetch the image: {type(e).__name__}", param=param) from None

@@ -1,0 +1,103 @@
+"""The OpenAI-compatible surface: request schemas, errors in OpenAI's format, and the SSE
+chunk stream of `stream=true`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from medray.infer.engine import MAX_TEMPERATURE
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error for the client, rendered in OpenAI's error format."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def error_response(status: int, message: str, *, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+# ----------------------------------------------------------------------------- request models
+class ImageURL(BaseModel):
+    url: str
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+def usage_of(out: dict) -> dict:
+    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+
+
+async def sse_chunks(events, completion_id: str, model: str, include_usage: bool):
+    """OpenAI's chunk stream: a role delta, content deltas, a finish chunk, [DONE]."""
+    created = int(time.time())
+
+    def chunk(delta: dict, finish=None, usage=None) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for event in events:
+            if isinstance(event, str):
+                yield chunk({"content": event})
+            else:
+                yield chunk({}, event["finish_reason"])
+                if include_usage:
+                    yield chunk({}, usage=usage_of(event))
+    except asyncio.CancelledError:  # the client went away; the replica stops generating
+        events.cancel()
+        raise
+    except Exception as e:
+        # The status line is sent already: report in the stream, as OpenAI does.
+        log.warning("stream failed: %s", type(e).__name__)
+        message = f"the model could not answer this request: {str(e).splitlines()[-1][:300]}"
+        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+    yield "data: [DONE]\n\n"
