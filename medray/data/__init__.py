@@ -4,6 +4,9 @@
     >>> recs = read_records("s3://bucket/vqa-rad/test.json")          # doctest: +SKIP
     >>> img = load_image(storage.read_bytes(recs[0].image), recs[0].image)  # doctest: +SKIP
     >>> batch = ChatCollator(processor)([Example(recs[0].to_messages(), [img])])  # doctest: +SKIP
+
+Owns: record readers (one alias map), image decoding, the chat collator, the result-shard
+format. Must not import: medray.infer, medray.train, medray.eval, medray.serve.
 """
 
 from .collate import IGNORE_INDEX, ChatCollator, Example, SampleTooLongError, assistant_spans

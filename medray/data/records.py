@@ -6,6 +6,9 @@ Four shapes cover the seeds' datasets. Each record turns into content-part chat 
 - VQARecord: VQA-RAD, SLAKE, PathVQA, in their native fields or LLaVA-Med's test.json form;
 - CaptionRecord: figure-caption pairs (PMC-OA, ROCO, LLaVA-Med alignment);
 - MCQARecord: MedQA, MedMCQA, PubMedQA multiple choice.
+
+Why one file of this size: the seeds' record shapes and their field aliases are one map;
+splitting them by shape would split the alias map.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
     >>> from medray.eval import evaluate, write_report
     >>> report = evaluate("s3://b/runs/vqa-rad/preds", "s3://b/vqa-rad/test.json")  # doctest: +SKIP
     >>> write_report(report, "s3://b/runs/vqa-rad/eval")                           # doctest: +SKIP
+
+Owns: the metrics and the report. Reads answers through medray.data.shards.
+Must not import: medray.infer, medray.train, medray.serve.
 """
 
 from .metrics import (answer_words, bleu1, corrected_closed_hit, corrected_scores, llava_closed_hit,

@@ -22,6 +22,9 @@ Two families of VQA numbers are reported side by side:
   not "no", "not sure" is neither), an answer holding both "yes" and "no" is a miss, closed
   questions that are not yes/no ("left or right?") score when the reference's words appear in
   order in the prediction, and open exact match is equality of the normalised answers.
+
+Why one file of this size: both VQA variants and the MCQA reader share the normalisation
+tables, and the reproduced script's rules read best side by side with the corrected ones.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@
     >>> lm = load_model("s3://models/llava-med-v1.5")   # or a directory, or tiny://llava-mistral
     ...                                                   # doctest: +SKIP
     >>> lm.model, lm.processor, lm.family.name           # doctest: +SKIP
+
+Owns: model URIs, families, loading rules, chat templates, input preparation (processing),
+tiny models, LLaVA-format conversion. Must not import: medray.data, medray.infer, medray.train,
+medray.serve.
 """
 
 from .families import FAMILIES, Family, family_of, get_family

@@ -9,6 +9,10 @@ never had (it used the id -200 instead) and writes an ordinary HF directory.
 
 The model is assembled on the meta device and filled with `assign=True`, so a 7B
 conversion needs memory for one copy of the weights, not two.
+
+Why one file of this size: every fact about LLaVA's own format (config fields, tensor
+names, tokens, image rule, the delta scheme) is here, so a second format never half-lives
+elsewhere.
 """
 
 from __future__ import annotations

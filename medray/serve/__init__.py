@@ -3,6 +3,9 @@
     serve run medray.serve:build_app models='[{"name": "tiny", "uri": "tiny://llava-mistral"}]'
 
 `build_app(args)` takes the application's `args` block (see ServeConfig).
+
+Owns: the Serve app (ingress, OpenAI surface, image intake, model deployments, job API,
+metrics). Must not import: medray.train, medray.cli.
 """
 
 from .app import build_app

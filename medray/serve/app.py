@@ -5,12 +5,15 @@ the `args` block of the config. It binds one `ModelServer` deployment per config
 (medray.serve.model), one `Metrics` deployment, and the `Api` ingress here. The ingress
 authenticates, validates and decodes requests, so a bad request gets its 4xx before it costs
 any model time; it also runs the batch-job API (medray.serve.jobs) and serves the web page.
+
+Why one file of this size: the ingress class holds every route (Serve builds one FastAPI
+app from one class); schemas and image intake live in openai_api.py and images.py.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types (Request, the
 # body model) on the ingress methods, which Serve wraps. `@serve.ingress` also pickles the
 # app (routes included) when the class is defined, so everything the routes call must be
-# defined above the class.
+# importable (openai_api.py, images.py) or defined above the class.
 import logging
 import time
 import uuid

@@ -8,6 +8,8 @@
 Module-level functions use a default `Storage` configured from the environment
 (AWS_ENDPOINT_URL, AWS_* credentials, MEDRAY_S3_ALLOWED_PREFIXES). Build a `Storage`
 yourself to use other settings. Nothing here knows about models or Ray.
+
+Owns: local and S3 paths behind one API. Must not import anything else from medray.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ boto3 moves objects; pyarrow's S3FileSystem (built from the same settings) is wh
 Data wants. Endpoint and credentials come from the standard AWS environment
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) unless given explicitly, so MinIO, Ceph or a
 loopback moto server work exactly like AWS.
+
+Why one file of this size: one class behind local and S3 paths (retries, atomic writes,
+prefix rules), whose methods share those rules.
 """
 
 from __future__ import annotations
