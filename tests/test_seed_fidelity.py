@@ -33,6 +33,7 @@ from medray.data import ChatCollator, Example
 from medray.infer import GenerationEngine, Request
 from medray.models import ModelLoadError, load_model
 from medray.models.convert import convert_llava
+from medray.models.processing import save_processor
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id
 V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -276,6 +277,9 @@ def test_llava_med_v15_converted_model_matches_the_reference(tmp_path, legacy):
     preproc = _image_processor_config(out)
     assert preproc["image_processor_type"] == "LlavaImageProcessor" and preproc["do_pad"] is True
     assert json.loads((out / "tokenizer_config.json").read_text())["legacy"] is legacy
+    resaved = tmp_path / "resaved"  # as a training export saves it again
+    save_processor(load_model(str(out)).processor, resaved)
+    assert json.loads((resaved / "tokenizer_config.json").read_text())["legacy"] is legacy
     for name, make in IMAGES.items():
         _check_against_reference(ckpt, tower, out, "v1.5", make(), pad=True)
 

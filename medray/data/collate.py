@@ -73,8 +73,6 @@ class ChatCollator:
 
     def encode(self, ex: Example) -> dict:
         text, spans = assistant_spans(self.processor, ex.messages)
-        if ex.images and not hasattr(self.processor, "image_processor"):
-            raise ValueError(f"example {ex.id!r} has images but this model takes text only")
         try:
             enc = encode_prompt(self.processor, text, ex.images)
         except ValueError as e:

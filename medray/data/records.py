@@ -303,12 +303,12 @@ def read_rows(uri: str) -> list[dict]:
     return rows
 
 
-def _medmcqa_cop_base(rows: list[dict]) -> int:
+def _medmcqa_cop_base(rows: list[dict], uri: str) -> int:
     """0 or 1: which base a MedMCQA file's `cop` uses, read off its values (a 0 only occurs
     0-based, a 4 only 1-based); the hub's 0 when the file does not say."""
     cops = {str(r.get("cop")) for r in rows if isinstance(r, dict)}
     if "0" in cops and "4" in cops:
-        raise RecordError("MedMCQA rows with both cop 0 and cop 4: the file mixes 0- and 1-based releases")
+        raise RecordError(f"{uri}: MedMCQA rows with both cop 0 and cop 4: the file mixes 0- and 1-based releases")
     return 1 if "4" in cops else 0
 
 
@@ -328,7 +328,7 @@ def read_records(uri: str, kind: RecordKind | Literal["auto"] = "auto",
     if kind not in _CLASSES:
         raise RecordError(f"unknown record kind {kind!r}; choose one of {sorted(_CLASSES)}")
     cls = _CLASSES[kind]
-    context = {"cop_base": _medmcqa_cop_base(rows)} if kind == "mcqa" else None
+    context = {"cop_base": _medmcqa_cop_base(rows, uri)} if kind == "mcqa" else None
     root = image_root if image_root is not None else _parent(uri)
     out = []
     for n, row in enumerate(rows):

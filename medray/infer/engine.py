@@ -215,8 +215,9 @@ class GenerationEngine:
                 torch.manual_seed(settings.seed)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if self._stops(settings):
-            kwargs.update(stop_strings=list(self._stops(settings)), tokenizer=self.tokenizer)
+        stops = self._stops(settings)
+        if stops:
+            kwargs.update(stop_strings=list(stops), tokenizer=self.tokenizer)
         if adapters is not None and hasattr(self.loaded.model, "peft_config"):
             # Named per row, so base rows skip whatever adapter happens to be active.
             kwargs["adapter_names"] = [a or "__base__" for a in adapters]

@@ -332,24 +332,9 @@ def convert_llava(src: str | Path, out: str | Path, *, vision_tower: str | None 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     save_processor(attach_options(processor, ModelOptions(prompt_tokenization=spec.prompt_tokenization)), out)
-    _keep_legacy_flag(src_path, out)
     _write_generation_config(src_path, out, spec)
     log.info("converted %s (LLaVA %s, %s) to %s", src, spec.version, src_cfg["model_type"], out)
     return out
-
-
-def _keep_legacy_flag(src_path: Path, out: Path) -> None:
-    # transformers 5 saves a tokenizer without its `legacy` flag, and rebuilds a Llama
-    # tokenizer's pre-tokenizer from that flag on load: a legacy tokenizer would come back
-    # non-legacy and split text after special tokens differently.
-    src_file = src_path / "tokenizer_config.json"
-    source = json.loads(src_file.read_text()) if src_file.is_file() else {}
-    if "legacy" not in source:
-        return
-    out_file = out / "tokenizer_config.json"
-    saved = json.loads(out_file.read_text())
-    saved["legacy"] = source["legacy"]
-    out_file.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def _write_generation_config(src_path: Path, out: Path, spec: LlavaSource) -> None:

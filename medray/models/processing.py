@@ -7,8 +7,8 @@ vary by model and are read off its directory:
 - **The image rule.** LLaVA v1.5 models (LLaVA-Med v1.5) say `image_aspect_ratio: "pad"`:
   a non-square image is pasted on a square canvas of the processor's mean colour before
   the CLIP processor resizes and centre-crops it, so nothing at the edges is cut away.
-  Converted directories carry that as `do_pad` in `preprocessor_config.json`
-  (transformers' LlavaImageProcessor, which vLLM reads too); a plain CLIP processor crops.
+  Converted directories carry that as `do_pad` in the processor config (transformers'
+  LlavaImageProcessor, which vLLM reads too); a plain CLIP processor crops.
   `medray_config.json` may override it (`image_aspect_ratio: pad|crop`), e.g. to pad scans
   for a model trained with crop. Padding is done here, not by the HF processor, because
   LLaVA pads a greyscale (mode L) image with the mean grey (114), where transformers
@@ -74,9 +74,18 @@ def options_of(processor) -> ModelOptions:
 
 
 def save_processor(processor, out: str | Path) -> None:
-    """`save_pretrained` plus medray's options, so an exported model is fed as its source was."""
+    """`save_pretrained` plus what it leaves out, so a saved model is fed as its source was:
+    medray's options, and a Llama tokenizer's `legacy` flag. transformers 5 does not write
+    that flag, and rebuilds the tokenizer's pre-tokenizer from it on load, so a legacy
+    tokenizer would come back non-legacy and split text after special tokens differently."""
     processor.save_pretrained(out)
     options_of(processor).save(Path(out))
+    legacy = getattr(_tokenizer(processor), "legacy", None)
+    config_file = Path(out) / "tokenizer_config.json"
+    if isinstance(legacy, bool) and config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["legacy"] = legacy
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _tokenizer(processor):
