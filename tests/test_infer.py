@@ -314,3 +314,42 @@ def test_the_stages_run_without_ray(tmp_path):
     bad = images.index(str(tmp_path / "c" / "images" / "bad.png"))
     assert "bad.png" in rows[f"r{bad}"]["error"] and rows[f"r{bad}"]["answer"] == ""
     assert all(r["answer"] and r["question"] == "Is there an opacity?" for k, r in rows.items() if k != f"r{bad}")
+
+
+def test_experts_stages_run_without_ray_with_injected_engines(tmp_path):
+    """The experts mode through preprocess -> Generator, no Ray: the radiology image's expert
+    text reaches the LLM's prompt, the plot (no plot expert) is answered from the question
+    alone, and the engines come from the injected factory."""
+    import numpy as np
+
+    from medray.infer import GenerationEngine
+    from medray.infer.stages import Generator, load_engine, preprocess
+
+    made, prompts = [], []
+
+    class Recording(GenerationEngine):
+        def generate_encoded(self, encoded, settings=None, adapters=None):
+            if self.loaded.family.kind == "text":
+                prompts.extend(self.tokenizer.decode(e.input_ids) for e in encoded)
+            return super().generate_encoded(encoded, settings, adapters)
+
+    def engine_for(model, adapter=None):
+        made.append(model)
+        return Recording(load_engine(model, adapter).loaded)
+
+    (tmp_path / "scan.png").write_bytes(png_bytes(chest_image("left", 64)))
+    (tmp_path / "chart.png").write_bytes(_plot_png())
+    cfg = _cfg(model="tiny://llama", input=str(tmp_path), output=str(tmp_path / "out"), format="jsonl",
+               experts={"radiology": "tiny://git"}, max_new_tokens=2).model_dump(mode="json")
+    images = [str(tmp_path / "scan.png"), str(tmp_path / "chart.png")]
+    batch = {"id": np.array(["scan", "chart"], dtype=object), "image": np.array(images, dtype=object),
+             "question": np.array(["", ""], dtype=object), "references": np.array(["", ""], dtype=object),
+             "error": np.array(["", ""], dtype=object)}
+    out = Generator(cfg, engine_for=engine_for).generate(preprocess(batch, cfg=cfg))
+    assert made == ["tiny://llama", "tiny://git"]
+    assert list(out["image_type"]) == ["radiology", "plot"] and not any(out["error"])
+    scan_text = out["expert_text"][0]
+    assert scan_text and out["expert_text"][1] == ""
+    assert len(prompts) == 2
+    assert f"Context: the radiology image shows: {scan_text}" in prompts[0] and "Is there an opacity?" in prompts[0]
+    assert "Context:" not in prompts[1] and "Is there an opacity?" in prompts[1]

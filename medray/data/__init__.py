@@ -13,11 +13,11 @@ from .collate import IGNORE_INDEX, ChatCollator, Example, SampleTooLongError, as
 from .images import (ImageDecodeError, ImageOptions, ImageTooLargeError, dicom_grey_to_uint8,
                      is_dicom, load_image, window_linear)
 from .records import (CAPTION_PROMPT, CaptionRecord, ConversationRecord, ImageRecord, MCQARecord, Record,
-                      RecordError, VQARecord, detect_kind, read_records, read_rows)
+                      RecordError, VQARecord, detect_kind, read_records, read_rows, user_message)
 
 __all__ = [
     "IGNORE_INDEX", "ChatCollator", "Example", "SampleTooLongError", "assistant_spans",
     "ImageDecodeError", "ImageOptions", "ImageTooLargeError", "dicom_grey_to_uint8", "is_dicom",
     "load_image", "window_linear", "CAPTION_PROMPT", "CaptionRecord", "ImageRecord", "ConversationRecord", "MCQARecord", "Record",
-    "RecordError", "VQARecord", "detect_kind", "read_records", "read_rows",
+    "RecordError", "VQARecord", "detect_kind", "read_records", "read_rows", "user_message",
 ]

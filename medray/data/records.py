@@ -27,9 +27,12 @@ IMAGE_TAG = "<image>"
 CAPTION_PROMPT = "Describe the image."
 
 
-def _user(text: str, with_image: bool) -> dict:
+def user_message(text: str | None, with_image: bool = False) -> dict:
+    """A user turn in content-part form (the one form the engine and the collator take): the
+    image placeholder first, as the seeds put it, then the text (none when `text` is None)."""
     parts: list[dict] = [{"type": "image"}] if with_image else []
-    parts.append({"type": "text", "text": text})
+    if text is not None:
+        parts.append({"type": "text", "text": text})
     return {"role": "user", "content": parts}
 
 
@@ -89,7 +92,7 @@ class ConversationRecord(_Record):
                 with_image = bool(self.image) and not placed and (has_tag or not any(
                     IMAGE_TAG in t.value for t in self.conversations))
                 placed = placed or with_image
-                out.append(_user(text, with_image))
+                out.append(user_message(text, with_image))
             else:
                 out.append(_assistant(turn.value))
         if not with_answer and out and out[-1]["role"] == "assistant":
@@ -128,7 +131,7 @@ class VQARecord(_Record):
         return self.question, self.answer
 
     def to_messages(self, with_answer: bool = True) -> list[dict]:
-        out = [_user(self.question, bool(self.image))]
+        out = [user_message(self.question, bool(self.image))]
         if with_answer and self.answer is not None:
             out.append(_assistant(self.answer))
         return out
@@ -145,7 +148,7 @@ class CaptionRecord(_Record):
         return self.prompt, self.caption
 
     def to_messages(self, with_answer: bool = True) -> list[dict]:
-        out = [_user(self.prompt, bool(self.image))]
+        out = [user_message(self.prompt, bool(self.image))]
         return out + [_assistant(self.caption)] if with_answer else out
 
 
@@ -158,7 +161,7 @@ class ImageRecord(_Record):
         return "", None
 
     def to_messages(self, with_answer: bool = True) -> list[dict]:
-        return [_user(CAPTION_PROMPT, bool(self.image))]
+        return [user_message(CAPTION_PROMPT, bool(self.image))]
 
 
 PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
@@ -230,7 +233,7 @@ class MCQARecord(_Record):
         return self.prompt(), self.answer
 
     def to_messages(self, with_answer: bool = True) -> list[dict]:
-        out = [_user(self.prompt(), False)]
+        out = [user_message(self.prompt(), False)]
         if with_answer:
             out.append(_assistant(f"{self.answer}. {self.options[self.answer]}"))
         return out

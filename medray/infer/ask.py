@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from medray import storage
-from medray.data import load_image
+from medray.data import load_image, user_message
 from medray.models import load_model
 
 from .engine import Answer, GenerationEngine, GenerationSettings, Request
@@ -16,7 +16,5 @@ def ask(model: str, question: str, *, image: str | None = None, adapter: str | N
     >>> ask("tiny://llava-mistral", "Is there an opacity?", image="scan.dcm").text  # doctest: +SKIP
     """
     lm = load_model(model, adapter=adapter, trust_remote_code=trust_remote_code)
-    content: list[dict] = [{"type": "image"}] if image else []
-    content.append({"type": "text", "text": question})
     images = [load_image(storage.read_bytes(image), image)] if image else []
-    return GenerationEngine(lm).generate([Request([{"role": "user", "content": content}], images)], settings)[0]
+    return GenerationEngine(lm).generate([Request([user_message(question, bool(image))], images)], settings)[0]

@@ -54,7 +54,7 @@ class Request:
     images: list[Any] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Answer:
     text: str
     prompt_tokens: int

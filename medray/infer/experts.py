@@ -8,16 +8,25 @@ The router is deliberately small and inspectable: two image statistics and two t
   MR) is grey; photographs, endoscopy and pathology stains are colourful.
 An image is a `plot` if white_fraction >= plot_min_white, else `radiology` if
 saturation <= radiology_max_saturation, else `other`. Tune the thresholds in ExpertsConfig.
+
+The whole mode lives here; the pipeline's stages call two seams:
+- preprocessing (CPU): `encode_for_expert` routes an image and encodes it for its expert;
+- generation (actor): `Experts` runs the experts, then turns each row's question and expert
+  text into the request the LLM answers.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import Field
 
 from medray.config import StrictModel
+from medray.data import user_message
+
+from .engine import Encoded, GenerationEngine, GenerationSettings, Request, encode_request
+from .prompts import messages_for
 
 ImageType = Literal["radiology", "plot", "other"]
 
@@ -63,3 +72,43 @@ def llm_prompt(question: str, expert_text: str, image_type: str) -> str:
         return question
     what = {"radiology": "radiology image", "plot": "plot"}.get(image_type, "image")
     return f"Context: the {what} shows: {expert_text}\n\nQuestion: {question}"
+
+
+DEFAULT_QUESTION = "Describe the findings."
+
+
+def encode_for_expert(image, cfg: ExpertsConfig, processor_for: Callable) -> tuple[str, Encoded | None]:
+    """Preprocessing: the image's type, and the expert's encoded caption request (None when no
+    expert reads that type: the LLM then answers from the question alone).
+    `processor_for(uri)` returns (processor, family), cached by the caller."""
+    kind = route(image, cfg)
+    expert = cfg.expert_for(kind)
+    if not expert:
+        return kind, None
+    processor, family = processor_for(expert)
+    return kind, encode_request(processor, Request(messages_for("caption", family.kind, "", True), [image]))
+
+
+class Experts:
+    """Generation: one engine per configured expert, and the LLM's requests built from their text."""
+
+    def __init__(self, cfg: ExpertsConfig, engine_for: Callable[[str], GenerationEngine]):
+        self.cfg = cfg
+        self.engines = {kind: engine_for(uri) for kind in ("radiology", "plot") if (uri := cfg.expert_for(kind))}
+        self.settings = GenerationSettings(max_new_tokens=cfg.max_expert_tokens)
+
+    def read(self, kinds: Sequence[str], encoded: Callable[[int], Encoded], rows: Sequence[int],
+             batch_size: int) -> dict[int, str]:
+        """Each row's expert text (rows of a type no expert reads are left out)."""
+        texts: dict[int, str] = {}
+        for kind, engine in self.engines.items():
+            mine = [i for i in rows if kinds[i] == kind]
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start: start + batch_size]
+                for i, answer in zip(chunk, engine.generate_encoded([encoded(i) for i in chunk], self.settings)):
+                    texts[i] = answer.text
+        return texts
+
+    @staticmethod
+    def llm_request(question: str, expert_text: str, kind: str) -> Request:
+        return Request([user_message(llm_prompt(question or DEFAULT_QUESTION, expert_text, kind))])

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
+from typing import Callable
 
 import numpy as np
 
 from medray import storage
 from medray.data import shards
-from medray.data.records import CAPTION_PROMPT
 
+from .engine import Encoded, GenerationEngine, Request, encode_request
+from .experts import Experts, encode_for_expert
 from .options import InferConfig
+from .prompts import messages_for
 
 _PROCESSORS: dict = {}
 # Rows without an image carry an empty 4-D array, so the column stays a tensor column.
@@ -34,16 +38,6 @@ def _processor(model_uri: str):
     return _PROCESSORS[model_uri]
 
 
-def messages_for(task: str, family_kind: str, question: str, with_image: bool) -> list[dict]:
-    if family_kind == "captioner":  # GIT: the prompt, if any, prefixes the caption
-        text = "" if task == "caption" else question
-    else:
-        text = question or CAPTION_PROMPT if task == "caption" else question
-    content = ([{"type": "image"}] if with_image and family_kind == "vlm" else []) + \
-        ([{"type": "text", "text": text}] if text or family_kind != "captioner" else [])
-    return [{"role": "user", "content": content}]
-
-
 class _ListedError(Exception):
     """An error the listing already put on the row (a records row that could not be read)."""
 
@@ -51,9 +45,6 @@ class _ListedError(Exception):
 def preprocess(batch: dict, *, cfg: dict) -> dict:
     """CPU stage: read bytes, decode, render the prompt, run the processor. Errors stay per row."""
     from medray.data import ImageOptions, load_image
-
-    from .engine import Request, encode_request
-    from .experts import route
 
     conf = InferConfig.model_validate(cfg)
     n = len(batch["id"])
@@ -79,12 +70,7 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
                 # The generation stage prompts the LLM; here only the expert's input is prepared.
                 if not images:
                     raise ValueError("row has no image")
-                kind = route(images[0], conf.experts)
-                expert = conf.experts.expert_for(kind)
-                enc = None
-                if expert:
-                    processor, family = _processor(expert)
-                    enc = encode_request(processor, Request(messages_for("caption", family.kind, "", True), images))
+                kind, enc = encode_for_expert(images[0], conf.experts, _processor)
             else:
                 processor, family = _processor(conf.model)
                 if not images and family.kind != "text":
@@ -111,6 +97,13 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
     return out
 
 
+def load_engine(model: str, adapter: str | None = None) -> GenerationEngine:
+    """The default engine factory: a transformers engine over the loaded model."""
+    from medray.models import load_model
+
+    return GenerationEngine(load_model(model, adapter=adapter))
+
+
 class Generator:
     """Actor stage: one model per actor; generates over the preprocessed rows, then writes them
     as one shard.
@@ -118,67 +111,42 @@ class Generator:
     Writing from the actor instead of a separate task stage is deliberate: on small machines
     the extra stage of short tasks stalled the stream (measured 4-7x fewer rows/s, see
     bench/infer.py). A retried call sees the same rows, so it rewrites the same shard name.
+
+    `engine_for(model, adapter)` makes the engines (the LLM's and the experts'); tests pass
+    their own, and Ray Data uses the default.
     """
 
-    def __init__(self, cfg: dict):
-        from medray.models import load_model
-
-        from .engine import GenerationEngine
-
+    def __init__(self, cfg: dict, engine_for: Callable[..., GenerationEngine] = load_engine):
         self.cfg = InferConfig.model_validate(cfg)
-        self.engine = GenerationEngine(load_model(self.cfg.model, adapter=self.cfg.adapter))
-        self.experts = {}
-        if self.cfg.experts is not None:
-            for kind in ("radiology", "plot"):
-                uri = self.cfg.experts.expert_for(kind)
-                if uri:
-                    self.experts[kind] = GenerationEngine(load_model(uri))
-        self.generation = json.dumps({"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
-                                      "top_p": self.cfg.top_p, "stop": self.cfg.stop, "seed": self.cfg.seed})
+        self.engine = engine_for(self.cfg.model, self.cfg.adapter)
+        self.experts = Experts(self.cfg.experts, engine_for) if self.cfg.experts is not None else None
+        self.generation = json.dumps(asdict(self.cfg.settings))
 
-    def _encoded(self, batch: dict, i: int):
-        from .engine import Encoded
-
+    @staticmethod
+    def _encoded(batch: dict, i: int) -> Encoded:
         pixels = batch["pixel_values"][i]
         return Encoded(batch["input_ids"][i].tolist(), np.array(pixels) if pixels.size else None)
-
-    def _expert_texts(self, batch: dict, ok: list[int]) -> list[str]:
-        from .engine import GenerationSettings
-
-        texts = [""] * len(batch["id"])
-        settings = GenerationSettings(max_new_tokens=self.cfg.experts.max_expert_tokens)
-        for kind, engine in self.experts.items():
-            rows = [i for i in ok if batch["image_type"][i] == kind]
-            for start in range(0, len(rows), self.cfg.batch_size):
-                chunk = rows[start: start + self.cfg.batch_size]
-                for i, r in zip(chunk, engine.generate_encoded([self._encoded(batch, i) for i in chunk], settings)):
-                    texts[i] = r.text
-        return texts
 
     def __call__(self, batch: dict) -> dict:
         return _write_batch(self.generate(batch), output=self.cfg.output, fmt=self.cfg.format)
 
     def generate(self, batch: dict) -> dict:
-        from .engine import Request
-        from .experts import llm_prompt
-
         n = len(batch["id"])
         answers = [""] * n
         completion = np.zeros(n, dtype=np.int64)
         latency = np.zeros(n, dtype=np.float64)
         ok = [i for i in range(n) if not batch["error"][i]]
-        expert_texts = self._expert_texts(batch, ok) if self.cfg.experts is not None else [""] * n
+        expert_texts = [""] * n
+        encoded_of = lambda i: self._encoded(batch, i)  # noqa: E731
+        if self.experts is not None:
+            for i, text in self.experts.read(batch["image_type"], encoded_of, ok, self.cfg.batch_size).items():
+                expert_texts[i] = text
+            encoded_of = lambda i: self.engine.encode(self.experts.llm_request(  # noqa: E731
+                str(batch["question"][i]), expert_texts[i], str(batch["image_type"][i])))
         for start in range(0, len(ok), self.cfg.batch_size):
             chunk = ok[start: start + self.cfg.batch_size]
             t0 = time.perf_counter()
-            if self.cfg.experts is not None:
-                prompts = [llm_prompt(str(batch["question"][i]) or "Describe the findings.", expert_texts[i],
-                                      str(batch["image_type"][i])) for i in chunk]
-                encoded = [self.engine.encode(Request([{"role": "user", "content": [{"type": "text", "text": p}]}]))
-                           for p in prompts]
-            else:
-                encoded = [self._encoded(batch, i) for i in chunk]
-            results = self.engine.generate_encoded(encoded, self.cfg.settings)
+            results = self.engine.generate_encoded([encoded_of(i) for i in chunk], self.cfg.settings)
             dt = time.perf_counter() - t0
             for i, r in zip(chunk, results):
                 answers[i], completion[i], latency[i] = r.text, r.completion_tokens, dt

@@ -28,6 +28,8 @@ from pydantic import ValidationError
 from ray import serve
 
 from medray import storage
+from medray.infer import GenerationSettings
+from medray.infer import Request as EngineRequest  # FastAPI's Request is the HTTP request
 
 from .config import ServeConfig
 from .jobs import JobRequest, JobStore, ensure_runner, new_record, recover, view
@@ -201,27 +203,29 @@ class Api:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
-        settings = {"max_new_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                    "stop": stop, "seed": body.seed}
-        item = {"messages": messages, "images": images, "settings": settings, "adapter": adapter}
+        # The engine's own typed objects cross the hop to the replica; equal settings are equal
+        # (frozen) objects, which is how the replica groups a batch into generate calls.
+        settings = GenerationSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                      stop=tuple(stop), seed=body.seed)
+        call = (EngineRequest(messages, images), settings, adapter)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = handle.options(stream=True).stream.remote(item)
+            events = handle.options(stream=True).stream.remote(*call)
             return StreamingResponse(sse_chunks(events, completion_id, body.model, usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            out = await handle.generate.remote(item)
+            answer = await handle.generate.remote(*call)
         except Exception as e:  # a template or model refusal: the request asked for something it cannot do
             log.warning("generation failed: %s", type(e).__name__)
             raise ApiError(400, f"the model could not answer this request: {str(e).splitlines()[-1][:300]}")
         return {
             "id": completion_id, "object": "chat.completion", "created": int(time.time()),
             "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                         "finish_reason": out["finish_reason"]}],
-            "usage": usage_of(out),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                         "finish_reason": answer.finish_reason}],
+            "usage": usage_of(answer),
         }
 
     # -- batch jobs

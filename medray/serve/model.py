@@ -9,13 +9,14 @@ the batches.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 
 from ray import serve
+
+from medray.infer import Answer, GenerationSettings, Request
 
 from .config import ModelSpec
 
@@ -102,11 +103,6 @@ class AdapterCache:
             log.info("unloaded adapter %s", victim)
 
 
-def _result(answer) -> dict:
-    return {"text": answer.text, "prompt_tokens": answer.prompt_tokens,
-            "completion_tokens": answer.completion_tokens, "finish_reason": answer.finish_reason}
-
-
 @serve.deployment
 class ModelServer:
     """One model; concurrent requests are batched into one generate call."""
@@ -140,16 +136,12 @@ class ModelServer:
         if self.metrics is not None:  # buffered; sent once a second
             self.metrics.model(model=self.spec.name, replica=self.replica, **fields)
 
-    def _encode(self, item: dict):
-        from medray.infer import Request
-
-        return self.engine.encode(Request(item["messages"], item["images"]))
-
-    async def generate(self, item: dict) -> dict:
+    async def generate(self, request: Request, settings: GenerationSettings, adapter: str | None) -> Answer:
         self.ongoing += 1
         self._report(queue_depth=self.ongoing)
         try:
-            result = await self.batch(item)
+            # Positional, always all three: @serve.batch lists each argument across the calls.
+            result = await self.batch(request, settings, adapter)
             if isinstance(result, Exception):  # this request's group failed in the batch
                 raise result
             return result
@@ -158,50 +150,44 @@ class ModelServer:
             self._report(queue_depth=self.ongoing)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def batch(self, items: list[dict]) -> list[dict]:
-        self.batch_sizes.append(len(items))
+    async def batch(self, requests: list[Request], settings: list[GenerationSettings],
+                    adapters: list[str | None]) -> list:
+        self.batch_sizes.append(len(requests))
         # Generation runs on the replica's event loop, blocking it, on purpose: requests that
         # arrive meanwhile wait in Serve's queue and are taken all at once as the next batch.
         # In a thread, the Python-heavy generate loop and the request intake fought over the
         # GIL: measured 2-5 requests per batch and 94 req/s, against 11-28 and 171 req/s here
         # (tiny LLaVA, 32 concurrent callers, 2 CPUs). Health checks wait at most one batch.
-        results = self._generate_batch(items)
-        self._report(batch_size=len(items), generated_tokens=sum(r["completion_tokens"] for r in results
-                                                                 if isinstance(r, dict)))
+        results = self._generate_batch(requests, settings, adapters)
+        self._report(batch_size=len(requests), generated_tokens=sum(r.completion_tokens for r in results
+                                                                    if isinstance(r, Answer)))
         return results
 
-    def _generate_batch(self, items: list[dict]) -> list:
-        from medray.infer import GenerationSettings
-
-        results: list = [None] * len(items)
-        groups: dict[str, list[int]] = {}
-        for i, item in enumerate(items):  # one generate call per distinct decoding setting
-            groups.setdefault(json.dumps(item["settings"], sort_keys=True), []).append(i)
-        for key, idx in groups.items():
-            raw = json.loads(key)
-            settings = GenerationSettings(**{**raw, "stop": tuple(raw["stop"])})
-            adapters = [items[i].get("adapter") for i in idx]
+    def _generate_batch(self, requests: list[Request], settings: list[GenerationSettings],
+                        adapters: list[str | None]) -> list:
+        results: list = [None] * len(requests)
+        groups: dict[GenerationSettings, list[int]] = {}
+        for i, s in enumerate(settings):  # one generate call per distinct decoding setting
+            groups.setdefault(s, []).append(i)
+        for group_settings, idx in groups.items():
+            names = [adapters[i] for i in idx]
             try:
-                encoded = [self._encode(items[i]) for i in idx]
-                with self.adapters.use(adapters):
-                    answers = self.engine.generate_encoded(encoded, settings, adapters)
+                encoded = [self.engine.encode(requests[i]) for i in idx]
+                with self.adapters.use(names):
+                    answers = self.engine.generate_encoded(encoded, group_settings, names)
                 for i, a in zip(idx, answers):
-                    results[i] = _result(a)
+                    results[i] = a
             except Exception as e:  # this group's requests fail; the other groups still answer
                 log.warning("generation failed for %d requests: %s: %s", len(idx), type(e).__name__, e)
                 for i in idx:
                     results[i] = e
         return results
 
-    async def stream(self, item: dict):
-        """Yields text deltas, then a final dict with the usage counts."""
-        from medray.infer import Answer, GenerationSettings
-
+    async def stream(self, request: Request, settings: GenerationSettings, adapter: str | None):
+        """Yields text deltas (str), then the final Answer with the usage counts."""
         self.ongoing += 1
         self._report(queue_depth=self.ongoing)
         cancel = threading.Event()
-        settings = GenerationSettings(**{**item["settings"], "stop": tuple(item["settings"]["stop"])})
-        adapter = item.get("adapter")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -209,7 +195,7 @@ class ModelServer:
             # One thread owns the whole generation, adapter lease included, so a client that
             # goes away only sets `cancel`: the thread stops at the next token and cleans up.
             try:
-                encoded = self._encode(item)
+                encoded = self.engine.encode(request)
                 with self.adapters.use([adapter]):
                     for event in self.engine.stream(encoded, settings, adapter, cancel):
                         loop.call_soon_threadsafe(events.put_nowait, event)
@@ -225,9 +211,7 @@ class ModelServer:
                     raise event
                 if isinstance(event, Answer):
                     self._report(batch_size=1, generated_tokens=event.completion_tokens)
-                    yield _result(event)
-                else:
-                    yield event
+                yield event
         finally:
             cancel.set()
             self.ongoing -= 1

@@ -67,9 +67,10 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
 
 
-def usage_of(out: dict) -> dict:
-    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+def usage_of(answer) -> dict:
+    """OpenAI's usage object for an engine Answer."""
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
 
 
 async def sse_chunks(events, completion_id: str, model: str, include_usage: bool):
@@ -89,7 +90,7 @@ async def sse_chunks(events, completion_id: str, model: str, include_usage: bool
             if isinstance(event, str):
                 yield chunk({"content": event})
             else:
-                yield chunk({}, event["finish_reason"])
+                yield chunk({}, event.finish_reason)
                 if include_usage:
                     yield chunk({}, usage=usage_of(event))
     except asyncio.CancelledError:  # the client went away; the replica stops generating
