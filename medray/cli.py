@@ -49,11 +49,22 @@ def _ask(args) -> int:
     return 0
 
 
+_ADDRESS_HELP = ("the Ray cluster's GCS address HEAD:6379 (default: RAY_ADDRESS, else a private local Ray; "
+                 "never a cluster merely running on this machine)")
+
+
+def _connect(args, **init_kwargs) -> None:
+    from medray.raycluster import connect
+
+    connect(args.address, **init_kwargs)
+
+
 def _train(args) -> int:
     from medray.config import values_from_args
     from medray.train import TrainArgs, load_manifest, run_curriculum
 
     train = TrainArgs.model_validate(values_from_args(TrainArgs, args))
+    _connect(args, log_to_driver=True)
     results = run_curriculum(load_manifest(train.manifest, train.set))
     for r in results:
         state = "skipped (done)" if r.skipped else f"trained in {r.seconds:.0f} s"
@@ -65,7 +76,9 @@ def _train(args) -> int:
 def _infer(args) -> int:
     from medray.infer import infer_config_from_args, run_inference
 
-    print(run_inference(infer_config_from_args(args)).line())
+    cfg = infer_config_from_args(args)
+    _connect(args, log_to_driver=False)
+    print(run_inference(cfg).line())
     return 0
 
 
@@ -83,7 +96,18 @@ def _eval(args) -> int:
 def _serve(args) -> int:
     from medray.serve.run import run_config
 
-    run_config(args.config)
+    run_config(args.config, address=args.address)
+    return 0
+
+
+def _key_digest(args) -> int:
+    from medray.serve.config import key_digest
+
+    keys = [line.strip() for line in sys.stdin if line.strip()]
+    if not keys:
+        raise ValueError("give the keys on standard input, one per line")
+    for key in keys:
+        print(key_digest(key))
     return 0
 
 
@@ -164,12 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="run a curriculum manifest on Ray Train",
                         description="Run each stage of a curriculum manifest with Ray Train, on the Ray "
-                                    "cluster in RAY_ADDRESS (or a running one), else on a local one. "
+                                    "cluster at --address or RAY_ADDRESS, else on a private local one. "
                                     "Finished stages are skipped; interrupted ones resume.")
     from medray.config import add_arguments
     from medray.train.config import TrainArgs
 
     add_arguments(tr, TrainArgs, positional=("manifest",))
+    tr.add_argument("--address", help=_ADDRESS_HELP)
     tr.set_defaults(func=_train)
 
     inf = sub.add_parser("infer", help="batch captioning / VQA over an image corpus on Ray Data",
@@ -179,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from medray.infer import add_infer_arguments
 
     add_infer_arguments(inf)
+    inf.add_argument("--address", help=_ADDRESS_HELP)
     inf.set_defaults(func=_infer)
 
     ev = sub.add_parser("eval", help="score predictions against references (VQA, MCQA)",
@@ -193,9 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="run a Serve config (the same YAML `serve run` takes)",
                         description="Start Ray Serve with the applications of a Serve config file and block. "
-                                    "API keys come from the config or MEDRAY_API_KEYS.")
+                                    "API keys come from the config's api_keys and from MEDRAY_API_KEYS, "
+                                    "which this command passes on to the cluster as digests.")
     sv.add_argument("config", help="Serve config YAML, e.g. manifests/serve/tiny.yaml")
+    sv.add_argument("--address", help=_ADDRESS_HELP)
     sv.set_defaults(func=_serve)
+
+    kd = sub.add_parser("key-digest", help="print the sha256: digest of API keys read from standard input",
+                        description="Print `sha256:<hex>` for each key on standard input (one per line), "
+                                    "the form api_keys in a Serve config takes without holding a secret. "
+                                    "Example: printf %%s \"$MEDRAY_API_KEY\" | medray key-digest")
+    kd.set_defaults(func=_key_digest)
 
     d = sub.add_parser("demo", help="run the main job on an embedded default (local Ray, local S3, tiny model)",
                        description="On a local Ray and a loopback S3 endpoint: synthesize a labelled radiology "
@@ -205,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="out/demo", help="where local outputs go")
     d.add_argument("--model", default="tiny://llava-mistral", help="base model URI (directory, s3://, tiny://)")
     d.add_argument("--corpus", help="prefix with align/, instruct/ and test/ records.jsonl (synthesized if absent)")
-    d.add_argument("--address", help="an existing Ray cluster (it must reach the same S3 store)")
+    d.add_argument("--address", help=_ADDRESS_HELP + "; the cluster must reach the same S3 store")
     d.add_argument("--s3-endpoint", help="use this S3 endpoint (AWS_* credentials from the environment) "
                                          "instead of starting a local one")
     d.add_argument("--local-files", action="store_true", help="keep everything under WORKDIR/store, no S3")

@@ -51,34 +51,37 @@ class DemoOptions:
     """Keep everything in workdir/store instead of S3."""
     manifest: str = str(MANIFEST)
     instruct_steps: int = 400
-    """Instruction-tuning steps (the shipped tiny manifest runs 8)."""
+    """Instruction-tuning steps (the shipped tiny manifest runs 48)."""
     test_images: int = 48
     min_gain: float = 0.3
     """Required accuracy gain of the trained model over the untrained one."""
     timings: dict = field(default_factory=dict)
 
 
-def _root(opts: DemoOptions, stack: ExitStack) -> str:
-    """Where the corpus, runs and answers live: s3://medray-demo or workdir/store."""
+def _root(opts: DemoOptions, stack: ExitStack) -> tuple[str, dict]:
+    """Where the corpus, runs and answers live (s3://medray-demo or workdir/store), and the
+    environment Ray's workers need to reach it."""
     from medray import storage
     from medray.storage.local_s3 import LocalS3Server
 
     work = Path(opts.workdir).resolve()
     os.environ.setdefault("MEDRAY_CACHE_DIR", str(work / "cache"))
     if opts.local_files:
-        return str(work / "store")
+        return str(work / "store"), storage.forwardable_env()
+    keys: dict = {}
     if opts.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = opts.s3_endpoint
     elif not os.environ.get("AWS_ENDPOINT_URL") or opts.address is None:
         server = stack.enter_context(LocalS3Server())
         os.environ.update(server.env)
+        keys = server.env  # the loopback server's throwaway keys: no secret
         log.info("local S3 endpoint on %s", server.endpoint_url)
     store = storage.default_storage()
     try:
         store.client.create_bucket(Bucket=BUCKET)
     except (store.client.exceptions.BucketAlreadyOwnedByYou, store.client.exceptions.BucketAlreadyExists):
         pass
-    return f"s3://{BUCKET}"
+    return f"s3://{BUCKET}", {**storage.forwardable_env(), **keys}
 
 
 def _corpus(opts: DemoOptions, root: str) -> dict[str, str]:
@@ -172,18 +175,16 @@ def run_demo(opts: DemoOptions | None = None) -> str:
 
     from medray import storage
     from medray.eval import evaluate, write_report
+    from medray.raycluster import connect
     from medray.train import run_curriculum
 
     opts = opts or DemoOptions()
     t_start = time.perf_counter()
     t = opts.timings
     with ExitStack() as stack:
-        root = _root(opts, stack)
-        env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MEDRAY_"))}
-        if opts.address:
-            ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=False)
-        else:
-            ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        root, env = _root(opts, stack)
+        connect(opts.address, local={"num_cpus": 2, "include_dashboard": False},
+                runtime_env={"env_vars": env}, log_to_driver=False)
         stack.callback(ray.shutdown)
 
         t0 = time.perf_counter()

@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
     "config": {"storage", "models", "data", "infer", "train", "eval", "serve", "cli", "demo"},
-    "storage": {"models", "data", "infer", "train", "eval", "serve", "cli", "demo"},
+    "storage": {"models", "data", "infer", "train", "eval", "serve", "cli", "demo", "raycluster"},
+    "raycluster": {"storage", "models", "data", "infer", "train", "eval", "serve", "cli", "demo"},
     "models": {"data", "infer", "train", "eval", "serve", "cli", "demo"},
     "data": {"infer", "train", "eval", "serve", "cli", "demo"},
     "infer": {"train", "eval", "serve", "cli", "demo"},

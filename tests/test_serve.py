@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import hashlib
 from pathlib import Path
 
 import httpx
@@ -52,7 +53,8 @@ def server(ray_cluster, s3_server, tmp_path_factory):
                         "batch_wait_timeout_s": 0.05, "max_loaded_adapters": 1, "cpus_per_replica": 0.25,
                         "adapters": {"a": str(adapters / "a"), "b": f"{bucket}/adapters/b"}},
                        {"name": "alpaca", "uri": "tiny://llama", "cpus_per_replica": 0.25}],
-            "api_keys": [KEY], "allowed_s3_prefixes": [f"{bucket}/ok"],
+            # The key as its digest: what a config file should hold.
+            "api_keys": ["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()], "allowed_s3_prefixes": [f"{bucket}/ok"],
             "limits": {"max_images": 2, "max_tokens": 64, "max_pixels": 200 * 200, "max_body_bytes": 200_000},
             "jobs": {"store": f"{bucket}/jobs", "allowed_input_prefixes": [f"{bucket}/corpus"],
                      "allowed_output_prefixes": [f"{bucket}/results"], "rows_per_shard": 4, "batch_size": 4,
@@ -207,6 +209,12 @@ def test_bad_requests_get_clear_4xx_and_the_service_stays_healthy(server):
         ("no key", _post(server, {"model": "llava", "messages": msg}, key=None), 401, "API key"),
         ("wrong key", _post(server, {"model": "llava", "messages": msg}, key="sk-wrong"), 401, "API key"),
         ("bad JSON", _post(server, raw=b"{not json"), 400, "invalid request"),
+        # what `curl -d '{...}'` sends without -H 'Content-Type: application/json'
+        ("form-encoded JSON", httpx.post(server["url"] + "/v1/chat/completions",
+                                         content=b'{"model": "llava", "messages": [{"role": "user", "content": "hi"}]}',
+                                         headers={"Authorization": f"Bearer {KEY}",
+                                                  "Content-Type": "application/x-www-form-urlencoded"}),
+         415, "Content-Type: application/json"),
         ("no messages", _post(server, {"model": "llava", "messages": []}), 400, "messages"),
         ("missing model", _post(server, {"messages": msg}), 400, "model"),
         ("unknown model", _post(server, {"model": "gpt-5", "messages": msg}), 404, "does not exist"),
@@ -268,7 +276,32 @@ def test_shipped_serve_config_builds(monkeypatch):
         build(apps[0])
     monkeypatch.setenv("MEDRAY_API_KEYS", "sk-a, sk-b")
     assert build(apps[0]) is not None
-    assert ServeConfig.model_validate(apps[0]["args"]).keys() == {"sk-a", "sk-b"}
+    sha = {k: hashlib.sha256(k.encode()).hexdigest() for k in ("sk-a", "sk-b", "sk-c")}
+    assert ServeConfig.model_validate(apps[0]["args"]).keys() == {sha["sk-a"], sha["sk-b"]}
+
+
+def test_keys_reach_the_cluster_as_digests_never_as_secrets(monkeypatch):
+    """`medray serve` hands the caller's MEDRAY_API_KEYS to the app as digests; the app, built
+    where MEDRAY_API_KEYS is unset (a cluster process), accepts exactly those keys, and its
+    arguments hold no key."""
+    from medray.serve.config import key_digest
+    from medray.serve.run import with_caller_keys
+
+    _, apps = load_applications(str(REPO / "manifests/serve/tiny.yaml"))
+    monkeypatch.setenv("MEDRAY_API_KEYS", "sk-a,sk-b")
+    app = with_caller_keys(apps[0])
+    monkeypatch.delenv("MEDRAY_API_KEYS")
+    assert "sk-a" not in str(app) and "sk-b" not in str(app)
+    sha = {k: hashlib.sha256(k.encode()).hexdigest() for k in ("sk-a", "sk-b")}
+    assert ServeConfig.model_validate(app["args"]).keys() == set(sha.values())
+    assert build(app) is not None
+    # A config may list digests itself (`medray key-digest`); a malformed digest is refused.
+    assert key_digest("sk-a") == f"sha256:{sha['sk-a']}" == key_digest(f"SHA256:{sha['sk-a'].upper()}")
+    with pytest.raises(ValueError, match="64 hex"):
+        ServeConfig.model_validate({**app["args"], "api_keys": ["sha256:abc"]}).keys()
+    # Without any key, the error says where the keys are read and how to get them there.
+    with pytest.raises(ValueError, match="cluster's processes.*ray start.*medray serve"):
+        build(apps[0])
 
 
 def test_prometheus_metrics(server):
@@ -287,10 +320,16 @@ def test_prometheus_metrics(server):
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
     chat = (("code", "200"), ("method", "POST"), ("route", "/v1/chat/completions"))
+
+    def depth(got):
+        return [v for (name, labels), v in got.items() if name == "medray_queue_depth" and ("model", "alpaca") in labels]
+
     deadline = time.time() + 20
-    while True:  # observations arrive fire-and-forget, so give them a moment
+    while True:  # observations arrive fire-and-forget, each replica's a second apart at most
         got = samples()
-        if got.get(("medray_http_requests_total", chat), 0) >= 3 or time.time() > deadline:
+        if got.get(("medray_http_requests_total", chat), 0) >= 3 and depth(got) and not any(depth(got)):
+            break
+        if time.time() > deadline:
             break
         time.sleep(0.5)
     assert got[("medray_http_requests_total", chat)] >= 3
@@ -300,8 +339,7 @@ def test_prometheus_metrics(server):
                                                                ("route", "/v1/chat/completions")))] >= 4
     assert got[("medray_batch_size_count", (("model", "alpaca"),))] >= 1
     assert got[("medray_generated_tokens_total", (("model", "alpaca"),))] >= 3
-    depth = [v for (name, labels), v in got.items() if name == "medray_queue_depth" and ("model", "alpaca") in labels]
-    assert depth and all(v == 0 for v in depth)  # idle now
+    assert depth(got) and all(v == 0 for v in depth(got))  # idle now
 
 
 # ----------------------------------------------------------------------------- batch jobs

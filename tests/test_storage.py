@@ -184,3 +184,25 @@ def test_upload_of_a_mirror_skips_its_bookkeeping(bucket, tmp_path):
     assert (mirror / ".medray-etags.json").exists()
     written = storage.upload_dir(mirror, f"{bucket}/copy")
     assert written == [f"{bucket}/copy/config.json"]
+
+
+def test_missing_credentials_name_the_uri_and_the_remedy(bucket, monkeypatch, tmp_path):
+    """A process without S3 credentials (a cluster node started without them) fails with an
+    error that names the URI and where credentials come from, not botocore's bare
+    NoCredentialsError; and the settings a driver passes to its workers hold no secret."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = Storage()
+    for call in (lambda: store.read_bytes(f"{bucket}/runs/x.json"), lambda: store.exists(f"{bucket}/runs/x.json"),
+                 lambda: store.list_files(f"{bucket}/runs/")):
+        with pytest.raises(storage.NoCredentials, match=rf"no S3 credentials for {bucket}/runs/.*cluster/README.md"):
+            call()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-forwarded")
+    monkeypatch.setenv("MEDRAY_API_KEYS", "sk-secret")
+    forwarded = storage.forwardable_env()
+    assert forwarded["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1")
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MEDRAY_API_KEYS"} & set(forwarded)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -230,56 +227,6 @@ def test_worker_loss_and_resubmission_resume_to_identical_weights(ray_cluster, t
     assert max(r["resumed_from"] for r in rows) > 0
     resubmitted = _weights(tmp_path / "resubmitted" / "s")
     assert all(torch.equal(clean[k], resubmitted[k]) for k in clean)
-
-
-def _free_port() -> int:
-    from medray.storage.local_s3 import free_port
-
-    return free_port()
-
-
-def test_ray_job_submit_runs_the_tiny_manifest(tmp_path):
-    """`ray start --head` + `ray job submit` with Ray 2.60's token authentication."""
-    bindir = Path(sys.executable).parent
-    ray_bin = str(bindir / "ray")
-    temp = Path(f"/tmp/rj{os.getpid()}")
-    ports = {k: _free_port() for k in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                       "dashboard-agent-grpc-port", "metrics-export-port",
-                                       "runtime-env-agent-port", "node-manager-port", "object-manager-port",
-                                       "ray-client-server-port")}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MEDRAY_CACHE"))}
-    env.update(RAY_AUTH_MODE="token", PATH=f"{bindir}:{env.get('PATH', '')}")
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats",
-         *[f"--{k}={v}" for k, v in ports.items()]],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{ports['dashboard-port']}"
-        out = tmp_path / "out"
-        cmd = [ray_bin, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
-               "python", "jobs/train.py", "manifests/tiny/llava-med.yaml", "--set", f"output={out}",
-               "--set", "stages.align.max_steps=2", "--set", "stages.instruct.max_steps=2"]
-        deadline = time.monotonic() + 120
-        while True:  # the dashboard takes a few seconds to come up
-            probe = subprocess.run([ray_bin, "job", "list", f"--address={address}"], env=env,
-                                   capture_output=True, text=True, timeout=60)
-            if probe.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout.lower()
-        for stage in ("align", "instruct"):
-            assert (out / stage / "medray_stage.json").is_file()
-            assert (out / stage / "model.safetensors").is_file()
-    finally:
-        head.send_signal(signal.SIGINT)  # --block: stops this head's processes only
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.gpu

@@ -164,3 +164,23 @@ def test_records_without_answers_are_refused_for_training(tmp_path):
     for name in ("images.jsonl", "questions.jsonl"):
         with pytest.raises(ValueError, match="no answer to learn"):
             RecordsDataset(str(tmp_path / name))
+
+
+def test_loss_chart_starts_at_zero_with_round_ticks():
+    """A small drop reads as small: the y-axis starts at 0 (not at the curve's minimum), with
+    round tick values; a 0.08 drop from 2.3 spans a few pixels, not the whole height."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from medray.train.metrics import MetricsLog, nice_ticks
+
+    assert nice_ticks(0, 2.37) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert nice_ticks(1, 8, start_at_zero=False) == [0, 2, 4, 6, 8]
+    png = MetricsLog([{"step": s, "loss": 2.3 - 0.01 * s} for s in range(1, 9)]).loss_png("t", size=(640, 360))
+    arr = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    blue = np.argwhere((arr[..., 2] > 150) & (arr[..., 0] < 80) & (arr[..., 1] < 80))
+    rows = blue[:, 0]
+    assert rows.max() - rows.min() < 0.1 * 360  # the drop is 3 % of the axis
+    assert rows.max() < 0.3 * 360  # near the top: 2.3 of 2.5

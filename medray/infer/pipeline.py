@@ -39,8 +39,9 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
     import ray
     import ray.data
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    from medray.raycluster import connect
+
+    connect(log_to_driver=False)  # RAY_ADDRESS when set (as under `ray job submit`), else a local Ray
     t0 = time.perf_counter()
     rows = list_rows(cfg)
     done = shards.written_ids(cfg.output)

@@ -14,6 +14,7 @@ app from one class); schemas and image intake live in openai_api.py and images.p
 # body model) on the ingress methods, which Serve wraps. `@serve.ingress` also pickles the
 # app (routes included) when the class is defined, so everything the routes call must be
 # importable (openai_api.py, images.py) or defined above the class.
+import hashlib
 import logging
 import time
 import uuid
@@ -88,6 +89,12 @@ async def _access_denied(request: Request, exc: storage.AccessDenied):
 
 @app.exception_handler(RequestValidationError)
 async def _validationerror_response(request: Request, exc: RequestValidationError):
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if request.method == "POST" and media != "application/json":
+        # FastAPI reads a body as JSON only under this header; without it (curl -d sends
+        # form encoding) the error would be "Input should be a valid dictionary".
+        return error_response(415, f"send the body as JSON with the header 'Content-Type: application/json' "
+                                   f"(got {media or 'no Content-Type'}; with curl: -H 'Content-Type: application/json')")
     problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}"
                          for e in exc.errors())
     return error_response(400, f"invalid request: {problems}")
@@ -121,7 +128,8 @@ class Api:
     def _auth(self, request: Request) -> None:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() not in self.keys:
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not token.strip() or digest not in self.keys:
             raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            kind="authentication_error", code="invalid_api_key")
 

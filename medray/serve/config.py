@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from pydantic import Field, model_validator
@@ -110,7 +111,10 @@ class Ingress(StrictModel):
 class ServeConfig(StrictModel):
     models: list[ModelSpec] = Field(min_length=1)
     api_keys: list[str] = Field(default_factory=list)
-    """Bearer tokens; MEDRAY_API_KEYS (comma-separated) adds to them. At least one is required."""
+    """Bearer tokens, each as its digest `sha256:<64 hex>` (`medray key-digest` prints it), so a
+    config file holds no secret; a plain key works too. MEDRAY_API_KEYS (comma-separated, plain
+    or digests) in the environment of the processes that run the app adds to them. At least
+    one is required."""
     allowed_s3_prefixes: list[str] = Field(default_factory=list)
     """s3:// prefixes that image URLs may point into; empty allows no s3:// images."""
     allow_http_images: bool = False
@@ -139,8 +143,29 @@ class ServeConfig(StrictModel):
         return [i for m in self.models for i in [m.name] + [f"{m.name}:{a}" for a in m.adapters]]
 
     def keys(self) -> set[str]:
+        """The accepted keys as SHA-256 hex digests (a presented key is hashed and looked up)."""
         env = [k.strip() for k in os.environ.get("MEDRAY_API_KEYS", "").split(",") if k.strip()]
-        keys = set(self.api_keys) | set(env)
-        if not keys:
-            raise ValueError("no API keys: set api_keys in the config or MEDRAY_API_KEYS")
-        return keys
+        digests = {key_digest(k).removeprefix("sha256:") for k in [*self.api_keys, *env]}
+        if not digests:
+            import socket
+
+            # The usual cause: the variable was set for the client (`MEDRAY_API_KEYS=... serve run`),
+            # while Serve builds and runs the app in the cluster's processes.
+            raise ValueError(
+                f"no API keys where the app runs (host {socket.gethostname()}). MEDRAY_API_KEYS is read by "
+                "the cluster's processes, not by the command that submitted the config: set it where the "
+                "Ray nodes start (MEDRAY_API_KEYS=... ray start ..., or a Kubernetes Secret), list digests "
+                "in api_keys (`medray key-digest` prints one), or start the app with `medray serve`, which "
+                "passes your MEDRAY_API_KEYS on as digests")
+        return digests
+
+
+def key_digest(key: str) -> str:
+    """`sha256:<hex>` for a plain key; a digest is returned as it is (lower-cased)."""
+    key = key.strip()
+    if key.lower().startswith("sha256:"):
+        digest = key[7:].lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError("an api_keys digest is 'sha256:' and 64 hex digits")
+        return "sha256:" + digest
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()

@@ -15,11 +15,12 @@ Owns: local and S3 paths behind one API. Must not import anything else from medr
 from __future__ import annotations
 
 from ._cache import SyncResult, cache_root, sync_prefix
-from ._store import AccessDenied, FileInfo, Storage, StorageConfig, StorageError, default_storage, within
+from ._store import (AccessDenied, FileInfo, NoCredentials, Storage, StorageConfig, StorageError, default_storage,
+                     forwardable_env, within)
 from ._uri import S3Location, is_s3, join, local_path, parse_s3
 
 __all__ = [
-    "AccessDenied", "FileInfo", "S3Location", "Storage", "StorageConfig", "StorageError",
+    "AccessDenied", "FileInfo", "NoCredentials", "S3Location", "forwardable_env", "Storage", "StorageConfig", "StorageError",
     "SyncResult", "cache_root", "default_storage", "is_s3", "join", "local_path", "parse_s3",
     "read_bytes", "read_text", "write_bytes", "write_text", "list_files", "exists",
     "atomic_writer", "upload_dir", "sync_prefix", "within", "delete",

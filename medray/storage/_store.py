@@ -35,6 +35,25 @@ class AccessDenied(StorageError):
     """The URI lies outside the prefixes this process is allowed to touch."""
 
 
+# Settings a driver may hand to the Ray workers it starts (runtime_env env_vars): where the
+# store is and how to find credentials, never the credentials themselves. Secrets reach a
+# cluster's processes through the nodes' own environment (set where `ray start` runs, or a
+# Kubernetes Secret), an instance role, or a credentials file on the nodes; a runtime_env is
+# shown by the dashboard and the state API.
+_FORWARDABLE = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE", "AWS_EC2_METADATA_DISABLED",
+                "MEDRAY_S3_ALLOWED_PREFIXES", "MEDRAY_CACHE_DIR")
+
+
+def forwardable_env() -> dict[str, str]:
+    """The storage settings of this process that are safe to pass to Ray workers: no secrets."""
+    return {k: os.environ[k] for k in _FORWARDABLE if k in os.environ}
+
+
+class NoCredentials(StorageError):
+    """No S3 credentials in this process; the message names the URI and where they come from."""
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """How to reach S3. Every field defaults to what the AWS environment says."""
@@ -99,6 +118,7 @@ class Storage:
 
     config: StorageConfig = field(default_factory=StorageConfig.from_env)
     _client: object | None = field(default=None, init=False, repr=False)
+    _credentials_checked: bool = field(default=False, init=False, repr=False)
 
     # ----------------------------------------------------------------- S3 plumbing
     def check_allowed(self, uri: str) -> None:
@@ -128,7 +148,26 @@ class Storage:
 
     def _s3(self, uri: str) -> S3Location:
         self.check_allowed(uri)
+        self._check_credentials(uri)
         return parse_s3(uri)
+
+    def _check_credentials(self, uri: str) -> None:
+        # Once per Storage: without credentials botocore fails deep inside a call with an error
+        # that names no URI and no remedy (seen as a raw NoCredentialsError ending a Ray job).
+        if self._credentials_checked:
+            return
+        import boto3
+
+        if boto3.session.Session().get_credentials() is None:
+            import socket
+
+            raise NoCredentials(
+                f"no S3 credentials for {uri} in this process (host {socket.gethostname()}). boto3 looks in the "
+                "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), AWS_SHARED_CREDENTIALS_FILE or ~/.aws, "
+                "and the instance role. On a Ray cluster every node needs them: start the nodes with them in "
+                "the environment, give the nodes a role (IRSA on Kubernetes), or put a credentials file on "
+                "the nodes; see cluster/README.md")
+        self._credentials_checked = True
 
     def pyarrow_filesystem(self):
         """A pyarrow S3FileSystem with this storage's endpoint and credentials (for Ray Data)."""

@@ -61,19 +61,17 @@ def stage_data(cur: Curriculum, stage: StageConfig) -> str:
 
 
 def _ensure_ray() -> None:
-    import ray
+    from medray.raycluster import connect
 
-    if not ray.is_initialized():
-        # Joins RAY_ADDRESS / a running cluster when there is one (as under `ray job submit`),
-        # else starts a local one.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    # RAY_ADDRESS when set (as under `ray job submit`), else a private local instance.
+    connect(log_to_driver=True)
 
 
 def _runtime_env(stage: StageConfig) -> dict:
-    # Workers need the same S3 endpoint, credentials and cache settings as the driver.
-    keys = [k for k in os.environ if k.startswith(("AWS_", "MEDRAY_"))] + \
-        [k for k in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HOME") if k in os.environ]
-    env = {k: os.environ[k] for k in keys}
+    # Workers need the driver's S3 endpoint and cache settings; credentials are never passed
+    # along (storage.forwardable_env): a cluster's nodes have their own.
+    env = storage.forwardable_env()
+    env.update({k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HOME") if k in os.environ})
     if stage.gpus_per_worker == 0:
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU workers: gloo comms, CPU ops
     return {"env_vars": env}

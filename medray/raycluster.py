@@ -1,0 +1,72 @@
+"""How every medray command attaches to Ray: the cluster it was asked for, or its own.
+
+One rule for all drivers (`medray train|infer|serve|demo`, `jobs/*.py`):
+- an address given (`--address`, or RAY_ADDRESS as `ray job submit` sets it for a job's
+  driver) is used, and one that cannot be reached fails within seconds, naming it;
+- no address starts a private local instance (`address="local"`). Plain `ray.init()` would
+  attach to whatever cluster the machine last started, even one that has died without
+  `ray stop` and left its address in the Ray temp dir: the command then waited forever on
+  "Failed to connect to GCS". A local instance beside a running cluster also takes no orders
+  meant for that cluster (num_cpus=... is refused when attaching).
+
+Owns: address resolution and the reachability check. Must not import other medray packages.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Ray address given cannot be used; the message says which and why."""
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The address to attach to (None: start a local instance). Checks that a GCS address
+    answers on TCP, so an unreachable one fails now instead of hanging in ray.init."""
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip() or None
+    if address is None or address == "local":
+        return None
+    if address.startswith(("http://", "https://")):
+        raise ClusterUnreachable(
+            f"Ray address {address} is a dashboard address: `ray job submit` and `serve deploy` use it, "
+            "but a driver attaches to the cluster's GCS (HEAD:6379). Submit this command as a job "
+            "(ray job submit -- python jobs/...), pass --address HEAD:6379, or unset RAY_ADDRESS "
+            "to run on a local Ray")
+    if address.startswith("ray://"):
+        return address  # Ray Client: its own connection handling and errors
+    if address == "auto":
+        from ray._private.services import find_bootstrap_address
+
+        found = find_bootstrap_address(None)
+        if not found:
+            raise ClusterUnreachable("--address auto: no Ray cluster was started on this machine (`ray start --head`)")
+        address = found
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachable(f"Ray address {address!r} is not HOST:PORT (the head's GCS, port 6379 by default)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise ClusterUnreachable(
+            f"cannot reach the Ray cluster at {address}: {e.strerror or e}. Is it running "
+            f"(`ray status --address {address}`)? Without an address, medray starts its own local Ray") from None
+    return address
+
+
+def connect(address: str | None = None, *, local: dict | None = None, **init_kwargs) -> None:
+    """ray.init by the rule above. `local` holds options only a new local instance takes
+    (num_cpus, include_dashboard, ...); `init_kwargs` apply either way."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = resolve_address(address)
+    if target is None:
+        ray.init(address="local", **(local or {}), **init_kwargs)
+    else:
+        ray.init(address=target, **init_kwargs)

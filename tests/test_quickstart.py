@@ -1,0 +1,259 @@
+"""The README's cluster quickstart, run as written against a cluster started with `ray start`
+(a head and a worker node on this machine, token auth on), so the README cannot drift from
+what works. Also: how commands find (or refuse) a Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from medray import storage
+from medray.data.shards import read_shards
+from medray.data.synthetic import write_synthetic
+from medray.storage.local_s3 import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "quickstart"
+
+
+def readme_block(heading: str) -> list[str]:
+    """The logical commands (continuations joined, comments dropped) of the first bash block
+    under `heading` in README.md."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(heading):]
+    block = section[section.index("```bash") + len("```bash"): section.index("```", section.index("```bash") + 7)]
+    commands, current = [], ""
+    for line in block.splitlines():
+        line = re.sub(r"\s+#.*$", "", line) if not line.lstrip().startswith("#") else ""
+        if not line.strip():
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if not line.rstrip().endswith("\\"):
+            commands.append(current.strip())
+            current = ""
+    return commands
+
+
+def _kill_tree(marker: str) -> None:
+    """Stop the processes of one `ray start` cluster (found by its temp dir), and no other:
+    `ray stop` would also stop every other Ray on the machine."""
+    def pids():
+        out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split() if int(p) != os.getpid()]
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 2)):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(wait)
+
+
+@pytest.fixture(scope="module")
+def quickstart(s3_server):
+    """The README block's set-up lines run as written (plus isolation flags: a private temp dir,
+    free ports, CPU counts), with the loopback S3 store's keys standing in for real ones."""
+    commands = readme_block("## Quickstart on a cluster")
+    root = tempfile.mkdtemp(prefix="mq", dir="/tmp")  # short: Ray's socket paths are length-limited
+    temp_dir = os.path.join(root, "ray")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    exports = [c for c in commands if c.startswith("export ")]
+    for word in shlex.split(exports[0])[1:]:  # the node environment line
+        key, _, value = word.partition("=")
+        env[key] = value
+    env.update({k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")})
+    env["MEDRAY_CACHE_DIR"] = os.path.join(root, "cache")
+    head, worker = [c for c in commands if c.startswith("ray start")]
+    # Two nodes on one machine (and the session's own Ray beside them): every port is free-picked.
+    node_ports = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                  "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    head_ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", *node_ports)}
+    nodes = []
+    try:
+        # --block keeps each node's processes under one process we can stop, instead of `ray stop`,
+        # which would stop every Ray on the machine.
+        nodes.append(subprocess.Popen(shlex.split(head.replace("0.0.0.0", "127.0.0.1")) + [
+            "--block", f"--temp-dir={temp_dir}", "--num-cpus=2", "--disable-usage-stats",
+            *[f"--{k}={v}" for k, v in head_ports.items()]],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        address_file = Path(temp_dir, "ray_current_cluster")
+        _wait(lambda: address_file.exists() and address_file.read_text().strip(), 120, "the head node")
+        gcs = address_file.read_text().strip()
+        nodes.append(subprocess.Popen(shlex.split(worker.replace("HEAD:6379", gcs)) + [
+            "--block", "--num-cpus=2", "--disable-usage-stats", *[f"--{k}={free_port()}" for k in node_ports]],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        dashboard = f"http://127.0.0.1:{head_ports['dashboard-port']}"
+        _wait(lambda: _alive_nodes(gcs, env) == 2, 120, "two alive nodes")
+        _wait(lambda: subprocess.run([str(BIN / "ray"), "job", "list", f"--address={dashboard}"], env=env,
+                                     capture_output=True, timeout=60).returncode == 0, 120, "the job API")
+        storage.default_storage().client.create_bucket(Bucket=BUCKET)
+        yield {"commands": commands, "env": env, "gcs": gcs, "dashboard": dashboard, "root": root}
+    finally:
+        for node in reversed(nodes):
+            node.send_signal(signal.SIGINT)  # --block: stops this node's processes only
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+        _kill_tree(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def _alive_nodes(gcs: str, env: dict) -> int:
+    out = subprocess.run([sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+                          "print(sum(n['Alive'] for n in ray.nodes()))", gcs], env=env, capture_output=True,
+                         text=True, timeout=60)
+    return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
+
+
+def _client_env(q) -> dict:
+    """The client side's exports, from the block's second export line."""
+    env = {k: v for k, v in q["env"].items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                         "MEDRAY_API_KEYS")}
+    exports = [c for c in q["commands"] if c.startswith("export ")]
+    for word in shlex.split(exports[1])[1:]:
+        key, _, value = word.partition("=")
+        env[key] = value.replace("http://HEAD:8265", q["dashboard"])
+    return env
+
+
+def _run(q, command: str, timeout: int) -> subprocess.CompletedProcess:
+    command = command.replace("YOUR-BUCKET", BUCKET).replace("http://HEAD:8265", q["dashboard"]) \
+        .replace("HEAD:6379", q["gcs"])
+    return subprocess.run(["bash", "-c", command], env=_client_env(q), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_the_readme_cluster_quickstart_runs_as_written(quickstart):
+    q = quickstart
+    steps = [c for c in q["commands"] if not c.startswith(("export ", "ray start"))]
+    train, infer, deploy, curl = steps
+    assert train.startswith("ray job submit") and "jobs/train.py" in train
+    assert infer.startswith("ray job submit") and "jobs/infer.py" in infer
+    assert deploy.startswith("serve deploy") and curl.startswith("curl")
+
+    # Training: the shipped tiny manifest, credentials only in the nodes' environment.
+    out = _run(q, train, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert storage.exists(f"s3://{BUCKET}/runs/tiny-llava-med/instruct/model.safetensors")
+
+    # Batch VQA with the trained model over images in S3: every image once, and it answers.
+    write_synthetic("chest-vqa", f"s3://{BUCKET}/corpus", n=12, seed=5, dicom_fraction=0.25)
+    for f in storage.list_files(f"s3://{BUCKET}/corpus/images"):
+        storage.write_bytes(f"s3://{BUCKET}/images/{f.uri.rsplit('/', 1)[1]}", storage.read_bytes(f.uri))
+    out = _run(q, infer, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = read_shards(f"s3://{BUCKET}/answers/run-1/")
+    assert sorted(r["id"] for r in rows) == sorted(f.uri.rsplit("/", 1)[1] for f in
+                                                   storage.list_files(f"s3://{BUCKET}/images"))
+    assert not any(r["error"] for r in rows)
+    assert all(r["answer"].strip() for r in rows), [r["answer"] for r in rows]  # a model that answers
+
+    # Serving: deployed through the dashboard; the app reads the keys from the nodes.
+    out = _run(q, deploy, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    deadline = time.time() + 240
+    while True:
+        out = _run(q, curl, timeout=60)
+        if out.returncode == 0 and '"choices"' in out.stdout:
+            break
+        assert time.time() < deadline, out.stdout[-2000:] + out.stderr[-2000:]
+        time.sleep(3)
+    assert json.loads(out.stdout)["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_medray_serve_passes_the_callers_keys_as_digests(quickstart):
+    """`medray serve --address HEAD:6379` with a key only the caller has: the cluster's app
+    accepts it, though no node's environment holds it."""
+    q = quickstart
+    env = {**_client_env(q), "MEDRAY_API_KEYS": "sk-caller-only"}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen([str(BIN / "medray"), "serve", "manifests/serve/tiny.yaml", "--address", q["gcs"]],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        body = {"model": "tiny-llava-med", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+        while True:
+            try:
+                r = httpx.post("http://127.0.0.1:8000/v1/chat/completions", json=body, timeout=30,
+                               headers={"Authorization": "Bearer sk-caller-only"})
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(3)
+        wrong = httpx.post("http://127.0.0.1:8000/v1/chat/completions", json=body, timeout=30,
+                           headers={"Authorization": "Bearer sk-wrong"})
+        assert wrong.status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_command_beside_a_running_cluster_starts_its_own_ray(quickstart):
+    """With a cluster running on the machine (its address file where Ray looks) and no
+    address given, a command starts a private local Ray with its own resources, instead of
+    attaching (where num_cpus=... is refused)."""
+    env = {k: v for k, v in quickstart["env"].items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = quickstart["root"]  # Ray looks for ray_current_cluster in $RAY_TMPDIR/ray
+    snippet = ("from medray.raycluster import connect; import ray; "
+               "connect(local={'num_cpus': 1, 'include_dashboard': False}); "
+               "print(ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'])")
+    out = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    address, cpus = out.stdout.split()[-2:]
+    assert address != quickstart["gcs"] and float(cpus) == 1.0
+
+
+def test_an_unreachable_or_dashboard_address_fails_fast_naming_it(tmp_path):
+    """A dead cluster's address (given, or left in Ray's address file) never makes a command
+    wait forever."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.time()
+    out = subprocess.run([str(BIN / "medray"), "train", "manifests/tiny/llava-med.yaml", "--address",
+                          f"127.0.0.1:{port}", "--set", f"output={tmp_path}"], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in out.stderr, out.stderr
+    assert time.time() - t0 < 60
+    out = subprocess.run([str(BIN / "medray"), "infer", "--model", "tiny://llava-mistral", "--input", str(tmp_path),
+                          "--output", str(tmp_path / "o")], env={**env, "RAY_ADDRESS": "http://127.0.0.1:8265"},
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "dashboard address" in out.stderr and "HEAD:6379" in out.stderr, out.stderr
+
+    # A dead cluster's address file: no address given, so a private local Ray starts.
+    snippet = ("from medray.raycluster import connect; import ray; "
+               "connect(local={'num_cpus': 1, 'include_dashboard': False}); print(ray.cluster_resources()['CPU'])")
+    tmp = tempfile.mkdtemp(prefix="mqd", dir="/tmp")
+    try:
+        (Path(tmp) / "ray").mkdir()
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+        out = subprocess.run([sys.executable, "-c", snippet], env={**env, "RAY_TMPDIR": tmp}, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.split()[-1] == "1.0", out.stderr[-2000:]
+    finally:
+        _kill_tree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
