@@ -71,11 +71,13 @@ def ray_cluster(s3_server, tmp_path_factory):
     """One local Ray for the whole run, sized for a 2-core machine."""
     import ray
 
-    # A stale pointer to a dead cluster makes ray.init try to join it.
-    Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)
+    from medray.raycluster import connect
+
+    # A private local instance, as every medray command starts one: never a cluster merely
+    # running on the machine, nor a dead one's address left in Ray's temp dir.
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MEDRAY_"))}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env})
+    connect("local", local={"num_cpus": 2, "include_dashboard": False}, log_to_driver=False,
+            runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

@@ -9,7 +9,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,8 +23,9 @@ from medray.data.shards import read_shards
 from medray.data.synthetic import write_synthetic
 from medray.storage.local_s3 import free_port
 
+from _raycluster import BIN, NodeCluster
+
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 BUCKET = "quickstart"
 
 
@@ -47,84 +47,29 @@ def readme_block(heading: str) -> list[str]:
     return commands
 
 
-def _kill_tree(marker: str) -> None:
-    """Stop the processes of one `ray start` cluster (found by its temp dir), and no other:
-    `ray stop` would also stop every other Ray on the machine."""
-    def pids():
-        out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split() if int(p) != os.getpid()]
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 2)):
-        for pid in pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(wait)
-
-
 @pytest.fixture(scope="module")
 def quickstart(s3_server):
     """The README block's set-up lines run as written (plus isolation flags: a private temp dir,
     free ports, CPU counts), with the loopback S3 store's keys standing in for real ones."""
     commands = readme_block("## Quickstart on a cluster")
-    root = tempfile.mkdtemp(prefix="mq", dir="/tmp")  # short: Ray's socket paths are length-limited
-    temp_dir = os.path.join(root, "ray")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{BIN}:{env['PATH']}"
     exports = [c for c in commands if c.startswith("export ")]
     for word in shlex.split(exports[0])[1:]:  # the node environment line
         key, _, value = word.partition("=")
         env[key] = value
     env.update({k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")})
-    env["MEDRAY_CACHE_DIR"] = os.path.join(root, "cache")
     head, worker = [c for c in commands if c.startswith("ray start")]
-    # Two nodes on one machine (and the session's own Ray beside them): every port is free-picked.
-    node_ports = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-                  "runtime-env-agent-port", "node-manager-port", "object-manager-port")
-    head_ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", *node_ports)}
-    nodes = []
+    cluster = NodeCluster(env)
+    cluster.env["MEDRAY_CACHE_DIR"] = os.path.join(cluster.root, "cache")
     try:
-        # --block keeps each node's processes under one process we can stop, instead of `ray stop`,
-        # which would stop every Ray on the machine.
-        nodes.append(subprocess.Popen(shlex.split(head.replace("0.0.0.0", "127.0.0.1")) + [
-            "--block", f"--temp-dir={temp_dir}", "--num-cpus=2", "--disable-usage-stats",
-            *[f"--{k}={v}" for k, v in head_ports.items()]],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        address_file = Path(temp_dir, "ray_current_cluster")
-        _wait(lambda: address_file.exists() and address_file.read_text().strip(), 120, "the head node")
-        gcs = address_file.read_text().strip()
-        nodes.append(subprocess.Popen(shlex.split(worker.replace("HEAD:6379", gcs)) + [
-            "--block", "--num-cpus=2", "--disable-usage-stats", *[f"--{k}={free_port()}" for k in node_ports]],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        dashboard = f"http://127.0.0.1:{head_ports['dashboard-port']}"
-        _wait(lambda: _alive_nodes(gcs, env) == 2, 120, "two alive nodes")
-        _wait(lambda: subprocess.run([str(BIN / "ray"), "job", "list", f"--address={dashboard}"], env=env,
-                                     capture_output=True, timeout=60).returncode == 0, 120, "the job API")
+        cluster.start_head(shlex.split(head.replace("0.0.0.0", "127.0.0.1")), num_cpus=2)
+        cluster.add_node(shlex.split(worker.replace("HEAD:6379", cluster.gcs)), num_cpus=2)
+        cluster.wait_alive(2)
         storage.default_storage().client.create_bucket(Bucket=BUCKET)
-        yield {"commands": commands, "env": env, "gcs": gcs, "dashboard": dashboard, "root": root}
+        yield {"commands": commands, "env": cluster.env, "gcs": cluster.gcs, "dashboard": cluster.dashboard,
+               "root": cluster.root}
     finally:
-        for node in reversed(nodes):
-            node.send_signal(signal.SIGINT)  # --block: stops this node's processes only
-            try:
-                node.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-        _kill_tree(root)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _wait(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-
-
-def _alive_nodes(gcs: str, env: dict) -> int:
-    out = subprocess.run([sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-                          "print(sum(n['Alive'] for n in ray.nodes()))", gcs], env=env, capture_output=True,
-                         text=True, timeout=60)
-    return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
+        cluster.shutdown()
 
 
 def _client_env(q) -> dict:
@@ -255,5 +200,4 @@ def test_an_unreachable_or_dashboard_address_fails_fast_naming_it(tmp_path):
                              text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.split()[-1] == "1.0", out.stderr[-2000:]
     finally:
-        _kill_tree(tmp)
         shutil.rmtree(tmp, ignore_errors=True)

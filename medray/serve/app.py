@@ -27,6 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import NodeDiedError, RayActorError
+from ray.serve.exceptions import RayServeException
 
 from medray import storage
 from medray.infer import GenerationSettings
@@ -40,6 +42,9 @@ from .model import ModelServer
 from .openai_api import ApiError, ChatRequest, ContentPart, error_response, sse_chunks, usage_of
 
 log = logging.getLogger(__name__)
+
+# A replica (or its node) that died under a request: 503 and retry, never the request's fault.
+REPLICA_LOST = (RayActorError, NodeDiedError, RayServeException)
 
 
 app = FastAPI(title="medray", description="OpenAI-compatible chat/VQA and batch jobs for medical VLMs")
@@ -68,7 +73,7 @@ async def _limits_and_metrics(request: Request, call_next):
 
 @app.exception_handler(ApiError)
 async def _apierror_response(request: Request, exc: ApiError):
-    return error_response(exc.status, exc.message, param=exc.param, code=exc.code, kind=exc.kind)
+    return error_response(exc.status, exc.message, param=exc.param, code=exc.code, kind=exc.kind, headers=exc.headers)
 
 
 def _storage_unavailable(request: Request, exc: Exception):
@@ -225,6 +230,10 @@ class Api:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             answer = await handle.generate.remote(*call)
+        except REPLICA_LOST as e:  # the server's fault (a node or replica went away), not the request's
+            log.warning("model replica lost: %s", type(e).__name__)
+            raise ApiError(503, f"the model replica serving {spec.name!r} went away; retry the request "
+                                "(Serve is replacing it)", kind="server_error", headers={"Retry-After": "1"})
         except Exception as e:  # a template or model refusal: the request asked for something it cannot do
             log.warning("generation failed: %s", type(e).__name__)
             raise ApiError(400, f"the model could not answer this request: {str(e).splitlines()[-1][:300]}")
@@ -325,7 +334,7 @@ def build_app(args: dict[str, Any]):
         ).bind(spec.model_dump(), metrics)
     ingress = config.ingress
     return Api.options(
-        ray_actor_options={"num_cpus": ingress.cpus_per_replica},
+        ray_actor_options={"num_cpus": ingress.cpus_per_replica, "resources": ingress.resources},
         max_ongoing_requests=ingress.max_ongoing_requests,
         autoscaling_config={"min_replicas": ingress.min_replicas, "max_replicas": ingress.max_replicas,
                             "target_ongoing_requests": ingress.target_ongoing_requests,

@@ -106,6 +106,11 @@ class Ingress(StrictModel):
     requests ever reach a model at once, and with it the batch size."""
     target_ongoing_requests: float = Field(64, gt=0)
     cpus_per_replica: float = Field(0.1, gt=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per replica, to pin the ingress to nodes that stay (for example
+    `{on-demand: 0.01}` with on-demand nodes started with `--resources='{"on-demand": 1}'`).
+    Requests in flight at an ingress replica whose node is lost get a 500 from Serve's proxy;
+    those at a lost model replica get medray's 503 and can be retried."""
 
 
 class ServeConfig(StrictModel):

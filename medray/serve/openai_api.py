@@ -21,13 +21,15 @@ class ApiError(Exception):
     """An error for the client, rendered in OpenAI's error format."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
 
-def error_response(status: int, message: str, *, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status,
+def error_response(status: int, message: str, *, param=None, code=None, kind="invalid_request_error",
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers,
                         content={"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 

@@ -1,0 +1,111 @@
+"""Test helper: a Ray cluster of real nodes on this machine, each one `ray start --block`
+process group (its own raylet, object store and workers), as a cluster's machines would be.
+
+A node is lost the way a machine is: its whole process group is killed at once (SIGKILL),
+with no `ray stop` and no goodbye to the GCS. `ray stop` is never used: it would stop every
+Ray on the machine, the test session's own included. Every port is picked free, so nodes sit
+beside each other and beside the session's Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from medray.storage.local_s3 import free_port
+
+BIN = Path(sys.executable).parent
+NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+              "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+
+
+def wait_for(check, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(every)
+    return result
+
+
+class NodeCluster:
+    """Start with `start_head`, grow with `add_node`, lose nodes with `kill`."""
+
+    def __init__(self, env: dict):
+        self.root = tempfile.mkdtemp(prefix="mrn", dir="/tmp")  # short: socket paths are length-limited
+        self.temp_dir = os.path.join(self.root, "ray")
+        self.env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+        self.env.setdefault("RAY_AUTH_MODE", "token")
+        self.env["PATH"] = f"{BIN}:{self.env.get('PATH', '')}"
+        self.nodes: list[subprocess.Popen] = []
+        self.gcs = self.dashboard = ""
+
+    def start_head(self, command: list[str] | None = None, *, num_cpus: float = 1, resources: str = "") -> None:
+        ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", *NODE_PORTS)}
+        cmd = (command or [str(BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1"]) + [
+            f"--temp-dir={self.temp_dir}", *[f"--{k}={v}" for k, v in ports.items()]]
+        self._start(cmd, num_cpus, resources)
+        address_file = Path(self.temp_dir, "ray_current_cluster")
+        self.gcs = wait_for(lambda: address_file.exists() and address_file.read_text().strip(), 120, "the head")
+        self.dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+        self.wait_alive(1)
+        wait_for(lambda: subprocess.run([str(BIN / "ray"), "job", "list", f"--address={self.dashboard}"],
+                                        env=self.env, capture_output=True, timeout=60).returncode == 0,
+                 120, "the job API")
+
+    def add_node(self, command: list[str] | None = None, *, num_cpus: float = 2, resources: str = "") -> int:
+        """Start a worker node and wait until it has joined (two joining at once collided here);
+        returns its index for `kill`."""
+        before = self.alive()
+        cmd = (command or [str(BIN / "ray"), "start", f"--address={self.gcs}"]) + [
+            f"--{k}={free_port()}" for k in NODE_PORTS]
+        self._start(cmd, num_cpus, resources)
+        self.wait_alive(before + 1)
+        return len(self.nodes) - 1
+
+    def _start(self, cmd: list[str], num_cpus: float, resources: str) -> None:
+        cmd = cmd + ["--block", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+        if resources:
+            cmd.append(f"--resources={resources}")
+        log = open(os.path.join(self.root, f"node-{len(self.nodes)}.log"), "w")  # noqa: SIM115
+        self.nodes.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+        log.close()  # the child holds its own copy
+
+    def alive(self) -> int:
+        """Alive nodes, as the GCS sees them."""
+        out = subprocess.run([sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False);"
+                              " print(sum(n['Alive'] for n in ray.nodes()))", self.gcs],
+                             env=self.env, capture_output=True, text=True, timeout=60)
+        return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
+
+    def wait_alive(self, n: int, timeout: float = 120) -> None:
+        wait_for(lambda: self.alive() == n, timeout, f"{n} alive nodes", every=2)
+
+    def kill(self, index: int) -> None:
+        """Lose node `index` as a machine is lost: every process of it at once."""
+        os.killpg(self.nodes[index].pid, signal.SIGKILL)
+        self.nodes[index].wait(timeout=30)
+
+    def shutdown(self) -> None:
+        for node in reversed(self.nodes):
+            if node.poll() is None:
+                node.send_signal(signal.SIGINT)  # --block: stops this node's processes only
+        for node in reversed(self.nodes):
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+        # Anything that outlived its node (a worker mid-exit) is found by the temp dir.
+        out = subprocess.run(["pgrep", "-f", self.root], capture_output=True, text=True).stdout
+        for pid in (int(p) for p in out.split() if int(p) != os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)

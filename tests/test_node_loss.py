@@ -1,0 +1,176 @@
+"""Losing a whole node, as a preempted spot instance or an OOM-killed raylet does: batch
+inference and serving on a head and two worker nodes (tests/_raycluster.py), each node one
+`ray start` process group, killed at once mid-work."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from medray import storage
+from medray.data.shards import read_shards
+from medray.data.synthetic import chest_image, png_bytes, write_synthetic
+
+from _raycluster import BIN, NodeCluster, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "nodeloss"
+KEY = "sk-node-loss"
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    """A head (1 CPU: drivers, Serve's controller) and two 2-CPU worker nodes, with the S3
+    store's keys and the API key in the nodes' environment, as the README says."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["MEDRAY_API_KEYS"] = KEY
+    c = NodeCluster(env)
+    c.env["MEDRAY_CACHE_DIR"] = os.path.join(c.root, "cache")
+    try:
+        c.start_head(num_cpus=1, resources='{"head": 1}')
+        c.add_node(num_cpus=2)
+        c.add_node(num_cpus=2)
+        c.wait_alive(3)
+        storage.default_storage().client.create_bucket(Bucket=BUCKET)
+        yield c
+    finally:
+        c.shutdown()
+
+
+def _shard_names(prefix: str) -> set[str]:
+    return {f.uri for f in storage.list_files(prefix) if "/part-" in f.uri}
+
+
+def test_batch_inference_loses_a_node_and_every_row_lands_exactly_once(cluster):
+    corpus = f"s3://{BUCKET}/corpus"
+    write_synthetic("chest-vqa", corpus, n=200, seed=21, dicom_fraction=0.25)
+    good = png_bytes(chest_image("left", 64))
+    bad = {"bad-truncated.png": good[:80], "bad-text.png": b"not an image", "bad-empty.jpg": b"",
+           "bad-garbage.dcm": b"\x00" * 128 + b"DICM" + b"\x11" * 40}
+    for name, data in bad.items():
+        storage.write_bytes(f"{corpus}/images/{name}", data)
+    images = sorted(f.uri.rsplit("/", 1)[1] for f in storage.list_files(f"{corpus}/images"))
+    assert len(images) == 204
+    out = f"s3://{BUCKET}/answers"
+    # One generation actor per worker node (1.5 of its 2 CPUs), so the lost node takes one
+    # actor and the rows it held with it; the other node's actor goes on.
+    cmd = [sys.executable, "jobs/infer.py", "--model", "tiny://llava-mistral", "--task", "vqa",
+           "--question", "Is there an opacity?", "--input", f"{corpus}/images", "--output", out,
+           "--max-new-tokens", "16", "--batch-size", "4", "--rows-per-shard", "4", "--min-actors", "2",
+           "--max-actors", "2", "--cpus-per-actor", "1.5", "--cpus-per-task", "0.25", "--format", "jsonl"]
+    t0 = time.monotonic()
+    job = subprocess.Popen(cmd, env={**cluster.env, "RAY_ADDRESS": cluster.gcs}, cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        before = wait_for(lambda: len(s := _shard_names(out)) >= 3 and s, 300, "the first shards", every=0.5)
+        written_before = {r["id"] for r in read_shards(out)}
+        assert len(written_before) < len(images), "the job finished before the node could be lost"
+        cluster.kill(2)
+        killed_at = time.monotonic() - t0
+        log, _ = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, log[-4000:]
+    rows = read_shards(out)
+    ids = Counter(r["id"] for r in rows)
+    assert sorted(ids) == images and set(ids.values()) == {1}  # every row, exactly once
+    assert before <= _shard_names(out)  # what the lost node's actor had written stays written
+    assert written_before <= set(ids)
+    errors = {r["id"] for r in rows if r["error"]}
+    assert errors == set(bad)
+    assert all(r["answer"] for r in rows if not r["error"])
+    print(f"\nbatch inference: node lost at {killed_at:.1f} s, job done at {time.monotonic() - t0:.1f} s")
+    cluster.add_node(num_cpus=2)  # the next test starts from three nodes again
+    cluster.wait_alive(3)
+
+
+def _serve_config(path: Path) -> None:
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": [{"name": "medray", "route_prefix": "/", "import_path": "medray.serve:build_app",
+                          "args": {"models": [{"name": "tiny", "uri": "tiny://llava-mistral", "max_batch_size": 8,
+                                               "cpus_per_replica": 1.5,  # one replica per worker node
+                                               "autoscaling": {"min_replicas": 2, "max_replicas": 2}}],
+                                   # On the head, which stays: the lost node takes model replicas only.
+                                   "ingress": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": 0.25,
+                                               "resources": {"head": 0.01}}}}],
+    }
+    path.write_text(yaml.safe_dump(config))
+
+
+def _replicas(cluster) -> list[str]:
+    out = subprocess.run([str(BIN / "serve"), "status", "--address", cluster.dashboard], env=cluster.env,
+                         capture_output=True, text=True, timeout=60)
+    status = yaml.safe_load(out.stdout) if out.returncode == 0 else {}
+    apps = (status or {}).get("applications") or {}
+    deployments = (apps.get("medray") or {}).get("deployments") or {}
+    return [s for s in ((deployments.get("model-tiny") or {}).get("replica_states") or {})
+            for _ in range(deployments["model-tiny"]["replica_states"][s])]
+
+
+def test_serving_loses_a_replicas_node_under_load_and_recovers(cluster, tmp_path):
+    config = tmp_path / "serve.yaml"
+    _serve_config(config)
+    out = subprocess.run([str(BIN / "serve"), "deploy", str(config), "--address", cluster.dashboard],
+                         env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    url = "http://127.0.0.1:8000/v1/chat/completions"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def ok() -> bool:
+        try:
+            return httpx.post(url, json=body, headers=headers, timeout=30).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(lambda: ok() and _replicas(cluster).count("RUNNING") == 2, 300, "two running replicas", every=2)
+
+    stop = threading.Event()
+    outcomes: list[tuple[float, object]] = []
+    bodies: list[str] = []
+
+    def caller():
+        while not stop.is_set():
+            t = time.monotonic()
+            try:  # a hang would show as the client's timeout
+                r = httpx.post(url, json=body, headers=headers, timeout=60)
+                status = r.status_code
+                if status != 200:
+                    bodies.append(r.text[:300])
+            except httpx.TimeoutException:
+                status = "timeout"
+            except httpx.HTTPError as e:
+                status = type(e).__name__
+            outcomes.append((time.monotonic() - t, status))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(caller)
+        time.sleep(5)
+        cluster.kill(3 if len(cluster.nodes) > 3 else 1)  # a node holding a model replica
+        lost_at = len(outcomes)
+        time.sleep(20)
+        stop.set()
+    statuses = Counter(s for _, s in outcomes)
+    assert "timeout" not in statuses, statuses
+    assert set(statuses) <= {200, 503}, (statuses, bodies)  # in-flight requests: 503 (retry), never a 4xx or 500
+    assert statuses[200] > lost_at, statuses  # the surviving replica went on answering
+    assert max(d for d, _ in outcomes) < 60
+
+    cluster.add_node(num_cpus=2)  # the replacement machine: Serve brings the replica back
+    wait_for(lambda: _replicas(cluster).count("RUNNING") == 2, 300, "the replica to come back", every=3)
+    assert ok()
+    print(f"\nserving: {dict(statuses)} across the loss")
