@@ -1,10 +1,15 @@
-"""Batch-inference benchmarks, run by hand: `python bench/infer.py [--images N]`.
+"""Batch-inference benchmarks, run by hand: `python bench/infer.py [--images N] [--repeat 3]`.
 
-On the same model and images, measured in this run:
+On the same model and images, measured in this run, each `--repeat` times (median, min, max):
 1. the Ray Data pipeline against a LLaVA-Med model_vqa.py-style loop (one image at a time,
-   batch 1). Target: >= 8x;
+   batch 1). Target: >= 8x. Start-up (worker processes, model loads) is reported apart from
+   the steady rate, with the corpus size from which the end-to-end ratio passes 8x;
 2. the Ray Data pipeline against a bare in-process batched loop (same batch size).
-   Target: <= 10 % overhead;
+   Target: <= 10 % overhead.
+   Both baselines do the pipeline's work: read and decode each image from storage, encode,
+   generate, and write the answers as shards; and they use the torch threads a generation
+   actor gets (Ray gives an actor as many as its whole CPUs). A negative overhead would mean
+   a baseline doing other work;
 3. with a GPU: images/s of a 7B-size LLaVA with random weights (576 image tokens, 64 new
    tokens). Target: >= 40 images/s per H100.
 """
@@ -18,8 +23,10 @@ import time
 
 import torch
 
+from _stats import add_repeat, record, spread
+
 from medray import storage
-from medray.data import load_image
+from medray.data import load_image, shards
 from medray.data.synthetic import write_synthetic
 from medray.infer import GenerationEngine, GenerationSettings, Request
 from medray.infer import InferConfig, run_inference
@@ -32,21 +39,38 @@ def messages():
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
 
 
-def one_at_a_time(engine, uris, settings) -> float:
+def _write(uris, answers, out, model) -> None:
+    """The answers as one shard, in the pipeline's format: the output work the pipeline does."""
+    n = len(uris)
+    shards.write_shard({"id": [u.rsplit("/", 1)[1] for u in uris], "image": list(uris), "question": [QUESTION] * n,
+                        "answer": [a.text for a in answers], "references": [""] * n, "model": [model] * n,
+                        "generation": ["{}"] * n, "latency_s": [0.0] * n,
+                        "completion_tokens": [a.completion_tokens for a in answers], "error": [""] * n,
+                        "image_type": [""] * n, "expert_text": [""] * n}, output=out, fmt="parquet")
+
+
+def one_at_a_time(engine, uris, settings, out, model, shard_rows) -> float:
     """model_vqa.py's shape: for each question, read the image, build the prompt, generate."""
     t0 = time.perf_counter()
+    done, answers = [], []
     for uri in uris:
         image = load_image(storage.read_bytes(uri), uri)
-        engine.generate([Request(messages(), [image])], settings)
+        answers += engine.generate([Request(messages(), [image])], settings)
+        done.append(uri)
+        if len(done) == shard_rows:
+            _write(done, answers, out, model)
+            done, answers = [], []
+    if done:
+        _write(done, answers, out, model)
     return len(uris) / (time.perf_counter() - t0)
 
 
-def batched(engine, uris, settings, batch_size) -> float:
+def batched(engine, uris, settings, batch_size, out, model) -> float:
     t0 = time.perf_counter()
     for start in range(0, len(uris), batch_size):
         chunk = uris[start: start + batch_size]
         images = [load_image(storage.read_bytes(u), u) for u in chunk]
-        engine.generate([Request(messages(), [img]) for img in images], settings)
+        _write(chunk, engine.generate([Request(messages(), [img]) for img in images], settings), out, model)
     return len(uris) / (time.perf_counter() - t0)
 
 
@@ -81,6 +105,14 @@ def gpu_images_per_s(new_tokens: int = 64, batch_size: int = 64) -> None:
           f"{batch_size / (time.perf_counter() - t0):.1f} images/s (target >= 40 per H100)")
 
 
+def crossover(single: float, steady: float, first_s: float, first_rows: int, target: float = 8.0) -> float | None:
+    """Corpus size from which the end-to-end rate passes `target` x one-at-a-time: the run
+    takes first_s for its first shard, then (N - first_rows) / steady."""
+    if steady <= target * single:
+        return None
+    return max(first_rows, target * single * (first_s - first_rows / steady) / (1 - target * single / steady))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=192)
@@ -88,34 +120,56 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default="tiny://llava-mistral")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    add_repeat(parser)
     args = parser.parse_args()
     import ray
 
+    threads = max(1, int(args.cpus_per_actor))  # what Ray gives a generation actor
+    torch.set_num_threads(threads)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     settings = GenerationSettings(max_new_tokens=args.new_tokens)
+    runs: dict[str, list[float]] = {k: [] for k in ("single", "bare", "whole", "steady", "startup", "cross")}
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic("chest-vqa", os.path.join(tmp, "c"), n=args.images, seed=0)
         images_dir = os.path.join(tmp, "c", "images")
         uris = [f.uri for f in storage.list_files(images_dir)]
         engine = GenerationEngine(load_model(args.model))
         engine.generate([Request(messages(), [load_image(storage.read_bytes(uris[0]), uris[0])])], settings)
-        single = one_at_a_time(engine, uris, settings)
-        bare = batched(engine, uris, settings, args.batch_size)
-        del engine
-        # A first pass warms Ray's worker processes (imports, model cache); the second is measured.
+        # A first pass warms Ray's worker processes (imports, model cache); the later ones are measured.
         pipeline(args.model, images_dir, os.path.join(tmp, "warm"), args.new_tokens, args.batch_size,
                  args.cpus_per_actor)
-        summary = pipeline(args.model, images_dir, os.path.join(tmp, "out"), args.new_tokens, args.batch_size,
-                           args.cpus_per_actor)
-    whole, steady = summary.rows_per_s, summary.steady_rows_per_s
-    print(f"{args.images} images, {args.new_tokens} new tokens, batch {args.batch_size}, model {args.model}")
-    print(f"one at a time (model_vqa.py style): {single:.1f} images/s")
-    print(f"bare batched loop:                  {bare:.1f} images/s")
-    print(f"Ray Data pipeline: {whole:.1f} images/s end to end ({summary.first_rows_s:.1f} s start-up), "
-          f"{steady:.1f} images/s after the first shard")
-    print(f"pipeline / one-at-a-time = {whole / single:.2f}x end to end, {steady / single:.2f}x steady (target >= 8x)")
-    print(f"bare / pipeline (steady) = {bare / steady:.3f} (overhead {100 * (bare / steady - 1):+.1f} %, "
-          f"target <= 10 %)")
+        for r in range(args.repeat):
+            runs["single"].append(one_at_a_time(engine, uris, settings, os.path.join(tmp, f"single-{r}"), args.model,
+                                                args.batch_size))
+            runs["bare"].append(batched(engine, uris, settings, args.batch_size, os.path.join(tmp, f"bare-{r}"),
+                                        args.model))
+            summary = pipeline(args.model, images_dir, os.path.join(tmp, f"out-{r}"), args.new_tokens,
+                               args.batch_size, args.cpus_per_actor)
+            runs["whole"].append(summary.rows_per_s)
+            runs["steady"].append(summary.steady_rows_per_s)
+            runs["startup"].append(summary.first_rows_s)
+            cross = crossover(runs["single"][-1], summary.steady_rows_per_s, summary.first_rows_s, summary.first_rows)
+            runs["cross"].append(cross if cross is not None else float("inf"))
+            print(f"run {r + 1}: one-at-a-time {runs['single'][-1]:.1f}, bare {runs['bare'][-1]:.1f}, pipeline "
+                  f"{summary.rows_per_s:.1f} end to end / {summary.steady_rows_per_s:.1f} steady images/s, "
+                  f"first shard after {summary.first_rows_s:.1f} s")
+    e2e = [w / s for w, s in zip(runs["whole"], runs["single"])]
+    steady = [w / s for w, s in zip(runs["steady"], runs["single"])]
+    overhead = [100 * (b / s - 1) for b, s in zip(runs["bare"], runs["steady"])]
+    lines = [
+        f"{args.images} images, {args.new_tokens} new tokens, batch {args.batch_size}, model {args.model}, "
+        f"{threads} torch thread(s) per generation process",
+        f"one at a time (model_vqa.py style): {spread(runs['single'], '{:.1f}')} images/s",
+        f"bare batched loop: {spread(runs['bare'], '{:.1f}')} images/s",
+        f"pipeline: {spread(runs['whole'], '{:.1f}')} images/s end to end, {spread(runs['steady'], '{:.1f}')} "
+        f"steady; start-up (first shard) {spread(runs['startup'], '{:.1f}')} s",
+        f"pipeline / one-at-a-time: {spread(e2e)}x end to end, {spread(steady)}x steady (target >= 8x)",
+        f"end to end passes 8x from about {spread(runs['cross'], '{:.0f}')} images",
+        f"pipeline overhead against the bare loop (steady): {spread(overhead, '{:+.1f}')} % (target <= 10 %)",
+    ]
+    print("\n".join(lines))
+    if not args.no_record:
+        record("infer", lines, threads)
     if torch.cuda.is_available():
         gpu_images_per_s()
     else:

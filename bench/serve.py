@@ -19,6 +19,7 @@ import time
 
 import httpx
 import ray
+from _stats import add_repeat, record, spread
 import torch
 from ray import serve
 
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--latency-requests", type=int, default=100)
+    add_repeat(parser)
     args = parser.parse_args()
 
     image = png_bytes(chest_image("left"))
@@ -122,26 +124,36 @@ def main() -> None:
     port = free_port()
     ray.init(log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-
-    url = deploy(args.model, 32, port)
-    batched = asyncio.run(throughput(url, request, args.clients, args.requests))
-    url = deploy(args.model, 1, port)  # replaces the batched app
-    unbatched = asyncio.run(throughput(url, request, args.clients, args.requests))
-    http = sequential_latencies(url, {**body(image, args.max_tokens)}, args.latency_requests)
-    health = health_latencies(url, args.latency_requests)
-    serve.delete("bench")
-    direct = direct_latencies(args.model, image, args.max_tokens, args.latency_requests)
-
-    print(f"model {args.model}, {args.max_tokens} new tokens, {args.clients} clients, {args.requests} requests")
-    print(f"throughput with batching    {batched:8.1f} req/s")
-    print(f"throughput without batching {unbatched:8.1f} req/s")
-    print(f"batching speed-up           {batched / unbatched:8.2f}x   (target >= 4x)")
-    for q in (50, 99):
-        h, d = pct(http, q) * 1e3, pct(direct, q) * 1e3
-        print(f"p{q}: HTTP+Serve {h:7.1f} ms, direct call {d:7.1f} ms, added {h - d:6.1f} ms"
-              + ("   (target <= 10 ms)" if q == 50 else ""))
-    print(f"of which the proxy+ingress hop alone (GET /healthz): p50 {pct(health, 50) * 1e3:.1f} ms, "
-          f"p99 {pct(health, 99) * 1e3:.1f} ms")
+    runs: dict[str, list[float]] = {k: [] for k in ("batched", "unbatched", "speedup", "p50", "p99", "health50")}
+    for r in range(args.repeat):
+        url = deploy(args.model, 32, port)
+        batched = asyncio.run(throughput(url, request, args.clients, args.requests))
+        url = deploy(args.model, 1, port)  # replaces the batched app
+        unbatched = asyncio.run(throughput(url, request, args.clients, args.requests))
+        http = sequential_latencies(url, {**body(image, args.max_tokens)}, args.latency_requests)
+        health = health_latencies(url, args.latency_requests)
+        serve.delete("bench")
+        direct = direct_latencies(args.model, image, args.max_tokens, args.latency_requests)
+        runs["batched"].append(batched)
+        runs["unbatched"].append(unbatched)
+        runs["speedup"].append(batched / unbatched)
+        runs["p50"].append((pct(http, 50) - pct(direct, 50)) * 1e3)
+        runs["p99"].append((pct(http, 99) - pct(direct, 99)) * 1e3)
+        runs["health50"].append(pct(health, 50) * 1e3)
+        print(f"run {r + 1}: {batched:.1f} req/s batched, {unbatched:.1f} unbatched, added p50 "
+              f"{runs['p50'][-1]:.1f} ms")
+    lines = [
+        f"model {args.model}, {args.max_tokens} new tokens, {args.clients} clients, {args.requests} requests",
+        f"throughput with batching {spread(runs['batched'], '{:.1f}')} req/s, without "
+        f"{spread(runs['unbatched'], '{:.1f}')} req/s",
+        f"batching speed-up {spread(runs['speedup'])}x (target >= 4x)",
+        f"latency added by HTTP + Serve over a direct call: p50 {spread(runs['p50'], '{:.1f}')} ms "
+        f"(target <= 10 ms), p99 {spread(runs['p99'], '{:.1f}')} ms",
+        f"of which the proxy + ingress hop alone (GET /healthz), p50: {spread(runs['health50'], '{:.1f}')} ms",
+    ]
+    print("\n".join(lines))
+    if not args.no_record:
+        record("serve", lines)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from _stats import add_repeat, record, spread
 
 from medray.data import ChatCollator
 from medray.data.synthetic import write_synthetic
@@ -132,19 +133,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
-                        help="torch threads for both loops; one run per value")
+                        help="torch threads for both loops; one set of runs per value")
+    add_repeat(parser)
     args = parser.parse_args()
     # On a small machine Ray's own daemons (raylet, GCS, the Train controller) share the
     # cores with the worker: with torch on every core they steal compute that the bare loop
     # keeps. One thread leaves a core for them and isolates Ray Train's own overhead.
+    lines = [f"{args.steps} steps of micro-batch 16 (tiny LLaVA, projector + LLM), samples/s over the second half"]
     for threads in args.threads:
-        with tempfile.TemporaryDirectory() as tmp:
-            corpus = write_synthetic("chest-conversations", os.path.join(tmp, "data"), n=args.steps * 16, seed=0)
-            bare = bare_loop(corpus.records, args.steps, threads)
-            ray = ray_train(corpus.records, args.steps, threads, Path(tmp) / "run")
-        print(f"[{threads} torch thread(s)] bare loop: {bare:.1f} samples/s   Ray Train (1 worker): {ray:.1f} "
-              f"samples/s   ratio bare/ray = {bare / ray:.3f}  (overhead {100 * (bare / ray - 1):+.1f} %, "
-              f"target <= 10 %)")
+        bare, ray = [], []
+        for r in range(args.repeat):
+            with tempfile.TemporaryDirectory() as tmp:
+                corpus = write_synthetic("chest-conversations", os.path.join(tmp, "data"), n=args.steps * 16, seed=0)
+                bare.append(bare_loop(corpus.records, args.steps, threads))
+                ray.append(ray_train(corpus.records, args.steps, threads, Path(tmp) / "run"))
+            print(f"[{threads} thread(s)] run {r + 1}: bare {bare[-1]:.1f}, Ray Train {ray[-1]:.1f} samples/s")
+        overhead = [100 * (b / r - 1) for b, r in zip(bare, ray)]
+        lines.append(f"{threads} torch thread(s): bare loop {spread(bare, '{:.1f}')} samples/s, Ray Train (1 worker) "
+                     f"{spread(ray, '{:.1f}')} samples/s, overhead {spread(overhead, '{:+.1f}')} % (target <= 10 %)")
+    print("\n".join(lines))
+    if not args.no_record:
+        record("train", lines, max(args.threads))
     if torch.cuda.is_available():
         gpu_mfu()
     else:

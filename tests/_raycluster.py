@@ -43,6 +43,7 @@ class NodeCluster:
         self.env.setdefault("RAY_AUTH_MODE", "token")
         self.env["PATH"] = f"{BIN}:{self.env.get('PATH', '')}"
         self.nodes: list[subprocess.Popen] = []
+        self.workers: list[int] = []  # indexes of the worker nodes alive
         self.gcs = self.dashboard = ""
 
     def start_head(self, command: list[str] | None = None, *, num_cpus: float = 1, resources: str = "") -> None:
@@ -66,6 +67,7 @@ class NodeCluster:
             f"--{k}={free_port()}" for k in NODE_PORTS]
         self._start(cmd, num_cpus, resources)
         self.wait_alive(before + 1)
+        self.workers.append(len(self.nodes) - 1)
         return len(self.nodes) - 1
 
     def _start(self, cmd: list[str], num_cpus: float, resources: str) -> None:
@@ -91,6 +93,8 @@ class NodeCluster:
         """Lose node `index` as a machine is lost: every process of it at once."""
         os.killpg(self.nodes[index].pid, signal.SIGKILL)
         self.nodes[index].wait(timeout=30)
+        if index in self.workers:
+            self.workers.remove(index)
 
     def shutdown(self) -> None:
         for node in reversed(self.nodes):

@@ -184,3 +184,34 @@ def test_loss_chart_starts_at_zero_with_round_ticks():
     rows = blue[:, 0]
     assert rows.max() - rows.min() < 0.1 * 360  # the drop is 3 % of the axis
     assert rows.max() < 0.3 * 360  # near the top: 2.3 of 2.5
+
+
+def test_only_complete_checkpoints_count_and_pruning_keeps_the_newest(tmp_path):
+    """A checkpoint counts once every rank's manifest and every file it lists (at its size)
+    are in storage; a node lost mid-upload leaves one that does not. Pruning keeps the newest
+    complete ones and removes the rest, incomplete ones included."""
+    import json
+
+    from medray.train import checkpoints
+
+    run = tmp_path / "run"
+
+    def write(name, step, *, ranks=(0, 1), cut=None):
+        d = run / name
+        d.mkdir(parents=True)
+        for r in ranks:
+            (d / f"__{r}_0.distcp").write_bytes(b"x" * (10 + r))
+            files = {f"__{r}_0.distcp": 10 + r}
+            (d / f"worker-{r}.json").write_text(json.dumps({"step": step, "files": files}))
+        if cut:
+            (d / cut).write_bytes(b"x")  # arrived short
+
+    write("checkpoint_a", 4)
+    write("checkpoint_b", 8)
+    write("checkpoint_c", 12, ranks=(0,))                      # rank 1's manifest never arrived
+    write("checkpoint_d", 16, cut="__1_0.distcp")              # rank 1's shard cut short
+    assert [s for s, _ in checkpoints.complete(str(run), 2)] == [4, 8]
+    assert checkpoints.newest(str(run), 2)[0] == 8
+    deleted = checkpoints.prune(str(run), 2, keep=1)
+    assert sorted(p.rsplit("/", 1)[1] for p in deleted) == ["checkpoint_a", "checkpoint_c", "checkpoint_d"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_b"]

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from medray import storage
 from medray.data.synthetic import write_synthetic
 
+from . import checkpoints
 from .config import Curriculum, StageConfig
 
 log = logging.getLogger(__name__)
 
 DONE_MARKER = "medray_stage.json"
+KEEP_CHECKPOINTS = 2  # per stage run: the newest two complete ones
 
 
 class StageConflict(RuntimeError):
@@ -89,6 +91,8 @@ def run_stage(cur: Curriculum, index: int, start_model: str) -> dict:
     if use_gpu:
         resources["GPU"] = stage.gpus_per_worker
     fs, path = storage.default_storage().filesystem_for(storage.join(cur.output, "_ray"))
+    run_name = f"{stage.name}-{cur.fingerprint(index)}"
+    run_dir = storage.join(cur.output, "_ray", run_name)
     if not storage.is_s3(cur.output):
         os.makedirs(path, exist_ok=True)
     trainer = TorchTrainer(
@@ -96,18 +100,20 @@ def run_stage(cur: Curriculum, index: int, start_model: str) -> dict:
         train_loop_config={
             "stage": stage.model_dump(mode="json"), "start_model": start_model,
             "records": stage_data(cur, stage), "seed": cur.stage_seed(stage),
-            "export_to": storage.join(cur.output, stage.name),
+            "export_to": storage.join(cur.output, stage.name), "run_dir": run_dir,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"{stage.name}-{cur.fingerprint(index)}", storage_path=path, storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            name=run_name, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             failure_config=FailureConfig(max_failures=stage.max_failures),
             worker_runtime_env=_runtime_env(stage),
         ),
     )
     trainer.fit()
+    # A failed attempt's checkpoints, newer than any Ray Train registered, are not Ray's to delete.
+    checkpoints.prune(run_dir, stage.workers, keep=KEEP_CHECKPOINTS)
     # The run's own metrics belong to its last checkpoint; the stage's final row is in
     # the metrics.jsonl that rank 0 exported with the model.
     rows = storage.read_text(storage.join(cur.output, stage.name, "metrics.jsonl")).splitlines()

@@ -13,9 +13,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from medray import storage
 from medray.data import ChatCollator
 from medray.models import load_model
 
+from . import checkpoints
 from ._data import RecordsDataset, StepSampler
 from .config import StageConfig
 from .export import export_stage
@@ -74,6 +76,30 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _resume_checkpoint(run_dir: str | None, world: int, rank: int):
+    """The checkpoint to resume from: the newest complete one in the run's storage, which
+    can be newer than the one Ray Train registered (medray.train.checkpoints). Rank 0 picks
+    it and tells the others, so every rank loads the same step."""
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    choice = [None]
+    if rank == 0 and run_dir:
+        found = checkpoints.newest(run_dir, world)
+        choice = [found[1] if found else None]
+    if dist.is_initialized() and world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return registered
+    if registered is not None and registered.path.rstrip("/").endswith(choice[0].rstrip("/").split("/")[-1]):
+        return registered
+    fs, path = storage.default_storage().filesystem_for(choice[0])
+    if rank == 0:
+        log.info("resuming from %s, newer than Ray Train's registered checkpoint (%s)", choice[0],
+                 registered.path if registered is not None else "none")
+    return ray.train.Checkpoint(path=path, filesystem=fs)
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker. `config` is built by medray.train.curriculum."""
     import ray.train
@@ -99,7 +125,7 @@ def train_worker(config: dict) -> None:
 
     step = resumed_from = 0
     metrics = MetricsLog()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _resume_checkpoint(config.get("run_dir"), world, rank)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             strategy.load(d)
@@ -147,8 +173,10 @@ def train_worker(config: dict) -> None:
         if do_ckpt:
             with tempfile.TemporaryDirectory() as d:
                 strategy.save(d)
+                # Written last, listing the files above: a checkpoint counts as complete only
+                # when every rank's list has arrived in storage (medray.train.checkpoints).
                 Path(d, f"worker-{rank}.json").write_text(json.dumps(
-                    {"step": step, "rng": _rng_state(), "metrics": metrics.rows}))
+                    checkpoints.manifest(d, rank, step, {"rng": _rng_state(), "metrics": metrics.rows})))
                 ray.train.report({"step": step, **(metrics.rows[-1] if metrics.rows else {})},
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
         # Metrics alone are not reported to Ray Train: a report waits for the controller to
