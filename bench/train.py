@@ -58,6 +58,23 @@ def bare_loop(records: str, steps: int, threads: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def bare_loop_in_fresh_process(records: str, steps: int, threads: int) -> float:
+    """bare_loop in a new process with the thread settings Ray gives a worker of `threads`
+    CPUs (OMP_NUM_THREADS), beside the same running Ray: the two loops differ only by Ray Train."""
+    import multiprocessing
+
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(bare_loop, (records, steps, threads))
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+
+
 def ray_train(records: str, steps: int, threads: int, out: Path) -> float:
     cur = Curriculum.model_validate({"base_model": "tiny://llava-mistral", "output": str(out),
                                      "stages": [stage_dict(records, steps, threads)]})
@@ -131,7 +148,7 @@ def gpu_mfu(steps: int = 6) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
                         help="torch threads for both loops; one set of runs per value")
     add_repeat(parser)
@@ -139,13 +156,17 @@ def main() -> None:
     # On a small machine Ray's own daemons (raylet, GCS, the Train controller) share the
     # cores with the worker: with torch on every core they steal compute that the bare loop
     # keeps. One thread leaves a core for them and isolates Ray Train's own overhead.
+    import ray
+
+    # Up front, so both loops run beside the same idle Ray daemons (run_curriculum attaches).
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     lines = [f"{args.steps} steps of micro-batch 16 (tiny LLaVA, projector + LLM), samples/s over the second half"]
     for threads in args.threads:
         bare, ray = [], []
         for r in range(args.repeat):
             with tempfile.TemporaryDirectory() as tmp:
                 corpus = write_synthetic("chest-conversations", os.path.join(tmp, "data"), n=args.steps * 16, seed=0)
-                bare.append(bare_loop(corpus.records, args.steps, threads))
+                bare.append(bare_loop_in_fresh_process(corpus.records, args.steps, threads))
                 ray.append(ray_train(corpus.records, args.steps, threads, Path(tmp) / "run"))
             print(f"[{threads} thread(s)] run {r + 1}: bare {bare[-1]:.1f}, Ray Train {ray[-1]:.1f} samples/s")
         overhead = [100 * (b / r - 1) for b, r in zip(bare, ray)]

@@ -10,6 +10,7 @@ beside each other and beside the session's Ray.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,8 +51,9 @@ class NodeCluster:
         ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", *NODE_PORTS)}
         cmd = (command or [str(BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1"]) + [
             f"--temp-dir={self.temp_dir}", *[f"--{k}={v}" for k, v in ports.items()]]
-        self._start(cmd, num_cpus, resources)
         address_file = Path(self.temp_dir, "ray_current_cluster")
+        address_file.unlink(missing_ok=True)  # a head lost before this one leaves its address behind
+        self._start(cmd, num_cpus, resources)
         self.gcs = wait_for(lambda: address_file.exists() and address_file.read_text().strip(), 120, "the head")
         self.dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
         self.wait_alive(1)
@@ -62,11 +64,12 @@ class NodeCluster:
     def add_node(self, command: list[str] | None = None, *, num_cpus: float = 2, resources: str = "") -> int:
         """Start a worker node and wait until it has joined (two joining at once collided here);
         returns its index for `kill`."""
-        before = self.alive()
         cmd = (command or [str(BIN / "ray"), "start", f"--address={self.gcs}"]) + [
             f"--{k}={free_port()}" for k in NODE_PORTS]
         self._start(cmd, num_cpus, resources)
-        self.wait_alive(before + 1)
+        # Every node whose processes run, and no other: the GCS may not have seen a node
+        # killed a moment ago as dead yet (its health checks take seconds).
+        self.wait_alive(sum(node.poll() is None for node in self.nodes), timeout=180)
         self.workers.append(len(self.nodes) - 1)
         return len(self.nodes) - 1
 
@@ -82,9 +85,10 @@ class NodeCluster:
     def alive(self) -> int:
         """Alive nodes, as the GCS sees them."""
         out = subprocess.run([sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False);"
-                              " print(sum(n['Alive'] for n in ray.nodes()))", self.gcs],
+                              " print('alive=%d' % sum(n['Alive'] for n in ray.nodes()))", self.gcs],
                              env=self.env, capture_output=True, text=True, timeout=60)
-        return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
+        found = re.findall(r"^alive=(\d+)$", out.stdout, re.M)  # Ray may print warnings around it
+        return int(found[-1]) if out.returncode == 0 and found else 0
 
     def wait_alive(self, n: int, timeout: float = 120) -> None:
         wait_for(lambda: self.alive() == n, timeout, f"{n} alive nodes", every=2)
@@ -95,6 +99,13 @@ class NodeCluster:
         self.nodes[index].wait(timeout=30)
         if index in self.workers:
             self.workers.remove(index)
+
+    def lose_all(self) -> None:
+        """Lose the whole cluster at once, head included, as a data-centre outage would."""
+        for index, node in enumerate(self.nodes):
+            if node.poll() is None:
+                self.kill(index)
+        self.workers.clear()
 
     def shutdown(self) -> None:
         for node in reversed(self.nodes):

@@ -181,7 +181,14 @@ def _serve_config(path: Path) -> None:
                                                "autoscaling": {"min_replicas": 2, "max_replicas": 2}}],
                                    # On the head, which stays: the lost node takes model replicas only.
                                    "ingress": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": 0.25,
-                                               "resources": {"head": 0.01}}}}],
+                                               "resources": {"head": 0.01}},
+                                   # Job runners go to nodes with a `jobs` resource (none yet).
+                                   "jobs": {"store": f"s3://{BUCKET}/jobs",
+                                            "allowed_input_prefixes": [f"s3://{BUCKET}/job-corpus"],
+                                            "allowed_output_prefixes": [f"s3://{BUCKET}/job-out"],
+                                            "batch_size": 4, "rows_per_shard": 4, "max_actors": 1,
+                                            "cpus_per_actor": 0.25, "cpus_per_task": 0.25,
+                                            "runner_resources": {"jobs": 0.01}}}}],
     }
     path.write_text(yaml.safe_dump(config))
 
@@ -196,24 +203,32 @@ def _replicas(cluster) -> list[str]:
             for _ in range(deployments["model-tiny"]["replica_states"][s])]
 
 
-def test_serving_loses_a_replicas_node_under_load_and_recovers(cluster, tmp_path):
-    config = tmp_path / "serve.yaml"
+URL = "http://127.0.0.1:8000"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
+
+
+def _chat_ok() -> bool:
+    try:
+        return httpx.post(f"{URL}/v1/chat/completions", json=CHAT, headers=HEADERS, timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(cluster, tmp_path_factory):
+    """The app deployed with `serve deploy`, two model replicas running."""
+    config = tmp_path_factory.mktemp("serve") / "serve.yaml"
     _serve_config(config)
     out = subprocess.run([str(BIN / "serve"), "deploy", str(config), "--address", cluster.dashboard],
                          env=cluster.env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    url = "http://127.0.0.1:8000/v1/chat/completions"
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
-    headers = {"Authorization": f"Bearer {KEY}"}
+    wait_for(lambda: _chat_ok() and _replicas(cluster).count("RUNNING") == 2, 300, "two running replicas", every=2)
+    return cluster
 
-    def ok() -> bool:
-        try:
-            return httpx.post(url, json=body, headers=headers, timeout=30).status_code == 200
-        except httpx.HTTPError:
-            return False
 
-    wait_for(lambda: ok() and _replicas(cluster).count("RUNNING") == 2, 300, "two running replicas", every=2)
-
+def test_serving_loses_a_replicas_node_under_load_and_recovers(served):
+    cluster = served
     stop = threading.Event()
     outcomes: list[tuple[float, object]] = []
     bodies: list[str] = []
@@ -222,7 +237,7 @@ def test_serving_loses_a_replicas_node_under_load_and_recovers(cluster, tmp_path
         while not stop.is_set():
             t = time.monotonic()
             try:  # a hang would show as the client's timeout
-                r = httpx.post(url, json=body, headers=headers, timeout=60)
+                r = httpx.post(f"{URL}/v1/chat/completions", json=CHAT, headers=HEADERS, timeout=60)
                 status = r.status_code
                 if status != 200:
                     bodies.append(r.text[:300])
@@ -248,5 +263,81 @@ def test_serving_loses_a_replicas_node_under_load_and_recovers(cluster, tmp_path
 
     cluster.add_node(num_cpus=2)  # the replacement machine: Serve brings the replica back
     wait_for(lambda: _replicas(cluster).count("RUNNING") == 2, 300, "the replica to come back", every=3)
-    assert ok()
+    assert _chat_ok()
     print(f"\nserving: {dict(statuses)} across the loss")
+
+
+def _job(job_id: str) -> dict:
+    r = httpx.get(f"{URL}/v1/jobs/{job_id}", headers=HEADERS, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_batch_job_loses_its_runners_node_and_finishes_exactly_once(served):
+    cluster = served
+    corpus, out = f"s3://{BUCKET}/job-corpus", f"s3://{BUCKET}/job-out/run"
+    write_synthetic("chest-vqa", corpus, n=32, seed=5)
+    images = sorted(f.uri.rsplit("/", 1)[1] for f in storage.list_files(f"{corpus}/images"))
+    # The node the runner may live on (the only one with a `jobs` resource).
+    runners_node = cluster.add_node(num_cpus=1, resources='{"jobs": 1}')
+    r = httpx.post(f"{URL}/v1/jobs", headers=HEADERS, timeout=30, json={
+        "model": "tiny", "input": f"{corpus}/images", "output": out, "task": "vqa",
+        "question": "Is there an opacity?", "max_new_tokens": 8, "format": "jsonl"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    t0 = time.monotonic()
+    record = wait_for(lambda: (j := _job(job_id))["progress"]["rows_done"] >= 4 and j, 300, "the first shards",
+                      every=0.5)
+    assert record["status"] == "running" and record["progress"]["rows_done"] < len(images), record
+    before = _shard_names(out)
+    cluster.kill(runners_node)  # the runner (the pipeline's driver) goes with its node
+    killed_at = time.monotonic() - t0
+    # A replacement machine for the runners' pool joins; a GET finds the job runner-less and
+    # starts a new runner, which resumes from the shards.
+    cluster.add_node(num_cpus=1, resources='{"jobs": 1}')
+    final = wait_for(lambda: (j := _job(job_id))["status"] in ("succeeded", "failed", "cancelled") and j, 600,
+                     "the job to finish", every=2)
+    assert final["status"] == "succeeded", final
+    attempts = storage.read_text(f"s3://{BUCKET}/jobs/{job_id}.json")
+    assert '"attempts": 2' in attempts  # the lost runner, then the one that finished
+    ids = Counter(r["id"] for r in read_shards(out))
+    assert sorted(ids) == images and set(ids.values()) == {1}  # finished exactly once
+    assert before <= _shard_names(out)
+    assert final["progress"]["rows_done"] == len(images)
+    print(f"\nbatch job: runner's node lost at {killed_at:.1f} s, job done at {time.monotonic() - t0:.1f} s")
+
+
+def test_batch_job_resubmitted_after_a_full_cluster_restart_resumes_from_its_shards(cluster):
+    """Last in the module: it loses the head, and with it the cluster."""
+    corpus, out = f"s3://{BUCKET}/restart-corpus", f"s3://{BUCKET}/restart-out"
+    write_synthetic("chest-vqa", corpus, n=48, seed=9)
+    images = sorted(f.uri.rsplit("/", 1)[1] for f in storage.list_files(f"{corpus}/images"))
+    cmd = ["python", str(REPO / "jobs/infer.py"), "--model", "tiny://llava-mistral", "--task", "vqa",
+           "--question", "Is there an opacity?", "--input", f"{corpus}/images", "--output", out,
+           "--max-new-tokens", "8", "--batch-size", "4", "--rows-per-shard", "4", "--max-actors", "1",
+           "--cpus-per-actor", "1", "--cpus-per-task", "0.25", "--format", "jsonl"]
+    t0 = time.monotonic()
+    job = _submit(cluster, cmd)
+    try:
+        wait_for(lambda: len(_shard_names(out)) >= 2, 300, "the first shards", every=0.5)
+        cluster.lose_all()
+        lost_at = time.monotonic() - t0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    before = {uri: storage.read_bytes(uri) for uri in _shard_names(out)}
+    done_before = {r["id"] for r in read_shards(out)}
+    assert 0 < len(done_before) < len(images), "the job finished before the cluster was lost"
+
+    t0 = time.monotonic()
+    cluster.start_head(num_cpus=1, resources='{"head": 1}')
+    cluster.add_node(num_cpus=2)
+    restarted = time.monotonic() - t0
+    log, _ = _submit(cluster, cmd).communicate(timeout=600)
+    assert "succeeded" in log.lower(), log[-4000:]
+    assert f"{len(images) - len(done_before)} rows (0 errors, {len(done_before)} already done)" in log, log[-4000:]
+    ids = Counter(r["id"] for r in read_shards(out))
+    assert sorted(ids) == images and set(ids.values()) == {1}
+    assert all(storage.read_bytes(uri) == data for uri, data in before.items())  # kept as they were
+    print(f"\nfull restart: cluster lost at {lost_at:.1f} s with {len(done_before)} rows written; restarted in "
+          f"{restarted:.1f} s; the resubmitted job took {time.monotonic() - t0 - restarted:.1f} s")

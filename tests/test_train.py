@@ -198,7 +198,7 @@ def _kill_a_worker_after_first_checkpoint(output: Path, killed: list) -> threadi
 
 
 def test_worker_loss_and_resubmission_resume_to_identical_weights(ray_cluster, tmp_path):
-    stage = _stage(max_steps=24, checkpoint_every=4, log_every=4, micro_batch_size=4, global_batch_size=8,
+    stage = _stage(max_steps=16, checkpoint_every=4, log_every=4, micro_batch_size=4, global_batch_size=8,
                    lora={"r": 4, "alpha": 8, "dropout": 0.1, "merge": True}, train=[])
 
     run_curriculum(_curriculum(tmp_path / "clean", [stage]))

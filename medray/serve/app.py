@@ -123,7 +123,7 @@ class Api:
         self.info: dict = {}  # model name -> its family kind; fixed for a deployment's life
         if self.jobs:
             try:  # jobs left unfinished by an earlier deployment continue
-                n = recover(self.jobs)
+                n = recover(self.jobs, self.config.jobs.runner_resources)
                 if n:
                     log.info("looked after %d unfinished jobs", n)
             except Exception:
@@ -251,6 +251,9 @@ class Api:
             raise ApiError(404, "batch jobs are not configured on this server (set `jobs` in the config)")
         return self.jobs
 
+    def _ensure_runner(self, record: dict) -> dict:
+        return ensure_runner(self._job_store(), record, self.config.jobs.runner_resources)
+
     def _job(self, job_id: str) -> dict:
         record = self._job_store().get(job_id)
         if record is None:
@@ -284,7 +287,7 @@ class Api:
             raise ApiError(400, f"invalid job: {e.errors()[0]['msg']}") from None
         record = new_record(store.new_id(), body, infer.model_dump(mode="json"))
         store.put(record)
-        record = ensure_runner(store, record)
+        record = self._ensure_runner(record)
         return view(record)
 
     @app.get("/v1/jobs")
@@ -296,7 +299,7 @@ class Api:
     async def get_job(self, request: Request, job_id: str) -> dict:
         self._auth(request)
         store = self._job_store()
-        record = ensure_runner(store, self._job(job_id))  # a job whose runner was lost goes on
+        record = self._ensure_runner(self._job(job_id))  # a job whose runner was lost goes on
         return view(record, cancel_requested=store.cancel_requested(job_id))
 
     @app.delete("/v1/jobs/{job_id}")
@@ -308,7 +311,7 @@ class Api:
             raise ApiError(409, f"job {job_id} has already finished ({record['status']}); nothing to cancel",
                            code="job_finished")
         store.request_cancel(job_id)
-        record = ensure_runner(store, record)  # without a live runner, this marks it cancelled
+        record = self._ensure_runner(record)  # without a live runner, this marks it cancelled
         return view(record, cancel_requested=True)
 
 

@@ -80,6 +80,11 @@ class JobsConfig(StrictModel):
     gpus_per_actor: float = Field(0, ge=0)
     max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     """Upper bound a job may ask for."""
+    runner_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each job's runner (the pipeline's driver) asks for, to place it on
+    nodes that last, e.g. {"on_demand": 0.01} on a cluster whose other nodes are spot
+    instances. Empty: the runner goes where Ray puts it (usually beside the ingress). A lost
+    runner is restarted by the next GET of the job, and resumes from its shards."""
 
     def pipeline_resources(self) -> dict:
         """The InferConfig fields the server, not the client, decides for every job."""

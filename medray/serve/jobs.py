@@ -161,8 +161,9 @@ def _runner_alive(job_id: str) -> bool:
         return False
 
 
-def ensure_runner(store: JobStore, record: dict) -> dict:
-    """Start a runner for an unfinished job that has none; returns the (maybe updated) record."""
+def ensure_runner(store: JobStore, record: dict, resources: dict[str, float] | None = None) -> dict:
+    """Start a runner for an unfinished job that has none; returns the (maybe updated) record.
+    `resources`: the custom resources the runner needs (JobsConfig.runner_resources)."""
     if record["status"] in TERMINAL or _runner_alive(record["id"]):
         return record
     if store.cancel_requested(record["id"]):
@@ -176,7 +177,7 @@ def ensure_runner(store: JobStore, record: dict) -> dict:
         return record
     try:
         runner = JobRunner.options(name=f"medray-job-{record['id']}", namespace=NAMESPACE,
-                                   lifetime="detached").remote()
+                                   lifetime="detached", resources=resources or {}).remote()
     except ValueError:  # another replica started it a moment ago
         return record
     runner.run.remote(store.prefix, record["id"])  # fire and forget: the record reports
@@ -184,12 +185,12 @@ def ensure_runner(store: JobStore, record: dict) -> dict:
     return record
 
 
-def recover(store: JobStore) -> int:
+def recover(store: JobStore, resources: dict[str, float] | None = None) -> int:
     """Start runners for every unfinished job without one; returns how many were looked at."""
     unfinished = [r for r in store.list() if r["status"] not in TERMINAL]
     for record in unfinished:
         try:
-            ensure_runner(store, record)
+            ensure_runner(store, record, resources)
         except Exception:
             log.exception("could not recover job %s", record["id"])
     return len(unfinished)
