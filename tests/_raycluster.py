@@ -94,8 +94,20 @@ class NodeCluster:
         wait_for(lambda: self.alive() == n, timeout, f"{n} alive nodes", every=2)
 
     def kill(self, index: int) -> None:
-        """Lose node `index` as a machine is lost: every process of it at once."""
+        """Lose node `index` as a machine is lost: every process of it at once, including
+        those that left its process group (a job's driver runs in a session of its own)."""
+        import psutil
+
+        try:
+            strays = psutil.Process(self.nodes[index].pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            strays = []
         os.killpg(self.nodes[index].pid, signal.SIGKILL)
+        for proc in strays:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.nodes[index].wait(timeout=30)
         if index in self.workers:
             self.workers.remove(index)

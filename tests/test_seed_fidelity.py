@@ -44,7 +44,7 @@ CORPUS = ["[INST] Is there an opacity in the left lung? [/INST] yes", "Where is 
           "A chest x-ray with a mass at the edge of the image."]
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
             patch_size=8, projection_dim=32)
-LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
           max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
 N_PATCHES = (32 // 8) ** 2
 

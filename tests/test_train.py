@@ -198,25 +198,17 @@ def _kill_a_worker_after_first_checkpoint(output: Path, killed: list) -> threadi
 
 
 def test_worker_loss_and_resubmission_resume_to_identical_weights(ray_cluster, tmp_path):
+    # A worker process killed under max_failures > 0 is restarted by Ray Train and resumes
+    # from the checkpoint: tests/test_node_loss.py proves that for a whole lost node, with
+    # bit-identical weights. Here: with no retries the run fails, and resubmitting resumes it.
     stage = _stage(max_steps=16, checkpoint_every=4, log_every=4, micro_batch_size=4, global_batch_size=8,
                    lora={"r": 4, "alpha": 8, "dropout": 0.1, "merge": True}, train=[])
 
     run_curriculum(_curriculum(tmp_path / "clean", [stage]))
     clean = _weights(tmp_path / "clean" / "s")
-
-    # A worker dies mid-stage; Ray Train restarts the group, which resumes from the checkpoint.
     killed: list = []
-    thread = _kill_a_worker_after_first_checkpoint(tmp_path / "restarted", killed)
-    run_curriculum(_curriculum(tmp_path / "restarted", [{**stage, "max_failures": 2}]))
-    thread.join()
-    assert killed, "no worker was killed"
-    restarted = _weights(tmp_path / "restarted" / "s")
-    assert max(r.get("resumed_from", 0) for r in map(json.loads, (tmp_path / "restarted" / "s" / "metrics.jsonl")
-               .read_text().splitlines())) > 0
-    assert all(torch.equal(clean[k], restarted[k]) for k in clean)
 
     # With no retries the run fails; resubmitting the same curriculum resumes it.
-    killed.clear()
     thread = _kill_a_worker_after_first_checkpoint(tmp_path / "resubmitted", killed)
     with pytest.raises(Exception):
         run_curriculum(_curriculum(tmp_path / "resubmitted", [{**stage, "max_failures": 0}]))

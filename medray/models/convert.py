@@ -30,6 +30,7 @@ from medray import storage
 
 from .loading import ModelLoadError, read_config, resolve_model_uri
 from .processing import ModelOptions, attach_options, save_processor
+from .saving import save_model
 from .templates import get_template
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ def convert_llava(src: str | Path, out: str | Path, *, vision_tower: str | None 
                                num_additional_image_tokens=1, image_token=spec.image_token)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    save_model(model, out)
     save_processor(attach_options(processor, ModelOptions(prompt_tokenization=spec.prompt_tokenization)), out)
     _write_generation_config(src_path, out, spec)
     log.info("converted %s (LLaVA %s, %s) to %s", src, spec.version, src_cfg["model_type"], out)

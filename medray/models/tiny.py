@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 from .families import get_family
+from .saving import save_model
 from .templates import get_template
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-TINY_VERSION = 1  # bump when the recipe below changes, so cached tiny:// builds refresh
+TINY_VERSION = 2  # bump when the recipe below changes, so cached tiny:// builds refresh
 
 # A small medical vocabulary for the tokenizer. It holds the answer words whole so the
 # BPE learns them as few tokens: a tokenizer that never saw "yes" spells it in 4 pieces.
@@ -95,9 +96,10 @@ def _image_processor():
 
 
 def _text_kwargs(tokenizer) -> dict:
-    # 4 KV heads (not fewer): k/v projections stay 64 wide for bitsandbytes.
+    # 2 heads of 32: vLLM's CPU attention takes head sizes from 32 up (16 fails), and the
+    # k/v projections stay 64 wide, which bitsandbytes needs.
     return dict(vocab_size=_vocab_size(tokenizer), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                 max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                 tie_word_embeddings=False)
@@ -159,7 +161,7 @@ def write_tiny_model(family: str, out: str | os.PathLike, *, seed: int = 0,
     model.generation_config.pad_token_id = processor.pad_token_id if hasattr(processor, "pad_token_id") \
         else processor.tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    save_model(model, out)
     processor.save_pretrained(out)
     log.info("wrote tiny %s (seed %d) to %s", family, seed, out)
     return out

@@ -19,6 +19,7 @@ import torch
 from medray import storage
 from medray.models import load_model
 from medray.models.processing import save_processor
+from medray.models.saving import save_model
 
 from .config import StageConfig
 from .metrics import MetricsLog
@@ -54,10 +55,10 @@ def export_stage(start_uri: str, stage: StageConfig, seed: int, trainable: dict[
             save_processor(lm.processor, adapter_dir)
             if stage.lora.merge:
                 merged = model.merge_and_unload()
-                merged.save_pretrained(out, safe_serialization=True)
+                save_model(merged, out)
                 save_processor(lm.processor, out)
         else:
-            model.save_pretrained(out, safe_serialization=True)
+            save_model(model, out)
             save_processor(lm.processor, out)
         (out / "metrics.jsonl").write_text(metrics.jsonl())
         (out / "loss.png").write_bytes(metrics.loss_png(f"{stage.name}: training loss"))

@@ -1,0 +1,180 @@
+"""Every LLaVA directory medray writes loads in vLLM as it is, and vLLM answers as transformers
+does: a tiny model, converted LLaVA-Med checkpoints (v1.5 and v1, fixtures in LLaVA's own
+layout), the model `manifests/tiny/llava-med.yaml` trains (the quickstart's), a merged LoRA
+stage on it, and that stage's PEFT adapter through `LoRARequest`.
+
+vLLM (its CPU build) lives in its own environment, .venv-vllm (`make vllm`), because its pins
+sit below medray's. tests/_vllm_generate.py runs there and imports nothing of medray. The
+reference is plain transformers here: the directory's own processor and chat template,
+`generate` greedy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from medray.data.synthetic import chest_image
+from medray.models.tiny import write_tiny_model
+from medray.train import Curriculum, load_manifest, run_curriculum
+
+from test_seed_fidelity import square_image, write_llava_med_v1, write_llava_med_v15
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = REPO / os.environ.get("MEDRAY_VLLM_VENV", ".venv-vllm") / "bin" / "python"
+NEW_TOKENS = 8
+QUESTIONS = ["Is there an opacity?", "Describe the image.", "Where is the lesion?", "Is this a chest x-ray?"]
+
+pytestmark = pytest.mark.skipif(
+    not VLLM_PYTHON.exists() and os.environ.get("MEDRAY_CI") != "1",
+    reason="vLLM's environment is missing: `make vllm` builds .venv-vllm")
+
+
+def _images(root: Path) -> list[Path]:
+    paths = []
+    for i, side in enumerate(["left", "right", "none", "left"]):
+        path = root / f"img-{i}.png"
+        Image.fromarray(chest_image(side, 32 if i % 2 else 64, seed=i)).save(path)
+        paths.append(path)
+    square = root / "square.png"
+    square_image().save(square)
+    return paths + [square]
+
+
+def _prompts(model_dir: Path, images: list[Path]) -> list[dict]:
+    """The directory's own chat template renders each question with one image."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    prompts = []
+    for i, image in enumerate(images):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[i % 4]}]}]
+        prompts.append({"question": QUESTIONS[i % 4], "image": str(image),
+                        "prompt": processor.apply_chat_template(messages, add_generation_prompt=True)})
+    return prompts
+
+
+def _transformers_greedy(model_dir: Path, prompts: list[dict], adapter: Path | None = None):
+    """(prompt ids, new ids) per prompt, from plain transformers (and PEFT for an adapter)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model, info = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                                output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # transformers reads the layout whole
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    # vLLM runs with the test's own SamplingParams (greedy, no stop strings): so does this.
+    model.generation_config.stop_strings = None
+    out = []
+    for p in prompts:
+        # The processor's defaults, as vLLM calls it. (A converted LLaVA-Med v1.5 then gets two
+        # BOS tokens, its template's and its tokenizer's, on both: a known fault of that
+        # template outside medray's own encoder, which keeps one.)
+        inputs = processor(text=p["prompt"], images=Image.open(p["image"]).convert("RGB"), return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 tokenizer=processor.tokenizer)
+        n = inputs["input_ids"].shape[1]
+        out.append((inputs["input_ids"][0].tolist(), ids[0, n:].tolist()))
+    return out
+
+
+def _vllm_greedy(tmp_path: Path, models: list[dict]) -> list[dict]:
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"max_tokens": NEW_TOKENS, "models": models}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([str(VLLM_PYTHON), str(REPO / "tests/_vllm_generate.py"), str(job)], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-5000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, ray_cluster):
+    """Model directories as medray writes them, by each of its writers."""
+    root = tmp_path_factory.mktemp("vllm")
+    models = {"tiny llava-mistral": write_tiny_model("llava-mistral", root / "tiny-mistral", seed=0)}
+    from medray.models.convert import convert_llava
+
+    ckpt, _ = write_llava_med_v15(root / "v15", legacy=False)
+    models["converted v1.5"] = convert_llava(ckpt, root / "v15-hf")
+    ckpt, _ = write_llava_med_v1(root / "v1", legacy=False)
+    models["converted v1"] = convert_llava(ckpt, root / "v1-hf")
+    # The quickstart's manifest as it is; a LoRA stage.
+    run_curriculum(load_manifest(REPO / "manifests/tiny/llava-med.yaml", [f"output={root / 'run'}"]))
+    lora = {"name": "lora", "data": {"synthetic": {"kind": "chest-conversations", "n": 32, "seed": 1}}, "train": [],
+            "lr": 2e-2, "micro_batch_size": 4, "global_batch_size": 8, "max_steps": 4, "max_length": 160,
+            "checkpoint_every": 100, "log_every": 2, "workers": 1, "cpus_per_worker": 1,
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "merge": True,
+                     "target_modules": r".*language_model.*\.(q_proj|v_proj)"}}
+    # On the random tiny model, whose answers any adapter moves: so the adapter's effect shows.
+    run_curriculum(Curriculum.model_validate({"base_model": "tiny://llava-mistral",
+                                              "output": str(root / "lora"), "stages": [lora]}))
+    models["trained (manifests/tiny/llava-med.yaml)"] = root / "run" / "instruct"
+    models["merged LoRA"] = root / "lora" / "lora"
+    return root, models
+
+
+def test_every_model_medray_writes_loads_in_vllm_and_answers_as_transformers(written, tmp_path):
+    root, models = written
+    images = _images(root)
+    adapter = models["merged LoRA"] / "adapter"  # the LoRA stage's adapter, on the model it trained from
+    jobs, expected, names = [], [], []
+    for name, model_dir in models.items():
+        assert any("vision_tower.vision_model." in k for k in _keys(model_dir)), name  # the published layout
+        # The square image only for the converted: the v1.5 pad rule (issue 11) leaves it as it is.
+        prompts = _prompts(model_dir, [images[-1]] if name.startswith("converted") else images)
+        want = _transformers_greedy(model_dir, prompts)
+        job = {"model": str(model_dir), "lora": None, "prompts": prompts}
+        if name == "converted v1":
+            # LLaVA-Med v1's projector is one linear layer, written exactly as HF Llava's two
+            # with act "linear" (identity) and linear_2 = I. transformers knows no other name
+            # for identity, and vLLM knows only "torch.nn.modules.linear.Identity": this one
+            # field has to be overridden for vLLM (medray's own vLLM use does the same).
+            job["hf_overrides"] = {"projector_hidden_act": "torch.nn.modules.linear.Identity"}
+        names += [name] * len(prompts)
+        if name == "tiny llava-mistral":  # tiny://llava-mistral, seed 0: the LoRA stage's base
+            job["lora"] = str(adapter)
+            job["prompts"] = prompts + [{**p, "adapter": True} for p in prompts]
+            want += _transformers_greedy(model_dir, prompts, adapter)
+            names += ["PEFT adapter"] * len(prompts)
+        jobs.append(job)
+        expected += want
+    results = _vllm_greedy(tmp_path, jobs)
+    got = [(p, t) for r in results for p, t in zip(r["prompt_token_ids"], r["token_ids"])]
+    assert len(got) == len(expected)
+    agree: dict[str, list[int]] = {}
+    for name, (prompt_ids, new_ids), (vllm_prompt, vllm_new) in zip(names, expected, got):
+        assert vllm_prompt == prompt_ids, name  # the same prompt, image tokens expanded the same way
+        assert vllm_new[0] == new_ids[0], (name, vllm_new, new_ids)  # the first token exactly
+        agree.setdefault(name, []).append(vllm_new == new_ids)
+    print(f"\nvLLM against transformers, greedy, up to {NEW_TOKENS} tokens or EOS, prompts equal in every token: "
+          + ", ".join(f"{name} {sum(a)}/{len(a)}" for name, a in agree.items()))
+    # fp32 near-ties in random weights may flip a later token; most prompts agree whole.
+    total = sum(len(a) for a in agree.values())
+    assert sum(sum(a) for a in agree.values()) >= total // 2, agree
+    base = [e for n, e in zip(names, expected) if n == "tiny llava-mistral"]
+    tuned = [e for n, e in zip(names, expected) if n == "PEFT adapter"]
+    assert tuned and tuned != base  # the adapter changes answers: it was applied
+
+
+def _keys(model_dir: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys = []
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            keys += list(f.keys())
+    return keys
