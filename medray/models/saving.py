@@ -11,20 +11,19 @@ writes the published one.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 TOWER, HUB_TOWER = "vision_tower.", "vision_tower.vision_model."
 INDEX = "model.safetensors.index.json"
 
 
-def save_model(model, out: str | Path, **kwargs) -> Path:
-    """`save_pretrained` (safetensors only), then the published hub layout."""
+def save_model(model, out: str | Path) -> Path:
+    """`save_pretrained` (safetensors only), then the published hub layout. The rename
+    rewrites only the shards that hold tower tensors (for a 7B LLaVA, the one or two with the
+    ~0.3B tower), at the cost of writing those twice."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True, **kwargs)
+    model.save_pretrained(out, safe_serialization=True)
     to_hub_layout(out)
     return out
 
