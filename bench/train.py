@@ -58,16 +58,33 @@ def bare_loop(records: str, steps: int, threads: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _bare_loop_in_a_thread(records: str, steps: int, threads: int) -> float:
+    """bare_loop on a thread of its own, as Ray Train runs train_loop_per_worker (its
+    TrainingThread). Measured here, in two paired runs of 240 steps: the same loop on a
+    process's main thread ran 7-9 % slower (231 against 253, 220 against 237 samples/s).
+    The cause is not proven; a plausible one is that glibc gives a non-main thread its own
+    malloc arena, which a CPU step allocating many small tensors feels. An earlier bench ran
+    the baseline on the main thread, with 40-step windows, and read Ray Train as 17 % faster."""
+    import threading
+
+    result: list[float] = []
+    worker = threading.Thread(target=lambda: result.append(bare_loop(records, steps, threads)))
+    worker.start()
+    worker.join()
+    return result[0]
+
+
 def bare_loop_in_fresh_process(records: str, steps: int, threads: int) -> float:
     """bare_loop in a new process with the thread settings Ray gives a worker of `threads`
-    CPUs (OMP_NUM_THREADS), beside the same running Ray: the two loops differ only by Ray Train."""
+    CPUs (OMP_NUM_THREADS), on a non-main thread as Ray Train's, beside the same running Ray:
+    the two loops differ only by Ray Train."""
     import multiprocessing
 
     before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(bare_loop, (records, steps, threads))
+            return pool.apply(_bare_loop_in_a_thread, (records, steps, threads))
     finally:
         if before is None:
             os.environ.pop("OMP_NUM_THREADS")
@@ -148,7 +165,8 @@ def gpu_mfu(steps: int = 6) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=80)
+    # 240 steps: the second half is ~8 s at 1 thread; 40-step windows varied by +-10 % run to run.
+    parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
                         help="torch threads for both loops; one set of runs per value")
     add_repeat(parser)
@@ -166,8 +184,13 @@ def main() -> None:
         for r in range(args.repeat):
             with tempfile.TemporaryDirectory() as tmp:
                 corpus = write_synthetic("chest-conversations", os.path.join(tmp, "data"), n=args.steps * 16, seed=0)
-                bare.append(bare_loop_in_fresh_process(corpus.records, args.steps, threads))
+                # Alternating which goes first, so a drift of the machine does not favour one.
+                first_bare = r % 2 == 0
+                if first_bare:
+                    bare.append(bare_loop_in_fresh_process(corpus.records, args.steps, threads))
                 ray.append(ray_train(corpus.records, args.steps, threads, Path(tmp) / "run"))
+                if not first_bare:
+                    bare.append(bare_loop_in_fresh_process(corpus.records, args.steps, threads))
             print(f"[{threads} thread(s)] run {r + 1}: bare {bare[-1]:.1f}, Ray Train {ray[-1]:.1f} samples/s")
         overhead = [100 * (b / r - 1) for b, r in zip(bare, ray)]
         lines.append(f"{threads} torch thread(s): bare loop {spread(bare, '{:.1f}')} samples/s, Ray Train (1 worker) "
