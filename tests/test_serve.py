@@ -208,6 +208,11 @@ def test_bad_requests_get_clear_4xx_and_the_service_stays_healthy(server):
     cases = [
         ("no key", _post(server, {"model": "llava", "messages": msg}, key=None), 401, "API key"),
         ("wrong key", _post(server, {"model": "llava", "messages": msg}, key="sk-wrong"), 401, "API key"),
+        # The key is checked before the body is read: no schema hints for a client without one.
+        ("no key and bad JSON", _post(server, raw=b"{not json", key=None), 401, "API key"),
+        ("no key, incomplete job", httpx.post(server["url"] + "/v1/jobs", json={"model": "llava"}, timeout=60),
+         401, "API key"),
+        ("no key, job status", httpx.get(server["url"] + "/v1/jobs/abc", timeout=60), 401, "API key"),
         ("bad JSON", _post(server, raw=b"{not json"), 400, "invalid request"),
         # what `curl -d '{...}'` sends without -H 'Content-Type: application/json'
         ("form-encoded JSON", httpx.post(server["url"] + "/v1/chat/completions",
@@ -266,6 +271,39 @@ def test_bad_requests_get_clear_4xx_and_the_service_stays_healthy(server):
     assert ok.status_code == 200
     assert httpx.get(server["url"] + "/healthz").json() == {"status": "ok"}
     assert httpx.get(server["url"] + "/readyz").status_code == 200
+
+
+def test_adapters_the_server_cannot_batch_are_refused_at_start(tmp_path, monkeypatch):
+    """A LoRA adapter that also trains the projector in full (PEFT modules_to_save, as LLaVA's
+    LoRA recipes and BabyDoctor's manifest do) or puts LoRA on fused MoE expert parameters
+    (BiMediX's) cannot share a mixed-adapter generate call: the app refuses it when it is
+    built, saying what to serve instead, so it never breaks requests to the base model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from medray.models import load_model
+
+    torch.manual_seed(0)
+    # Written by PEFT itself, not by medray's trainer.
+    get_peft_model(load_model("tiny://llava-mistral").model, LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["multi_modal_projector"])).save_pretrained(
+        tmp_path / "with-projector")
+    get_peft_model(load_model("tiny://mixtral").model, LoraConfig(
+        r=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"])).save_pretrained(tmp_path / "moe")
+    _write_adapter(tmp_path / "plain", seed=3)
+    monkeypatch.setenv("MEDRAY_API_KEYS", KEY)
+
+    def app(model: str, adapters: dict):
+        return build_app({"models": [{"name": "m", "uri": model, "adapters": adapters}]})
+
+    assert app("tiny://llava-mistral", {"plain": str(tmp_path / "plain")}) is not None
+    with pytest.raises(ValueError, match="'projector'.*modules_to_save.*merged export") as refused:
+        app("tiny://llava-mistral", {"plain": str(tmp_path / "plain"), "projector": str(tmp_path / "with-projector")})
+    assert "multi_modal_projector" in str(refused.value) and "'plain'" not in str(refused.value)
+    with pytest.raises(ValueError, match="'moe'.*experts.gate_up_proj.*merged export"):
+        app("tiny://mixtral", {"moe": str(tmp_path / "moe")})
+    with pytest.raises(ValueError, match="'nothing'.*adapter_config.json"):
+        app("tiny://llava-mistral", {"nothing": str(tmp_path / "missing")})
 
 
 def test_shipped_serve_config_builds(monkeypatch):
@@ -442,6 +480,90 @@ def test_jobs_can_be_cancelled_and_bad_jobs_get_4xx(server):
         assert response.status_code == status, (name, response.status_code, response.text)
         if text:
             assert text.lower() in response.json()["error"]["message"].lower(), (name, response.text)
+
+
+def test_a_full_queue_answers_503_and_a_request_over_its_time_limit_504(server):
+    """Each model has a bounded queue: past it a request gets 503 with Retry-After at once (the
+    openai SDK retries it), never a wait without end. A request over its time limit gets a
+    504, and the replica stops working on it: its slot is free at once."""
+    import threading
+    import time
+
+    import openai
+    from ray import serve
+
+    args = {"models": [{"name": "queue", "uri": "tiny://llama", "max_batch_size": 1, "max_ongoing_requests": 1,
+                        "max_queued_requests": 2, "cpus_per_replica": 0.1},
+                       {"name": "slow", "uri": "tiny://llama", "max_batch_size": 1, "request_timeout_s": 2.0,
+                        "cpus_per_replica": 0.1}],
+            "api_keys": [KEY], "limits": {"max_tokens": 1900}}
+    serve.run(build_app(args), name="limits", route_prefix="/limits")
+    url = server["url"] + "/limits/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    msg = [{"role": "user", "content": "Describe the film."}]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            responses = list(pool.map(lambda _: httpx.post(url, headers=auth, timeout=60, json={
+                "model": "queue", "messages": msg, "max_tokens": 200}), range(10)))
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        busy = next(r for r in responses if r.status_code == 503)
+        assert busy.headers.get("retry-after") == "1", (busy.text, busy.headers)
+        assert busy.json()["error"]["code"] == "overloaded" and "queue is full" in busy.json()["error"]["message"]
+        client = openai.OpenAI(base_url=server["url"] + "/limits/v1", api_key=KEY, max_retries=20)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: client.chat.completions.create(model="queue", messages=msg,
+                                                                             max_tokens=16), range(6)))
+        assert all(a.usage.completion_tokens > 0 for a in answers)  # every one answered, after retries
+
+        handle = serve.get_deployment_handle("model-slow", app_name="limits")
+
+        def freed_within(seconds: float) -> bool:
+            end = time.monotonic() + seconds
+            while handle.info.remote().result()["ongoing"] and time.monotonic() < end:
+                time.sleep(0.1)
+            return handle.info.remote().result()["ongoing"] == 0
+
+        # 1,900 tokens take this replica 5 s or more; the limit is 2 s.
+        slow = httpx.post(url, headers=auth, timeout=60, json={"model": "slow", "messages": msg, "max_tokens": 1900})
+        assert slow.status_code == 504, slow.text
+        assert "within 2 s" in slow.json()["error"]["message"] and slow.json()["error"]["code"] == "timeout"
+        assert freed_within(2)
+        with httpx.stream("POST", url, headers=auth, timeout=60, json={
+                "model": "slow", "messages": msg, "max_tokens": 1900, "stream": True}) as streamed:
+            assert streamed.status_code == 200  # the first token came in time; the rest did not
+            lines = [line for line in streamed.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and "time limit" in lines[-2]
+        assert freed_within(2)
+        ok = httpx.post(url, headers=auth, timeout=60, json={"model": "slow", "messages": msg, "max_tokens": 4})
+        assert ok.status_code == 200
+
+        # A redeploy drains: the request in flight on the old replica finishes, and requests
+        # sent meanwhile are answered by the old replicas or the new ones, none refused.
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            long = pool.submit(httpx.post, url, headers=auth, timeout=120,
+                               json={"model": "queue", "messages": msg, "max_tokens": 600})
+            time.sleep(0.3)
+            changed = {**args, "models": [{**args["models"][0], "max_batch_size": 2}, args["models"][1]]}
+            redeployed = threading.Event()
+
+            def meanwhile() -> list[int]:
+                codes = []
+                while not redeployed.is_set():
+                    codes.append(httpx.post(url, headers=auth, timeout=120, json={
+                        "model": "slow", "messages": msg, "max_tokens": 2}).status_code)
+                return codes
+
+            during = pool.submit(meanwhile)
+            serve.run(build_app(changed), name="limits", route_prefix="/limits")
+            redeployed.set()
+            finished = long.result()
+            assert finished.status_code == 200, finished.text
+            assert finished.json()["choices"][0]["finish_reason"] == "length"  # all 600 tokens, not cut off
+            codes = during.result()
+            assert codes and set(codes) == {200}, [c for c in codes if c != 200]
+    finally:
+        serve.delete("limits")
 
 
 def test_replicas_scale_up_under_sustained_load(server):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -130,13 +131,19 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def generate_encoded(self, encoded: Sequence[Encoded], settings: GenerationSettings = GenerationSettings(),
-                         adapters: Sequence[str | None] | None = None) -> list[Answer]:
+                         adapters: Sequence[str | None] | None = None,
+                         deadlines: Sequence[float | None] | None = None) -> list[Answer]:
         """Generate for a batch. `adapters` names a loaded PEFT adapter per row (None: the base
-        model); rows with different adapters share one generate call (PEFT mixed batches)."""
+        model); rows with different adapters share one generate call (PEFT mixed batches).
+        A row stops at its deadline (time.monotonic(); None: none), with what it has so far;
+        the call ends when every row has."""
         if not encoded:
             return []
         inputs = self._collate(encoded)
-        output = self.loaded.model.generate(**inputs, **self._generate_kwargs(settings, adapters))
+        kwargs = self._generate_kwargs(settings, adapters)
+        if deadlines is not None and any(d is not None for d in deadlines):
+            kwargs["stopping_criteria"] = _deadline_criteria(deadlines)
+        output = self.loaded.model.generate(**inputs, **kwargs)
         prompt_len = inputs["input_ids"].shape[1]
         return [self._answer(output[row, prompt_len:].tolist(), len(encoded[row].input_ids), settings)
                 for row in range(len(encoded))]
@@ -258,6 +265,19 @@ class _QueueStreamer:
 
     def end(self) -> None:
         pass
+
+
+def _deadline_criteria(deadlines: Sequence[float | None]):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    ends = torch.tensor([float("inf") if d is None else d for d in deadlines], dtype=torch.float64)
+
+    class PastDeadline(StoppingCriteria):
+        # Per row: a row past its deadline is done (transformers pads it from then on).
+        def __call__(self, input_ids, scores, **kwargs):
+            return (ends < time.monotonic()).to(input_ids.device)
+
+    return StoppingCriteriaList([PastDeadline()])
 
 
 def _cancel_criteria(cancel: threading.Event):

@@ -14,6 +14,7 @@ app from one class); schemas and image intake live in openai_api.py and images.p
 # body model) on the ingress methods, which Serve wraps. `@serve.ingress` also pickles the
 # app (routes included) when the class is defined, so everything the routes call must be
 # importable (openai_api.py, images.py) or defined above the class.
+import asyncio
 import hashlib
 import logging
 import time
@@ -28,7 +29,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError
-from ray.serve.exceptions import RayServeException
+from ray.serve.exceptions import BackPressureError, RayServeException
 
 from medray import storage
 from medray.infer import GenerationSettings
@@ -38,7 +39,7 @@ from .config import ServeConfig
 from .jobs import JobRequest, JobStore, ensure_runner, new_record, recover, view
 from .images import read_image
 from .metrics import Metrics
-from .model import ModelServer
+from .model import ModelServer, check_adapters
 from .openai_api import ApiError, ChatRequest, ContentPart, error_response, sse_chunks, usage_of
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,15 @@ async def _limits_and_metrics(request: Request, call_next):
     started = time.perf_counter()
     config: ServeConfig | None = STATE.get("config")
     size = request.headers.get("content-length")
-    if config and size and size.isdigit() and int(size) > config.limits.max_body_bytes:
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    path = path[len(root):] if root and path.startswith(root) else path  # under a route_prefix
+    if path.startswith("/v1/") and not _key_ok(request.headers.get("authorization", ""),
+                                                            STATE.get("keys", set())):
+        # Every /v1/ route needs a key, checked here, before the body is read or validated:
+        # a client without a key learns nothing about the API's schema, and costs nothing.
+        response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                  kind="authentication_error", code="invalid_api_key")
+    elif config and size and size.isdigit() and int(size) > config.limits.max_body_bytes:
         # Refused before the body is read: an oversized upload costs nothing.
         response = error_response(413, f"request body over {config.limits.max_body_bytes} bytes; send smaller images")
     else:
@@ -69,6 +78,13 @@ async def _limits_and_metrics(request: Request, call_next):
         metrics.request(getattr(route, "path", "unmatched"), request.method, response.status_code,
                         time.perf_counter() - started)
     return response
+
+
+def _key_ok(header: str, keys: set[str]) -> bool:
+    """`Authorization: Bearer <key>` with a key whose SHA-256 digest is configured."""
+    scheme, _, token = header.partition(" ")
+    return (scheme.lower() == "bearer" and bool(token.strip())
+            and hashlib.sha256(token.strip().encode()).hexdigest() in keys)
 
 
 @app.exception_handler(ApiError)
@@ -119,7 +135,8 @@ class Api:
 
         from .metrics import MetricsBuffer
 
-        STATE.update(config=self.config, metrics=MetricsBuffer(metrics) if metrics is not None else None)
+        STATE.update(config=self.config, keys=self.keys,
+                     metrics=MetricsBuffer(metrics) if metrics is not None else None)
         self.info: dict = {}  # model name -> its family kind; fixed for a deployment's life
         if self.jobs:
             try:  # jobs left unfinished by an earlier deployment continue
@@ -129,15 +146,7 @@ class Api:
             except Exception:
                 log.exception("job recovery failed; GET /v1/jobs/{id} retries it per job")
 
-    # -- helpers
-    def _auth(self, request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not token.strip() or digest not in self.keys:
-            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           kind="authentication_error", code="invalid_api_key")
-
+    # -- helpers (API keys are checked by the middleware, before a route runs)
     def _convert(self, req: ChatRequest, kind: str) -> tuple[list[dict], list]:
         messages, images, chars = [], [], 0
         for i, m in enumerate(req.messages):
@@ -170,6 +179,32 @@ class Api:
             raise ApiError(404, e.args[0], param="model", code="model_not_found") from None
         return spec, adapter
 
+    async def _answer(self, awaitable, response, spec, deadline: float):
+        """Await a model replica's answer (or first stream event) within the request's time
+        limit; the server's failures become 503/504, the request's 400."""
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            response.cancel()  # leaves the queue, or stops generating; frees the slot either way
+            log.warning("request to %s over its time limit (%.0f s)", spec.name, spec.request_timeout_s)
+            raise ApiError(504, f"no answer from model {spec.name!r} within {spec.request_timeout_s:g} s; the "
+                                "request was stopped. Retry later, or ask for fewer tokens",
+                           kind="timeout", code="timeout") from None
+        except BackPressureError:
+            # Serve's queue for this model (max_queued_requests) is full: the caller should come
+            # back shortly, and the openai SDK does so for a 503 on its own.
+            raise ApiError(503, f"model {spec.name!r} is busy: its queue is full; retry after a moment",
+                           kind="server_error", code="overloaded", headers={"Retry-After": "1"}) from None
+        except REPLICA_LOST as e:  # the server's fault (a node or replica went away), not the request's
+            log.warning("model replica lost: %s", type(e).__name__)
+            raise ApiError(503, f"the model replica serving {spec.name!r} went away; retry the request "
+                                "(Serve is replacing it)", kind="server_error", headers={"Retry-After": "1"}) from None
+        except StopAsyncIteration:
+            return None
+        except Exception as e:  # a template or model refusal: the request asked for something it cannot do
+            log.warning("generation failed: %s", type(e).__name__)
+            raise ApiError(400, f"the model could not answer this request: {str(e).splitlines()[-1][:300]}") from None
+
     # -- routes
     @app.get("/", include_in_schema=False)
     async def page(self):
@@ -196,22 +231,22 @@ class Api:
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
-    async def list_models(self, request: Request) -> dict:
-        self._auth(request)
+    async def list_models(self) -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
                                             "owned_by": "medray"} for name in self.config.model_ids()]}
 
     @app.post("/v1/chat/completions")
-    async def chat(self, request: Request, body: ChatRequest):
-        self._auth(request)
+    async def chat(self, body: ChatRequest):
         spec, adapter = self._model(body.model)
         limit = self.config.limits.max_tokens
         max_tokens = body.max_completion_tokens or body.max_tokens or min(256, limit)
         if max_tokens > limit:
             raise ApiError(400, f"max_tokens may be at most {limit}", param="max_tokens")
         handle = self.models[spec.name]
-        if spec.name not in self.info:
-            self.info[spec.name] = await handle.info.remote()
+        deadline = time.monotonic() + spec.request_timeout_s
+        if spec.name not in self.info:  # asked of a replica once; it queues like any call
+            info = handle.info.remote()
+            self.info[spec.name] = await self._answer(info, info, spec, deadline)
         messages, images = self._convert(body, self.info[spec.name]["kind"])
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
@@ -220,23 +255,22 @@ class Api:
         # (frozen) objects, which is how the replica groups a batch into generate calls.
         settings = GenerationSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                       stop=tuple(stop), seed=body.seed)
-        call = (EngineRequest(messages, images), settings, adapter)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        # The time limit goes with the call, as a duration (the replica's clock is another
+        # machine's), and half a second longer: the ingress answers 504 at the limit itself,
+        # and a replica that stopped first would have its cut-short answer sent as a 200.
+        call = (EngineRequest(messages, images), settings, adapter, spec.request_timeout_s + 0.5)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             events = handle.options(stream=True).stream.remote(*call)
-            return StreamingResponse(sse_chunks(events, completion_id, body.model, usage),
+            # The first event is awaited here, so a full queue, a time-out or a lost replica
+            # still gets its status code; after it the 200 is sent and errors go in the stream.
+            first = await self._answer(events.__anext__(), events, spec, deadline)
+            return StreamingResponse(sse_chunks(events, completion_id, body.model, usage, first, deadline),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            answer = await handle.generate.remote(*call)
-        except REPLICA_LOST as e:  # the server's fault (a node or replica went away), not the request's
-            log.warning("model replica lost: %s", type(e).__name__)
-            raise ApiError(503, f"the model replica serving {spec.name!r} went away; retry the request "
-                                "(Serve is replacing it)", kind="server_error", headers={"Retry-After": "1"})
-        except Exception as e:  # a template or model refusal: the request asked for something it cannot do
-            log.warning("generation failed: %s", type(e).__name__)
-            raise ApiError(400, f"the model could not answer this request: {str(e).splitlines()[-1][:300]}")
+        response = handle.generate.remote(*call)
+        answer = await self._answer(response, response, spec, deadline)
         return {
             "id": completion_id, "object": "chat.completion", "created": int(time.time()),
             "model": body.model,
@@ -261,8 +295,7 @@ class Api:
         return record
 
     @app.post("/v1/jobs", status_code=202)
-    async def submit_job(self, request: Request, body: JobRequest):
-        self._auth(request)
+    async def submit_job(self, body: JobRequest):
         store, jobs = self._job_store(), self.config.jobs
         spec, adapter = self._model(body.model)
         if not storage.within(body.input, jobs.allowed_input_prefixes):
@@ -291,20 +324,17 @@ class Api:
         return view(record)
 
     @app.get("/v1/jobs")
-    async def list_jobs(self, request: Request) -> dict:
-        self._auth(request)
+    async def list_jobs(self) -> dict:
         return {"object": "list", "data": [view(r) for r in self._job_store().list()]}
 
     @app.get("/v1/jobs/{job_id}")
-    async def get_job(self, request: Request, job_id: str) -> dict:
-        self._auth(request)
+    async def get_job(self, job_id: str) -> dict:
         store = self._job_store()
         record = self._ensure_runner(self._job(job_id))  # a job whose runner was lost goes on
         return view(record, cancel_requested=store.cancel_requested(job_id))
 
     @app.delete("/v1/jobs/{job_id}")
-    async def cancel_job(self, request: Request, job_id: str) -> dict:
-        self._auth(request)
+    async def cancel_job(self, job_id: str) -> dict:
         store = self._job_store()
         record = self._job(job_id)
         if record["status"] in ("succeeded", "failed", "cancelled"):
@@ -319,6 +349,8 @@ def build_app(args: dict[str, Any]):
     """Application builder for `serve run medray.serve:build_app` and RayService."""
     config = ServeConfig.model_validate(args)
     config.keys()  # fail at deploy time, not on the first request, when no key is set
+    for spec in config.models:
+        check_adapters(spec)  # an adapter the replicas cannot batch fails the deploy, not requests
     metrics = Metrics.bind()
     models = {}
     for spec in config.models:
@@ -330,7 +362,11 @@ def build_app(args: dict[str, Any]):
                                 "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
                                 "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
             ray_actor_options={"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica},
-            max_ongoing_requests=max(2 * spec.max_batch_size, 16),
+            max_ongoing_requests=spec.ongoing_limit(), max_queued_requests=spec.max_queued_requests,
+            # A replica that is stopped (redeploy, downscale) takes no new requests and waits
+            # for the ones it holds; none runs longer than its time limit.
+            graceful_shutdown_timeout_s=spec.request_timeout_s + 5, graceful_shutdown_wait_loop_s=0.5,
+            max_surge_percent=spec.max_surge_percent,
             # The ingress logs each request already; a second access-log line per request on
             # the model hop costs latency (a file write each) and tells nothing new.
             logging_config={"enable_access_log": False},
@@ -338,6 +374,7 @@ def build_app(args: dict[str, Any]):
     ingress = config.ingress
     return Api.options(
         ray_actor_options={"num_cpus": ingress.cpus_per_replica, "resources": ingress.resources},
+        max_surge_percent=100,  # ingress replicas are cheap: a redeploy starts all new ones first
         max_ongoing_requests=ingress.max_ongoing_requests,
         autoscaling_config={"min_replicas": ingress.min_replicas, "max_replicas": ingress.max_replicas,
                             "target_ongoing_requests": ingress.target_ongoing_requests,

@@ -46,9 +46,27 @@ class ModelSpec(StrictModel):
     """Concurrent requests merged into one generate call."""
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=5)
     """How long a request may wait for others to fill a batch."""
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    """Requests one replica holds at once (running and waiting for its batch). None: twice
+    max_batch_size, at least 16, so the batcher always has the next batch at hand."""
+    max_queued_requests: int = Field(256, ge=1)
+    """Requests each ingress replica lets wait for a free model replica. Past it, a request is
+    answered 503 with Retry-After at once (the openai SDK retries those), instead of waiting
+    without end while the autoscaler catches up."""
+    request_timeout_s: float = Field(300, gt=0)
+    """A request still unanswered after this long gets a 504, and stops: a waiting request
+    leaves the queue, a streamed one stops generating."""
+    max_surge_percent: int = Field(25, ge=0, le=100)
+    """Extra replicas, as a percentage of the running count (rounded up: at least one), that a
+    redeploy may start before it stops old ones: the old replicas serve until their
+    replacements are ready, then drain. 0 stops old replicas first, which leaves a gap in
+    service; use it only where the cluster has no room for even one extra replica."""
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     gpus_per_replica: float = Field(0, ge=0)
     cpus_per_replica: float = Field(0.5, gt=0)
+
+    def ongoing_limit(self) -> int:
+        return self.max_ongoing_requests or max(2 * self.max_batch_size, 16)
 
     @model_validator(mode="after")
     def _check_adapters(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -103,6 +104,49 @@ class AdapterCache:
             log.info("unloaded adapter %s", victim)
 
 
+def adapter_problem(name: str, uri: str, model: str) -> str | None:
+    """Why the transformers engine cannot serve this PEFT adapter beside the base model and
+    its sibling adapters, or None when it can.
+
+    A replica batches rows for different adapters (and the base model) into one generate
+    call, which PEFT does only for LoRA on Linear, Embedding and Conv layers. An adapter that
+    also carries fully trained modules (`modules_to_save`: the projector in LLaVA's LoRA
+    recipes, BabyDoctor's included) or LoRA on raw parameters (`target_parameters`: fused MoE
+    experts) makes every mixed call fail, the base model's rows too. So such an adapter is
+    refused when the deployment starts, never on a request.
+    """
+    import json
+
+    from medray import storage
+
+    try:
+        cfg = json.loads(storage.read_bytes(uri.rstrip("/") + "/adapter_config.json"))
+    except Exception as e:
+        return f"adapter {name!r} ({uri}) has no readable adapter_config.json ({type(e).__name__}): not a PEFT adapter"
+    where = f"adapter {name!r} of model {model!r} ({uri})"
+    if cfg.get("peft_type", "LORA") != "LORA":
+        return f"{where} is a {cfg.get('peft_type')} adapter; the server batches LoRA adapters only"
+    if cfg.get("modules_to_save"):
+        return (f"{where} trains {sorted(cfg['modules_to_save'])} in full beside its LoRA (PEFT modules_to_save), "
+                "as LLaVA's LoRA recipes do for the projector. Rows of different adapters share one generate "
+                "call, and PEFT can batch only LoRA layers, so this adapter would break every request to the "
+                "model. Serve the stage's merged export instead (set lora.merge: true; `medray train` writes the "
+                "merged model in the stage directory, beside adapter/) as a model of its own, or train the "
+                "adapter with those modules frozen")
+    if cfg.get("target_parameters"):
+        return (f"{where} puts LoRA on parameters {sorted(cfg['target_parameters'])} (fused MoE experts), which "
+                "PEFT cannot batch with other adapters. Serve the stage's merged export (lora.merge: true) as a "
+                "model of its own")
+    return None
+
+
+def check_adapters(spec: ModelSpec) -> None:
+    """Refuse a model spec whose adapters this server cannot run (adapter_problem)."""
+    problems = [p for name, uri in spec.adapters.items() if (p := adapter_problem(name, uri, spec.name))]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 @serve.deployment
 class ModelServer:
     """One model; concurrent requests are batched into one generate call."""
@@ -112,6 +156,7 @@ class ModelServer:
         from medray.models import load_model
 
         self.spec = ModelSpec.model_validate(spec)
+        check_adapters(self.spec)  # before the model load: a refused adapter fails fast
         self.engine = GenerationEngine(load_model(self.spec.uri))
         self.family = self.engine.loaded.family
         self.adapters = AdapterCache(self.engine.loaded, self.spec.adapters, self.spec.max_loaded_adapters)
@@ -136,12 +181,18 @@ class ModelServer:
         if self.metrics is not None:  # buffered; sent once a second
             self.metrics.model(model=self.spec.name, replica=self.replica, **fields)
 
-    async def generate(self, request: Request, settings: GenerationSettings, adapter: str | None) -> Answer:
+    async def generate(self, request: Request, settings: GenerationSettings, adapter: str | None,
+                       time_limit_s: float | None = None) -> Answer:
+        """`time_limit_s`: what is left of the request's time; past it the row stops generating.
+        The ingress cancels the call then too, but a running batch holds this replica's event
+        loop, so the cancellation would only land when the whole batch is done: the deadline
+        inside the generate call is what frees the row's slot in time."""
         self.ongoing += 1
         self._report(queue_depth=self.ongoing)
+        deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         try:
-            # Positional, always all three: @serve.batch lists each argument across the calls.
-            result = await self.batch(request, settings, adapter)
+            # Positional, always all four: @serve.batch lists each argument across the calls.
+            result = await self.batch(request, settings, adapter, deadline)
             if isinstance(result, Exception):  # this request's group failed in the batch
                 raise result
             return result
@@ -151,20 +202,20 @@ class ModelServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def batch(self, requests: list[Request], settings: list[GenerationSettings],
-                    adapters: list[str | None]) -> list:
+                    adapters: list[str | None], deadlines: list[float | None]) -> list:
         self.batch_sizes.append(len(requests))
         # Generation runs on the replica's event loop, blocking it, on purpose: requests that
         # arrive meanwhile wait in Serve's queue and are taken all at once as the next batch.
         # In a thread, the Python-heavy generate loop and the request intake fought over the
         # GIL: measured 2-5 requests per batch and 94 req/s, against 11-28 and 171 req/s here
         # (tiny LLaVA, 32 concurrent callers, 2 CPUs). Health checks wait at most one batch.
-        results = self._generate_batch(requests, settings, adapters)
+        results = self._generate_batch(requests, settings, adapters, deadlines)
         self._report(batch_size=len(requests), generated_tokens=sum(r.completion_tokens for r in results
                                                                     if isinstance(r, Answer)))
         return results
 
     def _generate_batch(self, requests: list[Request], settings: list[GenerationSettings],
-                        adapters: list[str | None]) -> list:
+                        adapters: list[str | None], deadlines: list[float | None]) -> list:
         results: list = [None] * len(requests)
         groups: dict[GenerationSettings, list[int]] = {}
         for i, s in enumerate(settings):  # one generate call per distinct decoding setting
@@ -174,7 +225,8 @@ class ModelServer:
             try:
                 encoded = [self.engine.encode(requests[i]) for i in idx]
                 with self.adapters.use(names):
-                    answers = self.engine.generate_encoded(encoded, group_settings, names)
+                    answers = self.engine.generate_encoded(encoded, group_settings, names,
+                                                           [deadlines[i] for i in idx])
                 for i, a in zip(idx, answers):
                     results[i] = a
             except Exception as e:  # this group's requests fail; the other groups still answer
@@ -183,11 +235,17 @@ class ModelServer:
                     results[i] = e
         return results
 
-    async def stream(self, request: Request, settings: GenerationSettings, adapter: str | None):
-        """Yields text deltas (str), then the final Answer with the usage counts."""
+    async def stream(self, request: Request, settings: GenerationSettings, adapter: str | None,
+                     time_limit_s: float | None = None):
+        """Yields text deltas (str), then the final Answer with the usage counts. Generation
+        stops after `time_limit_s`, as in `generate`."""
         self.ongoing += 1
         self._report(queue_depth=self.ongoing)
         cancel = threading.Event()
+        timer = threading.Timer(time_limit_s, cancel.set) if time_limit_s is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -214,5 +272,7 @@ class ModelServer:
                 yield event
         finally:
             cancel.set()
+            if timer is not None:
+                timer.cancel()
             self.ongoing -= 1
             self._report(queue_depth=self.ongoing)

@@ -75,8 +75,15 @@ def usage_of(answer) -> dict:
             "total_tokens": answer.prompt_tokens + answer.completion_tokens}
 
 
-async def sse_chunks(events, completion_id: str, model: str, include_usage: bool):
-    """OpenAI's chunk stream: a role delta, content deltas, a finish chunk, [DONE]."""
+async def sse_chunks(events, completion_id: str, model: str, include_usage: bool, first=None,
+                     deadline: float | None = None):
+    """OpenAI's chunk stream: a role delta, content deltas, a finish chunk, [DONE].
+
+    `first` is an event the caller already took from `events` (to answer errors with a
+    status before the stream starts). Past `deadline` (time.monotonic()), the replica is told
+    to stop and the stream ends with an error event: the 200 is sent by then, so a 504 can
+    no longer be.
+    """
     created = int(time.time())
 
     def chunk(delta: dict, finish=None, usage=None) -> str:
@@ -86,18 +93,34 @@ async def sse_chunks(events, completion_id: str, model: str, include_usage: bool
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
+    def render(event) -> list[str]:
+        if isinstance(event, str):
+            return [chunk({"content": event})]
+        return [chunk({}, event.finish_reason)] + ([chunk({}, usage=usage_of(event))] if include_usage else [])
+
+    async def rest():
+        if first is not None:
+            yield first
+        iterator = events.__aiter__()
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                yield await asyncio.wait_for(iterator.__anext__(), left)
+            except StopAsyncIteration:
+                return
+
     yield chunk({"role": "assistant", "content": ""})
     try:
-        async for event in events:
-            if isinstance(event, str):
-                yield chunk({"content": event})
-            else:
-                yield chunk({}, event.finish_reason)
-                if include_usage:
-                    yield chunk({}, usage=usage_of(event))
+        async for event in rest():
+            for line in render(event):
+                yield line
     except asyncio.CancelledError:  # the client went away; the replica stops generating
         events.cancel()
         raise
+    except asyncio.TimeoutError:
+        events.cancel()
+        log.warning("stream over its time limit; stopped")
+        yield f"data: {json.dumps({'error': {'message': 'the request ran over its time limit', 'type': 'timeout'}})}\n\n"
     except Exception as e:
         # The status line is sent already: report in the stream, as OpenAI does.
         log.warning("stream failed: %s", type(e).__name__)
