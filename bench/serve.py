@@ -3,6 +3,8 @@
 Measured in one run, on one model, one replica, the same image request:
 1. at 32 concurrent clients, requests/s with dynamic batching (max_batch_size 32) against
    requests/s without (max_batch_size 1). Target: >= 4x;
+   and the same requests streamed (`stream: true`, every chunk read) against non-streamed,
+   both batched. Target: >= 0.9x;
 2. the latency HTTP and Serve add over a direct in-process model call (decode the image,
    generate), sequential requests, p50 and p99. Target: <= 10 ms at p50. Measured on the
    unbatched deployment: with batching, a lone request also waits up to batch_wait_timeout_s
@@ -50,17 +52,29 @@ def deploy(model: str, max_batch_size: int, port: int) -> str:
 
 
 async def throughput(url: str, request: dict, clients: int, total: int) -> float:
+    """Requests/s of `clients` concurrent callers; a streamed request counts when its last
+    chunk has been read."""
     headers = {"Authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+
+        async def one():
+            if not request.get("stream"):
+                (await client.post(url, json=request, headers=headers)).raise_for_status()
+                return
+            async with client.stream("POST", url, json=request, headers=headers) as response:
+                response.raise_for_status()
+                lines = [line async for line in response.aiter_lines() if line]
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+
         for _ in range(2):  # warm up
-            (await client.post(url, json=request, headers=headers)).raise_for_status()
+            await one()
         left = total
 
         async def worker():
             nonlocal left
             while left > 0:
                 left -= 1
-                (await client.post(url, json=request, headers=headers)).raise_for_status()
+                await one()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -124,10 +138,12 @@ def main() -> None:
     port = free_port()
     ray.init(log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    runs: dict[str, list[float]] = {k: [] for k in ("batched", "unbatched", "speedup", "p50", "p99", "health50")}
+    runs: dict[str, list[float]] = {k: [] for k in ("batched", "streamed", "stream_ratio", "unbatched", "speedup",
+                                                    "p50", "p99", "health50")}
     for r in range(args.repeat):
         url = deploy(args.model, 32, port)
         batched = asyncio.run(throughput(url, request, args.clients, args.requests))
+        streamed = asyncio.run(throughput(url, {**request, "stream": True}, args.clients, args.requests))
         url = deploy(args.model, 1, port)  # replaces the batched app
         unbatched = asyncio.run(throughput(url, request, args.clients, args.requests))
         http = sequential_latencies(url, {**body(image, args.max_tokens)}, args.latency_requests)
@@ -135,18 +151,22 @@ def main() -> None:
         serve.delete("bench")
         direct = direct_latencies(args.model, image, args.max_tokens, args.latency_requests)
         runs["batched"].append(batched)
+        runs["streamed"].append(streamed)
+        runs["stream_ratio"].append(streamed / batched)
         runs["unbatched"].append(unbatched)
         runs["speedup"].append(batched / unbatched)
         runs["p50"].append((pct(http, 50) - pct(direct, 50)) * 1e3)
         runs["p99"].append((pct(http, 99) - pct(direct, 99)) * 1e3)
         runs["health50"].append(pct(health, 50) * 1e3)
-        print(f"run {r + 1}: {batched:.1f} req/s batched, {unbatched:.1f} unbatched, added p50 "
+        print(f"run {r + 1}: {batched:.1f} req/s batched, {streamed:.1f} streamed, {unbatched:.1f} unbatched, added p50 "
               f"{runs['p50'][-1]:.1f} ms")
     lines = [
         f"model {args.model}, {args.max_tokens} new tokens, {args.clients} clients, {args.requests} requests",
         f"throughput with batching {spread(runs['batched'], '{:.1f}')} req/s, without "
         f"{spread(runs['unbatched'], '{:.1f}')} req/s",
         f"batching speed-up {spread(runs['speedup'])}x (target >= 4x)",
+        f"streamed, batched: {spread(runs['streamed'], '{:.1f}')} req/s, {spread(runs['stream_ratio'])}x the "
+        f"non-streamed (target >= 0.9x)",
         f"latency added by HTTP + Serve over a direct call: p50 {spread(runs['p50'], '{:.1f}')} ms "
         f"(target <= 10 ms), p99 {spread(runs['p99'], '{:.1f}')} ms",
         f"of which the proxy + ingress hop alone (GET /healthz), p50: {spread(runs['health50'], '{:.1f}')} ms",

@@ -282,3 +282,32 @@ def test_a_closed_stream_stops_generating(tiny_dirs):
     next(stream)
     stream.close()  # what a disconnecting client does: the generation thread must end
     assert threading.active_count() == before
+
+
+def test_a_batch_of_streams_answers_each_row_as_it_would_alone(tiny_dirs):
+    """Streamed rows share one generate call: each row's deltas add up to the answer it gets
+    alone, with its own max_new_tokens, and a short row's answer comes out at its own last
+    step, not the batch's."""
+    lm = load_model(str(tiny_dirs["llava-mistral"]))
+    engine = GenerationEngine(lm)
+    questions = ["Is there an opacity?", "Describe the image.", "Where is the lesion?"]
+    encoded = [engine.encode(Request([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                     _images("llava-mistral"))) for q in questions]
+    limits = [3, 12, 7]
+    deltas: list[list[str]] = [[] for _ in encoded]
+    answers: dict[int, tuple[int, object]] = {}
+    steps = 0
+    for steps, events in enumerate(engine.stream_batch(encoded, GenerationSettings(max_new_tokens=12),
+                                                       max_new_tokens=limits), start=1):
+        for row, row_events in enumerate(events):
+            for event in row_events:
+                assert row not in answers, "nothing after a row's answer"
+                if isinstance(event, str):
+                    deltas[row].append(event)
+                else:
+                    answers[row] = (steps, event)
+    for row, (e, limit) in enumerate(zip(encoded, limits)):
+        alone = engine.generate_encoded([e], GenerationSettings(max_new_tokens=limit))[0]
+        step, answer = answers[row]
+        assert answer == alone and "".join(deltas[row]) == alone.text
+    assert answers[0][0] <= 3 < answers[1][0]  # the 3-token row was answered by step 3

@@ -189,6 +189,33 @@ def test_concurrent_requests_are_batched(server):
     assert max(sizes) > 1
 
 
+def test_concurrent_streams_share_generate_calls(server):
+    """Streamed requests are batched as the others are (each with its own max_tokens), and
+    every streamed answer equals its non-streamed twin."""
+    import openai
+    from ray import serve
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
+    url = _data_url(png_bytes(chest_image("left")))
+    asks = [(_image_message(url, f"Question {i}?"), 3 + (i % 3) * 4) for i in range(16)]
+    handle = serve.get_deployment_handle("model-llava", app_name="medray")
+    before = len(handle.recent_batch_sizes.remote().result())
+
+    def streamed(ask):
+        chunks = list(client.chat.completions.create(model="llava", messages=ask[0], max_tokens=ask[1], stream=True,
+                                                     stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, chunks[-1].usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(streamed, asks))
+    sizes = handle.recent_batch_sizes.remote().result()[before:]
+    assert max(sizes) > 1, sizes  # only streams ran since `before`
+    for (messages, max_tokens), (text, tokens) in zip(asks, got):
+        whole = client.chat.completions.create(model="llava", messages=messages, max_tokens=max_tokens)
+        assert (text, tokens) == (whole.choices[0].message.content, whole.usage.completion_tokens)
+
+
 def _post(server, body=None, *, key=KEY, raw=None, headers=None):
     h = {"Authorization": f"Bearer {key}"} if key else {}
     h.update(headers or {})

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -157,13 +157,36 @@ class GenerationEngine:
         is held back until it is certain. Setting `cancel` (or closing the iterator) stops
         generation at the next token.
         """
-        cancel = cancel or threading.Event()
-        tokens: queue.Queue = queue.Queue()
+        for events in self.stream_batch([encoded], settings, [adapter], [cancel or threading.Event()]):
+            yield from events[0]
+
+    def stream_batch(self, encoded: Sequence[Encoded], settings: GenerationSettings = GenerationSettings(),
+                     adapters: Sequence[str | None] | None = None,
+                     cancels: Sequence[threading.Event] | None = None,
+                     deadlines: Sequence[float | None] | None = None,
+                     max_new_tokens: Sequence[int] | None = None) -> Iterator[list[list[str | Answer]]]:
+        """Generate for a batch token by token, in one generate call: yields once per step a
+        list with, for each row, its events since the last step (text deltas as in `stream`,
+        then, once, the row's Answer; nothing after). A row ends at its EOS, a stop string, its
+        own `max_new_tokens` (default: the settings'), its `cancels` event or its deadline,
+        and gets its Answer at once, without waiting for the batch's longest row.
+
+        Generation runs in a thread at most two steps ahead of the consumer: a consumer that
+        blocks on this iterator (a Serve replica's event loop) lets it compute, and between
+        steps the consumer has the GIL to itself. Closing the iterator stops every row.
+        """
+        n = len(encoded)
+        cancels = list(cancels) if cancels is not None else [threading.Event() for _ in range(n)]
+        limits = list(max_new_tokens) if max_new_tokens is not None else [settings.max_new_tokens] * n
+        ends = [float("inf") if d is None else d for d in (deadlines or [None] * n)]
+        longest = max(limits)
+        inputs = self._collate(encoded)
+        width = inputs["input_ids"].shape[1]
+        kwargs = self._generate_kwargs(replace(settings, max_new_tokens=longest), adapters)
+        steps: queue.Queue = queue.Queue(maxsize=2)
+        kwargs["streamer"] = _QueueStreamer(steps)
+        kwargs["stopping_criteria"] = _rows_done_criteria(cancels, ends, limits, width)
         failure: list[BaseException] = []
-        inputs = self._collate([encoded])
-        kwargs = self._generate_kwargs(settings, [adapter])
-        kwargs["streamer"] = _QueueStreamer(tokens)
-        kwargs["stopping_criteria"] = _cancel_criteria(cancel)
 
         @torch.inference_mode()
         def run():
@@ -172,40 +195,34 @@ class GenerationEngine:
             except BaseException as e:  # re-raised in the consuming thread
                 failure.append(e)
             finally:
-                tokens.put(None)
+                steps.put(None)
 
+        rows = [_RowText(self, settings, len(e.input_ids), limit) for e, limit in zip(encoded, limits)]
         thread = threading.Thread(target=run, name="medray-stream", daemon=True)
         thread.start()
-        new: list[int] = []
-        sent = ""
-        hold = max((len(s) for s in self._stops(settings)), default=1) - 1
-        eos = self._eos_ids()
         try:
-            while (item := tokens.get()) is not None:
-                new.extend(item)
-                if any(t in eos for t in item):
-                    continue  # the end: the final answer below carries the rest
-                text = self._visible(new, settings)
-                if text is None:  # a stop string appeared: generation ends with it
-                    cancel.set()
-                    continue
-                # Hold back trailing space and a possible stop-string prefix, and never emit
-                # half a multi-byte character (the tokenizer shows it as U+FFFD).
-                safe = text.rstrip()
-                safe = safe[: max(len(sent), len(safe) - hold)] if hold else safe
-                if "\ufffd" in safe[len(sent):]:
-                    continue
-                if len(safe) > len(sent) and safe.startswith(sent):
-                    yield safe[len(sent):]
-                    sent = safe
+            while (step := steps.get()) is not None:
+                out = []
+                now = time.monotonic()
+                for row, token, cancel, end in zip(rows, step, cancels, ends):
+                    if not row.done and cancel.is_set():  # stopped from outside: nobody wants its rest
+                        row.done = True
+                    events = [] if row.done else row.finish() if now > end else row.push(token)
+                    if row.done:
+                        cancel.set()  # the generate call stops this row at its next step
+                    out.append(events)
+                yield out
             if failure:
                 raise failure[0]
-            answer = self._answer(new, len(encoded.input_ids), settings)
-            if answer.text.startswith(sent) and len(answer.text) > len(sent):
-                yield answer.text[len(sent):]
-            yield answer
+            yield [row.finish() if not row.done else [] for row in rows]
         finally:
-            cancel.set()
+            for cancel in cancels:
+                cancel.set()
+            while thread.is_alive():  # let a producer blocked on a full queue finish
+                try:
+                    steps.get(timeout=0.05)
+                except queue.Empty:
+                    pass
             thread.join()
 
     def _visible(self, new: list[int], settings: GenerationSettings) -> str | None:
@@ -251,6 +268,42 @@ class GenerationEngine:
         return ids
 
 
+class _RowText:
+    """One streamed row: its new token ids, the text sent so far, and when it is done."""
+
+    def __init__(self, engine: GenerationEngine, settings: GenerationSettings, prompt_tokens: int, limit: int):
+        self.engine, self.settings, self.prompt_tokens, self.limit = engine, settings, prompt_tokens, limit
+        self.new: list[int] = []
+        self.sent = ""
+        self.done = False
+        self.hold = max((len(x) for x in engine._stops(settings)), default=1) - 1
+        self.eos = engine._eos_ids()
+
+    def push(self, token: int) -> list[str | Answer]:
+        """One step's token; returns the text that became certain, and the Answer at the end."""
+        self.new.append(token)
+        if token in self.eos or len(self.new) >= self.limit:
+            return self.finish()
+        text = self.engine._visible(self.new, self.settings)
+        if text is None:  # a stop string appeared: the row ends with it
+            return self.finish()
+        # Hold back trailing space and a possible stop-string prefix, and never emit half a
+        # multi-byte character (the tokenizer shows it as U+FFFD).
+        safe = text.rstrip()
+        safe = safe[: max(len(self.sent), len(safe) - self.hold)] if self.hold else safe
+        if "\ufffd" in safe[len(self.sent):] or not (len(safe) > len(self.sent) and safe.startswith(self.sent)):
+            return []
+        delta, self.sent = safe[len(self.sent):], safe
+        return [delta]
+
+    def finish(self) -> list[str | Answer]:
+        self.done = True
+        answer = self.engine._answer(self.new, self.prompt_tokens, self.settings)
+        tail = [answer.text[len(self.sent):]] if answer.text.startswith(self.sent) and len(answer.text) > len(
+            self.sent) else []
+        return tail + [answer]
+
+
 class _QueueStreamer:
     """A transformers streamer that hands each step's token ids to a queue (the prompt skipped)."""
 
@@ -267,6 +320,24 @@ class _QueueStreamer:
         pass
 
 
+def _rows_done_criteria(cancels: Sequence[threading.Event], ends: Sequence[float], limits: Sequence[int],
+                        width: int):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    limit = torch.tensor(limits)
+    end = torch.tensor(ends, dtype=torch.float64)
+
+    class RowsDone(StoppingCriteria):
+        # Per row: cancelled (the client left, or the row's text is complete), past its
+        # deadline, or at its own token limit. transformers pads a done row from then on.
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.tensor([c.is_set() for c in cancels]) | (end < time.monotonic())
+            done |= limit <= input_ids.shape[1] - width
+            return done.to(input_ids.device)
+
+    return StoppingCriteriaList([RowsDone()])
+
+
 def _deadline_criteria(deadlines: Sequence[float | None]):
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -278,13 +349,3 @@ def _deadline_criteria(deadlines: Sequence[float | None]):
             return (ends < time.monotonic()).to(input_ids.device)
 
     return StoppingCriteriaList([PastDeadline()])
-
-
-def _cancel_criteria(cancel: threading.Event):
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([Cancelled()])

@@ -2,8 +2,8 @@
 
 Concurrent requests are merged into one generate call by `@serve.batch`; rows that name
 different adapters still share that call (PEFT mixed-adapter batches), so multi-LoRA
-serving costs no extra passes. Streaming requests run one per call, token by token, beside
-the batches.
+serving costs no extra passes. Streamed requests are batched the same way, by a second
+batcher whose generate call hands out tokens step by step.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from ray import serve
 
@@ -27,58 +28,61 @@ log = logging.getLogger(__name__)
 class AdapterCache:
     """PEFT adapters loaded on demand into one base model, at most `capacity` at a time (LRU).
 
-    Generation reads the adapter set and loading changes it, so they are ordered by a
-    readers-writer lock: any number of generate calls at once, or one load/unload alone.
-    An adapter in use by a running generation is never unloaded.
+    Generation reads the adapter set and loading changes it, so they are ordered as readers
+    and a writer: any number of generate calls at once (a blocking batch, streamed batches
+    stepping in turn), or one load/unload alone. Everything runs on the replica's event loop,
+    so waiting is awaiting: a load that waits for a streamed batch to finish must not block
+    the loop, which that batch needs to advance. A waiting load holds new readers back, so a
+    steady stream of requests cannot starve it. An adapter in use is never unloaded.
     """
 
     def __init__(self, loaded, uris: dict[str, str], capacity: int):
         self.loaded, self.uris, self.capacity = loaded, uris, capacity
         self.resident: OrderedDict[str, None] = OrderedDict()
         self.in_use: dict[str, int] = {}
-        self._cond = threading.Condition()
         self._readers = 0
-        self._writing = False
+        self._writer_waiting = 0
         self.loads = 0
 
-    @contextmanager
-    def use(self, names: list[str | None]):
+    @asynccontextmanager
+    async def use(self, names: list[str | None]):
         """Make `names` resident and keep them so while the block runs (a generate call)."""
         wanted = sorted({n for n in names if n})
-        with self._cond:
-            for name in wanted:  # claimed first, so loading one cannot evict another we need
-                self.in_use[name] = self.in_use.get(name, 0) + 1
-            try:
-                for name in wanted:  # loads happen under the write side, one at a time
-                    if name not in self.resident:
-                        self._load(name)
-                    self.resident.move_to_end(name)
-            except BaseException:
-                for name in wanted:
-                    self.in_use[name] -= 1
-                raise
-            while self._writing:
-                self._cond.wait()
-            self._readers += 1
+        for name in wanted:  # claimed first, so loading one cannot evict another we need
+            self.in_use[name] = self.in_use.get(name, 0) + 1
+        try:
+            for name in wanted:
+                if name not in self.resident:
+                    await self._load(name)
+                self.resident.move_to_end(name)
+            while self._writer_waiting:
+                await asyncio.sleep(0.005)
+        except BaseException:
+            self._release(wanted)
+            raise
+        self._readers += 1
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                for name in wanted:
-                    self.in_use[name] -= 1
-                self._evict()
-                self._cond.notify_all()
+            self._readers -= 1
+            self._release(wanted)
 
-    def _load(self, name: str) -> None:
+    def _release(self, wanted: list[str]) -> None:
+        for name in wanted:
+            self.in_use[name] -= 1
+        self._evict()
+
+    async def _load(self, name: str) -> None:
         from peft import PeftModel
 
         from medray.models.loading import resolve_adapter_uri
 
-        while self._readers or self._writing:
-            self._cond.wait()
-        self._writing = True
+        self._writer_waiting += 1
         try:
+            while self._readers:
+                await asyncio.sleep(0.005)
+            if name in self.resident:  # another caller loaded it meanwhile
+                return
             path = str(resolve_adapter_uri(self.uris[name]))
             if isinstance(self.loaded.model, PeftModel):
                 self.loaded.model.load_adapter(path, adapter_name=name)
@@ -89,15 +93,14 @@ class AdapterCache:
             self.loads += 1
             log.info("loaded adapter %s", name)
         finally:
-            self._writing = False
-            self._cond.notify_all()
+            self._writer_waiting -= 1
         self._evict()
 
     def _evict(self) -> None:
-        # Called with the condition held; unloading waits until no generation runs.
-        while len(self.resident) > self.capacity:
+        # Unloading changes the model: only while no generation runs; otherwise later.
+        while len(self.resident) > self.capacity and not self._readers:
             victim = next((n for n in self.resident if not self.in_use.get(n)), None)
-            if victim is None or self._readers:
+            if victim is None:
                 return  # everything resident is busy: unload later
             self.loaded.model.delete_adapter(victim)
             del self.resident[victim]
@@ -160,8 +163,9 @@ class ModelServer:
         self.engine = GenerationEngine(load_model(self.spec.uri))
         self.family = self.engine.loaded.family
         self.adapters = AdapterCache(self.engine.loaded, self.spec.adapters, self.spec.max_loaded_adapters)
-        self.batch.set_max_batch_size(self.spec.max_batch_size)
-        self.batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        for batcher in (self.batch, self.stream_batch):
+            batcher.set_max_batch_size(self.spec.max_batch_size)
+            batcher.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
         from .metrics import MetricsBuffer
 
@@ -209,12 +213,12 @@ class ModelServer:
         # In a thread, the Python-heavy generate loop and the request intake fought over the
         # GIL: measured 2-5 requests per batch and 94 req/s, against 11-28 and 171 req/s here
         # (tiny LLaVA, 32 concurrent callers, 2 CPUs). Health checks wait at most one batch.
-        results = self._generate_batch(requests, settings, adapters, deadlines)
+        results = await self._generate_batch(requests, settings, adapters, deadlines)
         self._report(batch_size=len(requests), generated_tokens=sum(r.completion_tokens for r in results
                                                                     if isinstance(r, Answer)))
         return results
 
-    def _generate_batch(self, requests: list[Request], settings: list[GenerationSettings],
+    async def _generate_batch(self, requests: list[Request], settings: list[GenerationSettings],
                         adapters: list[str | None], deadlines: list[float | None]) -> list:
         results: list = [None] * len(requests)
         groups: dict[GenerationSettings, list[int]] = {}
@@ -224,7 +228,7 @@ class ModelServer:
             names = [adapters[i] for i in idx]
             try:
                 encoded = [self.engine.encode(requests[i]) for i in idx]
-                with self.adapters.use(names):
+                async with self.adapters.use(names):
                     answers = self.engine.generate_encoded(encoded, group_settings, names,
                                                            [deadlines[i] for i in idx])
                 for i, a in zip(idx, answers):
@@ -237,42 +241,85 @@ class ModelServer:
 
     async def stream(self, request: Request, settings: GenerationSettings, adapter: str | None,
                      time_limit_s: float | None = None):
-        """Yields text deltas (str), then the final Answer with the usage counts. Generation
-        stops after `time_limit_s`, as in `generate`."""
+        """Yields text deltas (str), then the final Answer with the usage counts. Concurrent
+        streams share generate calls (stream_batch). Generation stops after `time_limit_s`,
+        as in `generate`, and when the caller goes away."""
         self.ongoing += 1
         self._report(queue_depth=self.ongoing)
         cancel = threading.Event()
-        timer = threading.Timer(time_limit_s, cancel.set) if time_limit_s is not None else None
-        if timer is not None:
-            timer.daemon = True
-            timer.start()
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def drive():
-            # One thread owns the whole generation, adapter lease included, so a client that
-            # goes away only sets `cancel`: the thread stops at the next token and cleans up.
-            try:
-                encoded = self.engine.encode(request)
-                with self.adapters.use([adapter]):
-                    for event in self.engine.stream(encoded, settings, adapter, cancel):
-                        loop.call_soon_threadsafe(events.put_nowait, event)
-            except Exception as e:
-                loop.call_soon_threadsafe(events.put_nowait, e)
-            finally:
-                loop.call_soon_threadsafe(events.put_nowait, None)
-
-        threading.Thread(target=drive, name="medray-stream", daemon=True).start()
+        deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         try:
-            while (event := await events.get()) is not None:
-                if isinstance(event, Exception):
-                    raise event
-                if isinstance(event, Answer):
-                    self._report(batch_size=1, generated_tokens=event.completion_tokens)
-                yield event
+            async for events in self.stream_batch(request, settings, adapter, deadline, cancel):
+                for event in events:
+                    if isinstance(event, Exception):
+                        raise event
+                    if isinstance(event, Answer):
+                        self._report(generated_tokens=event.completion_tokens)
+                    yield event
         finally:
-            cancel.set()
-            if timer is not None:
-                timer.cancel()
+            cancel.set()  # a caller that left: its row stops at the next step
             self.ongoing -= 1
             self._report(queue_depth=self.ongoing)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def stream_batch(self, requests: list[Request], settings: list[GenerationSettings],
+                           adapters: list[str | None], deadlines: list[float | None],
+                           cancels: list[threading.Event]):
+        """Streamed requests batched as the others are: one generate call per group of rows
+        that decode alike (each row keeps its own max_tokens). Yields, per step, one list of
+        events per request; a request whose Answer went out gets StopIteration next, so its
+        stream closes without waiting for the longest row.
+
+        Each step is taken on the event loop, blocking it while the step computes, as `batch`
+        does and for the same reason; between steps the loop sends chunks and takes requests.
+        """
+        n = len(requests)
+        self.batch_sizes.append(n)
+        self._report(batch_size=n)
+        finished = [False] * n
+        pending: dict[int, list] = {}
+
+        def frame(updates: dict[int, list]) -> list:
+            out = []
+            for i in range(n):
+                if finished[i]:
+                    out.append(StopIteration)
+                    continue
+                events = pending.pop(i, []) + updates.get(i, [])
+                finished[i] = any(isinstance(e, (Answer, Exception)) for e in events)
+                out.append(events)
+            return out
+
+        groups: dict[GenerationSettings, list[int]] = {}
+        for i, s in enumerate(settings):
+            groups.setdefault(replace(s, max_new_tokens=1), []).append(i)
+        for key, idx in groups.items():
+            encoded, rows = [], []
+            for i in idx:
+                try:
+                    encoded.append(self.engine.encode(requests[i]))
+                    rows.append(i)
+                except Exception as e:  # this request fails alone
+                    pending[i] = [e]
+            if not rows:
+                continue
+            try:
+                async with self.adapters.use([adapters[i] for i in rows]):
+                    steps = self.engine.stream_batch(
+                        encoded, replace(key, max_new_tokens=max(settings[i].max_new_tokens for i in rows)),
+                        [adapters[i] for i in rows], [cancels[i] for i in rows], [deadlines[i] for i in rows],
+                        [settings[i].max_new_tokens for i in rows])
+                    try:
+                        for step in steps:
+                            yield frame(dict(zip(rows, step)))
+                            # Serve's batcher resumes this generator at once, so without this the
+                            # loop would never run between steps: chunks would reach no client
+                            # until the whole call ended.
+                            await asyncio.sleep(0)
+                    finally:
+                        steps.close()
+            except Exception as e:  # this group's requests fail; the other groups still answer
+                log.warning("streamed generation failed for %d requests: %s: %s", len(rows), type(e).__name__, e)
+                yield frame({i: [e] for i in rows if not finished[i]})
+        if pending:
+            yield frame({})
