@@ -519,11 +519,12 @@ def test_a_full_queue_answers_503_and_a_request_over_its_time_limit_504(server):
     import openai
     from ray import serve
 
+    # Surge: a redeploy starts new replicas before it stops the old (the cluster has room).
     args = {"models": [{"name": "queue", "uri": "tiny://llama", "max_batch_size": 1, "max_ongoing_requests": 1,
-                        "max_queued_requests": 2, "cpus_per_replica": 0.1},
+                        "max_queued_requests": 2, "cpus_per_replica": 0.1, "max_surge_percent": 100},
                        {"name": "slow", "uri": "tiny://llama", "max_batch_size": 1, "request_timeout_s": 2.0,
-                        "cpus_per_replica": 0.1}],
-            "api_keys": [KEY], "limits": {"max_tokens": 1900}}
+                        "cpus_per_replica": 0.1, "max_surge_percent": 100}],
+            "api_keys": [KEY], "limits": {"max_tokens": 1900}, "ingress": {"max_surge_percent": 100}}
     serve.run(build_app(args), name="limits", route_prefix="/limits")
     url = server["url"] + "/limits/v1/chat/completions"
     auth = {"Authorization": f"Bearer {KEY}"}

@@ -374,7 +374,7 @@ def build_app(args: dict[str, Any]):
     ingress = config.ingress
     return Api.options(
         ray_actor_options={"num_cpus": ingress.cpus_per_replica, "resources": ingress.resources},
-        max_surge_percent=100,  # ingress replicas are cheap: a redeploy starts all new ones first
+        max_surge_percent=ingress.max_surge_percent,
         max_ongoing_requests=ingress.max_ongoing_requests,
         autoscaling_config={"min_replicas": ingress.min_replicas, "max_replicas": ingress.max_replicas,
                             "target_ongoing_requests": ingress.target_ongoing_requests,

@@ -56,11 +56,14 @@ class ModelSpec(StrictModel):
     request_timeout_s: float = Field(300, gt=0)
     """A request still unanswered after this long gets a 504, and stops: a waiting request
     leaves the queue, a streamed one stops generating."""
-    max_surge_percent: int = Field(25, ge=0, le=100)
+    max_surge_percent: int = Field(0, ge=0, le=100)
     """Extra replicas, as a percentage of the running count (rounded up: at least one), that a
     redeploy may start before it stops old ones: the old replicas serve until their
-    replacements are ready, then drain. 0 stops old replicas first, which leaves a gap in
-    service; use it only where the cluster has no room for even one extra replica."""
+    replacements are ready, then drain. Only where the cluster has room for them, or an
+    autoscaler adds it: without room the redeploy waits, the old replicas serving, until
+    there is some (a bench on a full 2-CPU cluster waited forever). 0 (Serve's default) stops
+    old replicas first, draining them; requests then wait for the new ones, within their
+    time limit."""
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     gpus_per_replica: float = Field(0, ge=0)
     cpus_per_replica: float = Field(0.5, gt=0)
@@ -129,6 +132,8 @@ class Ingress(StrictModel):
     requests ever reach a model at once, and with it the batch size."""
     target_ongoing_requests: float = Field(64, gt=0)
     cpus_per_replica: float = Field(0.1, gt=0)
+    max_surge_percent: int = Field(0, ge=0, le=100)
+    """As a model's max_surge_percent, for the ingress replicas."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources per replica, to pin the ingress to nodes that stay (for example
     `{on-demand: 0.01}` with on-demand nodes started with `--resources='{"on-demand": 1}'`).
