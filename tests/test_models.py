@@ -311,3 +311,16 @@ def test_a_batch_of_streams_answers_each_row_as_it_would_alone(tiny_dirs):
         step, answer = answers[row]
         assert answer == alone and "".join(deltas[row]) == alone.text
     assert answers[0][0] <= 3 < answers[1][0]  # the 3-token row was answered by step 3
+
+
+def test_a_row_past_its_deadline_stops_and_its_batch_mates_do_not(tiny_dirs):
+    import time
+
+    engine = GenerationEngine(load_model(str(tiny_dirs["llama"])))
+    encoded = [engine.encode(Request([{"role": "user", "content": [{"type": "text", "text": q}]}]))
+               for q in ("Describe the film.", "Tell me more.")]
+    settings = GenerationSettings(max_new_tokens=40)
+    late, on_time = engine.generate_encoded(encoded, settings, deadlines=[time.monotonic() - 1, None])
+    assert late.completion_tokens <= 1 and late.finish_reason == "length"
+    alone = engine.generate_encoded([encoded[1]], settings)[0]
+    assert on_time == alone and on_time.completion_tokens > 20

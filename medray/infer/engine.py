@@ -142,7 +142,9 @@ class GenerationEngine:
         inputs = self._collate(encoded)
         kwargs = self._generate_kwargs(settings, adapters)
         if deadlines is not None and any(d is not None for d in deadlines):
-            kwargs["stopping_criteria"] = _deadline_criteria(deadlines)
+            ends = [float("inf") if d is None else d for d in deadlines]
+            kwargs["stopping_criteria"] = _rows_done_criteria(ends, [settings.max_new_tokens] * len(encoded),
+                                                              inputs["input_ids"].shape[1])
         output = self.loaded.model.generate(**inputs, **kwargs)
         prompt_len = inputs["input_ids"].shape[1]
         return [self._answer(output[row, prompt_len:].tolist(), len(encoded[row].input_ids), settings)
@@ -185,7 +187,7 @@ class GenerationEngine:
         kwargs = self._generate_kwargs(replace(settings, max_new_tokens=longest), adapters)
         steps: queue.Queue = queue.Queue(maxsize=2)
         kwargs["streamer"] = _QueueStreamer(steps)
-        kwargs["stopping_criteria"] = _rows_done_criteria(cancels, ends, limits, width)
+        kwargs["stopping_criteria"] = _rows_done_criteria(ends, limits, width, cancels)
         failure: list[BaseException] = []
 
         @torch.inference_mode()
@@ -320,32 +322,21 @@ class _QueueStreamer:
         pass
 
 
-def _rows_done_criteria(cancels: Sequence[threading.Event], ends: Sequence[float], limits: Sequence[int],
-                        width: int):
+def _rows_done_criteria(ends: Sequence[float], limits: Sequence[int], width: int,
+                        cancels: Sequence[threading.Event] = ()):
+    """Per row: past its deadline (time.monotonic()), at its own token limit, or cancelled
+    (the client left, or a stream's text is complete). transformers pads a done row from
+    then on, and ends the call when every row is done."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     limit = torch.tensor(limits)
     end = torch.tensor(ends, dtype=torch.float64)
 
     class RowsDone(StoppingCriteria):
-        # Per row: cancelled (the client left, or the row's text is complete), past its
-        # deadline, or at its own token limit. transformers pads a done row from then on.
         def __call__(self, input_ids, scores, **kwargs):
-            done = torch.tensor([c.is_set() for c in cancels]) | (end < time.monotonic())
-            done |= limit <= input_ids.shape[1] - width
+            done = (end < time.monotonic()) | (limit <= input_ids.shape[1] - width)
+            if cancels:
+                done |= torch.tensor([c.is_set() for c in cancels])
             return done.to(input_ids.device)
 
     return StoppingCriteriaList([RowsDone()])
-
-
-def _deadline_criteria(deadlines: Sequence[float | None]):
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    ends = torch.tensor([float("inf") if d is None else d for d in deadlines], dtype=torch.float64)
-
-    class PastDeadline(StoppingCriteria):
-        # Per row: a row past its deadline is done (transformers pads it from then on).
-        def __call__(self, input_ids, scores, **kwargs):
-            return (ends < time.monotonic()).to(input_ids.device)
-
-    return StoppingCriteriaList([PastDeadline()])
