@@ -121,12 +121,6 @@ class Summary:
     """"id: error" of the first few rows that failed."""
 
     @property
-    def steady_rows_per_s(self) -> float:
-        """Throughput after the first shard, i.e. without start-up."""
-        dt = self.seconds - self.first_rows_s
-        return (self.rows - self.first_rows) / dt if dt > 0 and self.rows > self.first_rows else 0.0
-
-    @property
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds else 0.0
 
