@@ -277,11 +277,21 @@ def test_a_closed_stream_stops_generating(tiny_dirs):
     lm = load_model(str(tiny_dirs["llama"]))
     engine = GenerationEngine(lm)
     encoded = engine.encode(Request([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]))
-    before = threading.active_count()
+    forward = lm.model.forward
+    steps = []
+
+    def counted(*args, **kwargs):
+        steps.append(threading.current_thread().name)
+        return forward(*args, **kwargs)
+
+    lm.model.forward = counted
     stream = engine.stream(encoded, GenerationSettings(max_new_tokens=4000))
     next(stream)
-    stream.close()  # what a disconnecting client does: the generation thread must end
-    assert threading.active_count() == before
+    stream.close()  # what a disconnecting client does: generation must stop, not run 4,000 steps
+    done = len(steps)
+    assert done < 20, done
+    assert engine.submit(len, steps).result(timeout=30) == done  # the generation thread is free, and idle
+    assert set(steps) == {engine._worker_thread.name}  # every step ran on the engine's one generation thread
 
 
 def test_a_batch_of_streams_answers_each_row_as_it_would_alone(tiny_dirs):

@@ -51,8 +51,9 @@ def server(ray_cluster, s3_server, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"models": [{"name": "llava", "uri": "tiny://llava-mistral", "max_batch_size": 16,
                         "batch_wait_timeout_s": 0.05, "max_loaded_adapters": 1, "cpus_per_replica": 0.25,
+                        "stream_interval_s": 0,  # every token as it comes
                         "adapters": {"a": str(adapters / "a"), "b": f"{bucket}/adapters/b"}},
-                       {"name": "alpaca", "uri": "tiny://llama", "cpus_per_replica": 0.25}],
+                       {"name": "alpaca", "uri": "tiny://llama", "cpus_per_replica": 0.25, "stream_interval_s": 1.0}],
             # The key as its digest: what a config file should hold.
             "api_keys": ["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()], "allowed_s3_prefixes": [f"{bucket}/ok"],
             "limits": {"max_images": 2, "max_tokens": 64, "max_pixels": 200 * 200, "max_body_bytes": 200_000},
@@ -105,6 +106,25 @@ def test_openai_client_streaming(server):
     assert finishes == [whole.choices[0].finish_reason]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_streamed_text_is_gathered_over_the_stream_interval(server):
+    """alpaca sends its streamed text at most once a second: the first piece at once, then what
+    came in each interval, then the rest with the finish. The pieces still add up to the answer."""
+    import time
+
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
+    messages = [{"role": "user", "content": "Tell me about edema and effusion."}]
+    whole = client.chat.completions.create(model="alpaca", messages=messages, max_tokens=48)
+    started = time.monotonic()
+    chunks = list(client.chat.completions.create(model="alpaca", messages=messages, max_tokens=48, stream=True))
+    elapsed = time.monotonic() - started
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert whole.usage.completion_tokens >= 16
+    assert 1 <= len(deltas) <= 2 + int(elapsed / 1.0), (len(deltas), elapsed)
 
 
 def test_a_client_that_leaves_mid_stream_leaves_the_replica_clean(server):

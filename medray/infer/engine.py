@@ -6,6 +6,7 @@ rendered and decoded the same way everywhere.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -96,6 +97,31 @@ class GenerationEngine:
         # A model's own stop strings (generation_config.json: LLaVA-Med v1's "###") end every
         # answer, besides those a request names.
         self.model_stop = tuple(getattr(loaded.model.generation_config, "stop_strings", None) or ())
+        self.pad_id = self.tokenizer.pad_token_id  # read per token: the tokenizer's attribute is slow
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._worker_thread: threading.Thread | None = None
+        self.streams_running = 0
+        """stream_batch calls under way: their steps wait for their consumer."""
+
+    def submit(self, fn, *args, **kwargs) -> concurrent.futures.Future:
+        """Run `fn` on the engine's one generation thread. Every model call of the engine runs
+        there (generate, streamed steps, adapter loads through a server), so that a process
+        has one thread doing torch work. Each thread that runs torch ops gets an OpenMP team
+        of its own, and two teams spinning on 2 cores halved the speed of both: measured,
+        one generate call took 40-65 ms on a single thread, and 120-170 ms, on whichever
+        thread, once a second thread had run one (tiny LLaVA, 32 rows x 16 tokens)."""
+        if self._worker is None:
+            def mark():
+                self._worker_thread = threading.current_thread()
+
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="medray-generate",
+                                                                 initializer=mark)
+        return self._worker.submit(fn, *args, **kwargs)
+
+    def _on_worker(self, fn, *args, **kwargs):
+        if threading.current_thread() is self._worker_thread:
+            return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
 
     def _stops(self, settings: GenerationSettings) -> tuple[str, ...]:
         return settings.stop + tuple(s for s in self.model_stop if s not in settings.stop)
@@ -129,14 +155,18 @@ class GenerationEngine:
     def generate(self, requests: Sequence[Request], settings: GenerationSettings = GenerationSettings()) -> list[Answer]:
         return self.generate_encoded([self.encode(r) for r in requests], settings)
 
-    @torch.inference_mode()
     def generate_encoded(self, encoded: Sequence[Encoded], settings: GenerationSettings = GenerationSettings(),
                          adapters: Sequence[str | None] | None = None,
                          deadlines: Sequence[float | None] | None = None) -> list[Answer]:
         """Generate for a batch. `adapters` names a loaded PEFT adapter per row (None: the base
         model); rows with different adapters share one generate call (PEFT mixed batches).
         A row stops at its deadline (time.monotonic(); None: none), with what it has so far;
-        the call ends when every row has."""
+        the call ends when every row has. Runs on the generation thread (`submit`); the
+        caller waits. An async caller awaits `submit(engine.generate_encoded, ...)` instead."""
+        return self._on_worker(self._generate_encoded, encoded, settings, adapters, deadlines)
+
+    @torch.inference_mode()
+    def _generate_encoded(self, encoded, settings, adapters, deadlines) -> list[Answer]:
         if not encoded:
             return []
         inputs = self._collate(encoded)
@@ -173,10 +203,13 @@ class GenerationEngine:
         own `max_new_tokens` (default: the settings'), its `cancels` event or its deadline,
         and gets its Answer at once, without waiting for the batch's longest row.
 
-        Generation runs in a thread at most two steps ahead of the consumer: a consumer that
-        blocks on this iterator (a Serve replica's event loop) lets it compute, and between
-        steps the consumer has the GIL to itself. Closing the iterator stops every row.
+        Generation runs on the generation thread (`submit`), at most two steps ahead of the
+        consumer: a consumer that blocks on this iterator (a Serve replica's event loop) lets
+        it compute, and between steps the consumer has the GIL to itself. Closing the
+        iterator stops every row. The consumer must be another thread.
         """
+        if threading.current_thread() is self._worker_thread:
+            raise RuntimeError("stream_batch consumed on the generation thread would wait for itself")
         n = len(encoded)
         cancels = list(cancels) if cancels is not None else [threading.Event() for _ in range(n)]
         limits = list(max_new_tokens) if max_new_tokens is not None else [settings.max_new_tokens] * n
@@ -200,8 +233,8 @@ class GenerationEngine:
                 steps.put(None)
 
         rows = [_RowText(self, settings, len(e.input_ids), limit) for e, limit in zip(encoded, limits)]
-        thread = threading.Thread(target=run, name="medray-stream", daemon=True)
-        thread.start()
+        running = self.submit(run)
+        self.streams_running += 1
         try:
             while (step := steps.get()) is not None:
                 out = []
@@ -220,16 +253,16 @@ class GenerationEngine:
         finally:
             for cancel in cancels:
                 cancel.set()
-            while thread.is_alive():  # let a producer blocked on a full queue finish
+            while not running.done():  # let a producer blocked on a full queue finish
                 try:
                     steps.get(timeout=0.05)
                 except queue.Empty:
                     pass
-            thread.join()
+            self.streams_running -= 1
 
     def _visible(self, new: list[int], settings: GenerationSettings) -> str | None:
         """The answer text so far, or None once it contains a stop string."""
-        text = self.tokenizer.decode([t for t in new if t != self.tokenizer.pad_token_id],
+        text = self.tokenizer.decode([t for t in new if t != self.pad_id],
                                      skip_special_tokens=True).lstrip()
         return None if any(s in text for s in self._stops(settings)) else text
 
@@ -255,7 +288,7 @@ class GenerationEngine:
         if any(t in eos_ids for t in new):
             new = new[: min(new.index(t) for t in eos_ids if t in new)]
             finish = "stop"
-        new = [t for t in new if t != self.tokenizer.pad_token_id]
+        new = [t for t in new if t != self.pad_id]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         for s in self._stops(settings):
             if s in text:

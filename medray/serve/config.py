@@ -46,6 +46,11 @@ class ModelSpec(StrictModel):
     """Concurrent requests merged into one generate call."""
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=5)
     """How long a request may wait for others to fill a batch."""
+    stream_interval_s: float = Field(0.05, ge=0, le=1)
+    """A streamed request's text is sent in pieces at most this often (the first piece at
+    once): one message per token, over the replica -> ingress -> proxy hops, cost more than
+    the tokens took to generate. ray.serve.llm's stream_batching_interval_ms does the same
+    (50 ms). 0 sends every token as it comes."""
     max_ongoing_requests: int | None = Field(None, ge=1)
     """Requests one replica holds at once (running and waiting for its batch). None: twice
     max_batch_size, at least 16, so the batcher always has the next batch at hand."""

@@ -12,7 +12,7 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from medray.infer.engine import MAX_TEMPERATURE
+from medray.infer.engine import MAX_TEMPERATURE, Answer
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,9 @@ async def sse_chunks(events, completion_id: str, model: str, include_usage: bool
                      deadline: float | None = None):
     """OpenAI's chunk stream: a role delta, content deltas, a finish chunk, [DONE].
 
-    `first` is an event the caller already took from `events` (to answer errors with a
-    status before the stream starts). Past `deadline` (time.monotonic()), the replica is told
+    `events` yields messages (lists of events: text, then the Answer). `first` is a message
+    the caller already took from `events` (to answer errors with a status before the stream
+    starts). Past `deadline` (time.monotonic()), the replica is told
     to stop and the stream ends with an error event: the 200 is sent by then, so a 504 can
     no longer be.
     """
@@ -109,21 +110,24 @@ async def sse_chunks(events, completion_id: str, model: str, include_usage: bool
             except StopAsyncIteration:
                 return
 
-    yield chunk({"role": "assistant", "content": ""})
+    # Each replica message (a list of events) goes out as one write: the final one with [DONE].
+    out = chunk({"role": "assistant", "content": ""})
     try:
-        async for event in rest():
-            for line in render(event):
-                yield line
+        async for message in rest():
+            out += "".join(line for event in message for line in render(event))
+            if not any(isinstance(event, Answer) for event in message):
+                yield out
+                out = ""
     except asyncio.CancelledError:  # the client went away; the replica stops generating
         events.cancel()
         raise
     except asyncio.TimeoutError:
         events.cancel()
         log.warning("stream over its time limit; stopped")
-        yield f"data: {json.dumps({'error': {'message': 'the request ran over its time limit', 'type': 'timeout'}})}\n\n"
+        out += f"data: {json.dumps({'error': {'message': 'the request ran over its time limit', 'type': 'timeout'}})}\n\n"
     except Exception as e:
         # The status line is sent already: report in the stream, as OpenAI does.
         log.warning("stream failed: %s", type(e).__name__)
         message = f"the model could not answer this request: {str(e).splitlines()[-1][:300]}"
-        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
-    yield "data: [DONE]\n\n"
+        out += f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+    yield out + "data: [DONE]\n\n"
