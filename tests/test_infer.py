@@ -361,3 +361,37 @@ def test_experts_stages_run_without_ray_with_injected_engines(tmp_path):
     assert len(prompts) == 2
     assert f"Context: the radiology image shows: {scan_text}" in prompts[0] and "Is there an opacity?" in prompts[0]
     assert "Context:" not in prompts[1] and "Is there an opacity?" in prompts[1]
+
+
+def test_the_engine_a_run_gets_and_why(tmp_path, monkeypatch):
+    """`engine: vllm` runs on vLLM where it can, falls back to hf by name for what vLLM cannot
+    run, and is refused at start where vLLM is not installed."""
+    import argparse
+
+    from medray.infer import add_infer_arguments, infer_config_from_args
+    from medray.infer.vllm_engine import choose_engine
+
+    monkeypatch.setenv("MEDRAY_VLLM_PYTHON", sys.executable)  # an interpreter that exists
+    assert choose_engine("hf", model="m") == ("hf", "")
+    assert choose_engine("vllm", model="m") == ("vllm", "")
+    engine, why = choose_engine("vllm", model="m", experts=True)
+    assert engine == "hf" and "GIT" in why
+    # PEFT's own adapter_config.json for LLaVA's LoRA recipe: the projector trained in full.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+        "modules_to_save": ["multi_modal_projector"], "base_model_name_or_path": "tiny://llava-mistral"}))
+    engine, why = choose_engine("vllm", model="m", adapter=str(adapter))
+    assert engine == "hf" and "modules_to_save" in why and "multi_modal_projector" in why
+    monkeypatch.setenv("MEDRAY_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    with pytest.raises(RuntimeError, match="vLLM is not installed"):
+        choose_engine("vllm", model="m")
+
+    parser = argparse.ArgumentParser()
+    add_infer_arguments(parser)
+    cfg = infer_config_from_args(parser.parse_args(
+        ["--model", "m", "--input", "i", "--output", "o", "--engine", "vllm", "--vllm", '{"max_model_len": 2048}']))
+    assert cfg.engine == "vllm" and cfg.vllm.max_model_len == 2048 and cfg.vllm.max_num_seqs == 256
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--input", "i", "--output", "o", "--engine", "tensorrt"])

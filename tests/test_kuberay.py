@@ -129,3 +129,14 @@ def test_serve_and_worker_autoscaling_fit_together(overlay):
             sets = [s for w, s in zip(words, words[1:]) if w == "--set"]
             for stage in load_manifest(str(REPO / words[2]), sets).stages:
                 assert stage.workers * stage.gpus_per_worker <= gpus, (job["metadata"]["name"], stage.name)
+        if words[1] == "jobs/infer.py":  # the flags as jobs/infer.py parses them
+            import argparse
+
+            from medray.infer import add_infer_arguments, infer_config_from_args
+
+            parser = argparse.ArgumentParser()
+            add_infer_arguments(parser)
+            infer = infer_config_from_args(parser.parse_args(words[2:]))
+            assert infer.max_actors * infer.gpus_per_actor <= max(gpus, 0) or not infer.gpus_per_actor
+            # GPU deployments generate on vLLM; the CPU dev overlay on the embedded engine.
+            assert infer.engine == ("vllm" if gpus else "hf"), (overlay.name, infer.engine)

@@ -178,3 +178,41 @@ def _keys(model_dir: Path) -> list[str]:
         with safe_open(str(path), "pt") as f:
             keys += list(f.keys())
     return keys
+
+
+def test_medray_infer_on_vllm_answers_as_on_hf(ray_cluster, bucket, monkeypatch, capsys):
+    """`medray infer` with `engine: vllm`: medray's listing, decoding (DICOM too), per-row errors
+    and shards around vLLM generation, in vLLM's own environment (MEDRAY_VLLM_PYTHON). The
+    answers are the transformers engine's. (The random tiny model answers in varied text; the
+    LoRA adapters of `written` make it answer special tokens only, empty text on both engines,
+    so adapters are compared by token in the test above.)"""
+    from medray import storage
+    from medray.data.shards import read_shards
+    from medray.data.synthetic import write_synthetic
+    from medray.infer import InferConfig, run_inference
+
+    monkeypatch.setenv("MEDRAY_VLLM_PYTHON", str(VLLM_PYTHON))
+    write_synthetic("chest-vqa", f"{bucket}/corpus", n=12, seed=7, dicom_fraction=0.3)
+    storage.write_bytes(f"{bucket}/corpus/images/broken.png", b"\x89PNG not really")
+    images = sorted(f.uri for f in storage.list_files(f"{bucket}/corpus/images"))
+    assert any(u.endswith(".dcm") for u in images)
+    common = dict(model="tiny://llava-mistral", task="vqa",
+                  question="Is there an opacity?", input=f"{bucket}/corpus/images", max_new_tokens=NEW_TOKENS,
+                  rows_per_shard=8, cpus_per_actor=1, format="jsonl")
+    vllm = InferConfig(**common, engine="vllm", output=f"{bucket}/vllm",
+                       vllm={"max_model_len": 512, "max_num_seqs": 8, "kv_cache_gib": 1, "dtype": "float32"})
+    hf = InferConfig(**common, output=f"{bucket}/hf")
+    summary = run_inference(vllm, progress=False)
+    assert (summary.rows, summary.errors) == (13, 1)
+    run_inference(hf, progress=False)
+    got = {r["image"]: r for r in read_shards(f"{bucket}/vllm")}
+    want = {r["image"]: r for r in read_shards(f"{bucket}/hf")}
+    assert sorted(got) == images and len(read_shards(f"{bucket}/vllm")) == 13  # every image exactly once
+    assert "broken.png" in got[f"{bucket}/corpus/images/broken.png"]["error"]  # it failed alone
+    assert {json.loads(r["generation"])["engine"] for r in got.values()} == {"vllm"}
+    assert {json.loads(r["generation"])["engine"] for r in want.values()} == {"hf"}
+    ok = [u for u in images if not got[u]["error"]]
+    assert len(ok) == 12 and all(got[u]["answer"] for u in ok)
+    same = sum(got[u]["answer"] == want[u]["answer"] for u in ok)
+    print(f"\nmedray infer, vLLM against hf: {same}/{len(ok)} answers equal")
+    assert same >= len(ok) // 2, [(got[u]["answer"], want[u]["answer"]) for u in ok]

@@ -72,18 +72,23 @@ class Encoded:
     input_ids: list[int]
     pixel_values: Any = None
     """numpy float32 (n_images, 3, H, W), or None for text-only requests."""
+    images: Any = None
+    """For vLLM instead of pixel_values (ids then hold one placeholder per image): the images
+    after the model's image rule, uint8 RGB arrays."""
+    image_kwargs: dict | None = None
 
 
-def encode_request(processor, request: Request) -> Encoded:
+def encode_request(processor, request: Request, *, expand: bool = True) -> Encoded:
     """Render the chat template and run the processor: the CPU half of generation.
 
     Separate from generation so a pipeline can run it on CPU workers and ship only ids
     and pixels to the GPU actors. The model's image rule and prompt tokenization apply
-    (medray.models.processing).
+    (medray.models.processing), for both engines: `expand=False` is vLLM's form (see
+    `encode_prompt`).
     """
     prompt = render_chat(processor, request.messages, add_generation_prompt=True)
-    enc = encode_prompt(processor, prompt, request.images)
-    return Encoded(enc.input_ids, enc.pixel_values)
+    enc = encode_prompt(processor, prompt, request.images, expand=expand)
+    return Encoded(enc.input_ids, enc.pixel_values, enc.images, enc.image_kwargs)
 
 
 class GenerationEngine:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,6 +13,7 @@ from medray.config import StrictModel, add_arguments, values_from_args
 
 from .engine import MAX_NEW_TOKENS, MAX_TEMPERATURE, GenerationSettings
 from .experts import ExpertsConfig
+from .vllm_engine import EngineName, VLLMOptions
 
 
 class InferConfig(StrictModel):
@@ -49,8 +51,15 @@ class InferConfig(StrictModel):
     """Strings that end an answer (repeatable)."""
     seed: int | None = None
     """Seed for sampling."""
+    engine: EngineName = "hf"
+    """Generation engine: hf (transformers' generate, static batches: the default, and it runs
+    every model) or vllm (continuous batching: the engine for GPUs). For what vLLM cannot run
+    (the visual-experts mode, an adapter with more than LoRA on the LLM), vllm falls back to
+    hf and the log says why."""
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
+    """engine vllm: its sizing (context length, sequences per step, KV-cache budget)."""
     batch_size: int = Field(8, ge=1)
-    """Rows per generate call."""
+    """Rows per generate call (engine hf; vLLM takes a shard's rows at once)."""
     min_actors: int = Field(1, ge=1)
     """Generation actors to start with (one model each)."""
     max_actors: int = Field(1, ge=1)
@@ -88,7 +97,9 @@ class InferConfig(StrictModel):
 def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     """The `medray infer` / jobs/infer.py flags, generated from InferConfig's fields; the
     experts block gets three flags of its own."""
-    add_arguments(parser, InferConfig, exclude=("experts",))
+    add_arguments(parser, InferConfig, exclude=("experts", "vllm"))
+    parser.add_argument("--vllm", type=json.loads, default=None,
+                        help='engine vllm sizing as JSON, e.g. \'{"max_model_len": 2048, "kv_cache_gib": 8}\'')
     parser.add_argument("--experts", action="store_true",
                         help="visual-experts mode: --model is a text LLM; images are routed to experts")
     parser.add_argument("--radiology-expert", help="with --experts: captioner URI for radiology images")
@@ -97,7 +108,9 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
 
 def infer_config_from_args(args: argparse.Namespace) -> InferConfig:
     """InferConfig from the flags of `add_infer_arguments` (unset flags keep the defaults)."""
-    values = values_from_args(InferConfig, args, exclude=("experts",))
+    values = values_from_args(InferConfig, args, exclude=("experts", "vllm"))
+    if getattr(args, "vllm", None) is not None:
+        values["vllm"] = args.vllm
     if args.experts:
         values["experts"] = {"plot": args.plot_expert,
                              **({"radiology": args.radiology_expert} if args.radiology_expert else {})}

@@ -23,6 +23,7 @@ from medray.data import shards
 from .options import AllRowsFailed, InferConfig, Summary
 from .rows import list_rows
 from .stages import Generator, preprocess
+from .vllm_engine import actor_runtime_env, choose_engine
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
     if not todo:
         return Summary(0, 0, len(rows) - len(todo), time.perf_counter() - t0, 0, cfg.output)
 
+    engine, why = choose_engine(cfg.engine, model=cfg.model, adapter=cfg.adapter, experts=cfg.experts is not None)
+    if engine != cfg.engine:
+        print(f"medray infer: engine {engine} for {cfg.model} ({why})")
+    cfg = cfg.model_copy(update={"engine": engine})
     conf = cfg.model_dump(mode="json")
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 200)))
     ds = ds.map_batches(preprocess, fn_kwargs={"cfg": conf}, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task,
@@ -60,6 +65,8 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
         Generator, fn_constructor_kwargs={"cfg": conf}, batch_size=cfg.rows_per_shard, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_gpus=cfg.gpus_per_actor or None, num_cpus=cfg.cpus_per_actor,
+        # vLLM may live in another Python environment on the nodes (MEDRAY_VLLM_PYTHON).
+        **({"runtime_env": actor_runtime_env()} if engine == "vllm" else {}),
         # A dead actor is replaced and the rows it held are sent again.
         max_restarts=-1, max_task_retries=-1)
 

@@ -4,6 +4,7 @@ then write the rows as one shard)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict
@@ -20,8 +21,9 @@ from .options import InferConfig
 from .prompts import messages_for
 
 _PROCESSORS: dict = {}
-# Rows without an image carry an empty 4-D array, so the column stays a tensor column.
+# Rows without an image carry an empty array, so the columns stay tensor columns.
 _NO_PIXELS = np.zeros((0, 0, 0, 0), dtype=np.float32)
+_NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 
 
 def _processor(model_uri: str):
@@ -47,8 +49,9 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
     from medray.data import ImageOptions, load_image
 
     conf = InferConfig.model_validate(cfg)
+    vllm = conf.engine == "vllm"  # the run's engine, as chosen: it takes ids and images, not pixels
     n = len(batch["id"])
-    input_ids, pixels, errors, questions, kinds = [], [], [], [], []
+    input_ids, pixels, errors, questions, kinds, prepared, image_kwargs = [], [], [], [], [], [], []
     for i in range(n):
         uri, question = str(batch["image"][i]), str(batch["question"][i]) or (conf.question or "")
         if conf.task == "caption":
@@ -76,22 +79,30 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
                 if not images and family.kind != "text":
                     raise ValueError("row has no image")
                 enc = encode_request(processor, Request(messages_for(conf.task, family.kind, question, bool(images)),
-                                                        images))
+                                                        images), expand=not vllm)
             input_ids.append(np.asarray(enc.input_ids if enc else [], dtype=np.int64))
             pixels.append(enc.pixel_values if enc else None)
+            prepared.append(enc.images[0] if enc and enc.images else None)
+            image_kwargs.append(json.dumps(enc.image_kwargs) if enc and enc.image_kwargs else "")
             errors.append("")
             kinds.append(kind)
         except Exception as e:  # recorded on the row; the job goes on
             input_ids.append(np.zeros(0, dtype=np.int64))
             pixels.append(None)
+            prepared.append(None)
+            image_kwargs.append("")
             errors.append(str(e) if isinstance(e, _ListedError) else f"{type(e).__name__}: {e}")
             kinds.append("")
         if pixels[-1] is None:
             pixels[-1] = _NO_PIXELS
+        if prepared[-1] is None:
+            prepared[-1] = _NO_IMAGE
     out = {k: batch[k] for k in ("id", "image", "references")}
     out["question"] = np.array(questions, dtype=object)
     out["input_ids"] = np.array(input_ids + [None], dtype=object)[:-1]  # keep a 1-D object array
     out["pixel_values"] = np.array(pixels + [None], dtype=object)[:-1]
+    out["image_rgb"] = np.array(prepared + [None], dtype=object)[:-1]
+    out["image_kwargs"] = np.array(image_kwargs, dtype=object)
     out["error"] = np.array(errors, dtype=object)
     out["image_type"] = np.array(kinds, dtype=object)
     return out
@@ -116,16 +127,25 @@ class Generator:
     their own, and Ray Data uses the default.
     """
 
-    def __init__(self, cfg: dict, engine_for: Callable[..., GenerationEngine] = load_engine):
+    def __init__(self, cfg: dict, engine_for: Callable[..., GenerationEngine] | None = None):
         self.cfg = InferConfig.model_validate(cfg)
+        if engine_for is None:
+            engine_for = load_engine
+            if self.cfg.engine == "vllm":
+                from .vllm_engine import load_vllm_engine
+
+                engine_for = functools.partial(load_vllm_engine, options=self.cfg.vllm.model_dump())
         self.engine = engine_for(self.cfg.model, self.cfg.adapter)
         self.experts = Experts(self.cfg.experts, engine_for) if self.cfg.experts is not None else None
-        self.generation = json.dumps(asdict(self.cfg.settings))
+        # What made each answer: the decoding settings and the engine that ran them.
+        self.generation = json.dumps({**asdict(self.cfg.settings), "engine": self.cfg.engine})
 
     @staticmethod
     def _encoded(batch: dict, i: int) -> Encoded:
-        pixels = batch["pixel_values"][i]
-        return Encoded(batch["input_ids"][i].tolist(), np.array(pixels) if pixels.size else None)
+        pixels, image = batch["pixel_values"][i], batch["image_rgb"][i]
+        kwargs = str(batch["image_kwargs"][i])
+        return Encoded(batch["input_ids"][i].tolist(), np.array(pixels) if pixels.size else None,
+                       [np.asarray(image)] if image.size else None, json.loads(kwargs) if kwargs else None)
 
     def __call__(self, batch: dict) -> dict:
         return _write_batch(self.generate(batch), output=self.cfg.output, fmt=self.cfg.format)
@@ -143,8 +163,10 @@ class Generator:
                 expert_texts[i] = text
             encoded_of = lambda i: self.engine.encode(self.experts.llm_request(  # noqa: E731
                 str(batch["question"][i]), expert_texts[i], str(batch["image_type"][i])))
-        for start in range(0, len(ok), self.cfg.batch_size):
-            chunk = ok[start: start + self.cfg.batch_size]
+        # vLLM takes the shard's rows at once and batches them step by step itself.
+        size = max(1, len(ok)) if getattr(self.engine, "continuous", False) else self.cfg.batch_size
+        for start in range(0, len(ok), size):
+            chunk = ok[start: start + size]
             t0 = time.perf_counter()
             results = self.engine.generate_encoded([encoded_of(i) for i in chunk], self.cfg.settings)
             dt = time.perf_counter() - t0

@@ -118,15 +118,23 @@ def expand_to_square(image, mean: list[float]):
     return out
 
 
-def pixel_values(processor, images: list) -> np.ndarray:
-    """The processor's pixel values for images prepared by the model's image rule."""
+def prepare_images(processor, images: list) -> tuple[list, dict]:
+    """Images after the model's image rule, and the keyword arguments its image processor
+    then needs: what any engine's image processor is given (vLLM runs its own)."""
     image_processor = processor.image_processor
     kwargs = {}
     if image_rule(processor) == "pad":
         images = [expand_to_square(img, list(image_processor.image_mean)) for img in images]
     elif getattr(image_processor, "do_pad", False):
         kwargs["do_pad"] = False  # a crop override on a padding processor
-    return np.asarray(image_processor(images, return_tensors="np", **kwargs)["pixel_values"], dtype=np.float32)
+    return images, kwargs
+
+
+def pixel_values(processor, images: list) -> np.ndarray:
+    """The processor's pixel values for images prepared by the model's image rule."""
+    images, kwargs = prepare_images(processor, images)
+    return np.asarray(processor.image_processor(images, return_tensors="np", **kwargs)["pixel_values"],
+                      dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------ text
@@ -176,6 +184,10 @@ class EncodedPrompt:
     offsets: list[tuple[int, int]]
     """Characters of the rendered prompt each id stands for (image tokens: the placeholder's)."""
     pixel_values: np.ndarray | None = None
+    images: list | None = None
+    """Unexpanded prompts only: the images after the image rule (uint8 RGB arrays)."""
+    image_kwargs: dict | None = None
+    """Unexpanded prompts only: what the image processor must be called with."""
 
 
 def image_tokens_per_image(processor, pixels: np.ndarray) -> int:
@@ -185,13 +197,20 @@ def image_tokens_per_image(processor, pixels: np.ndarray) -> int:
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
 
-def encode_prompt(processor, text: str, images: list | None = None) -> EncodedPrompt:
-    """Ids (image placeholders expanded to the image's token count) and pixel values."""
+def encode_prompt(processor, text: str, images: list | None = None, *, expand: bool = True) -> EncodedPrompt:
+    """Ids (image placeholders expanded to the image's token count) and pixel values. With
+    `expand=False`: ids with one placeholder per image and the images after the image rule,
+    for an engine that expands placeholders and runs the image processor itself (vLLM: given
+    expanded ids, it expands them again)."""
     ids, offsets = prompt_ids(processor, text)
     if not images:
         return EncodedPrompt(ids, offsets)
     if not hasattr(processor, "image_processor"):
         raise ValueError("this model takes text only; remove the image")
+    if not expand:
+        prepared, kwargs = prepare_images(processor, images)
+        return EncodedPrompt(ids, offsets, images=[np.asarray(img.convert("RGB"), dtype=np.uint8) for img in prepared],
+                             image_kwargs=kwargs)
     pixels = pixel_values(processor, images)
     image_token = _image_token(processor)
     if image_token is None:  # GIT-style: the image enters through pixel_values alone

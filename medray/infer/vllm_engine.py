@@ -1,0 +1,224 @@
+"""The vLLM engine, and the choice between it and the transformers engine.
+
+vLLM (paged KV cache, continuous batching, CUDA graphs) is what runs generation at scale;
+it is what Ray's own ray.data.llm and ray.serve.llm run. medray renders every prompt itself
+(chat template, prompt tokenization, image rule: medray.models.processing) and hands vLLM
+token ids with one placeholder per image plus the prepared image, so both engines see the
+same prompt. vLLM expands the placeholder and runs the directory's image processor.
+
+Where vLLM lives: in the process's own environment (a GPU image with the CUDA `vllm`), or in
+another Python environment on the same nodes, named by MEDRAY_VLLM_PYTHON (vLLM's CPU build
+pins transformers below medray's, so on CPU it has an environment of its own: `make vllm`).
+Ray starts the vLLM actors with that interpreter (runtime_env py_executable); medray is
+installed there too, and Ray is the same version.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal, Sequence
+
+from pydantic import Field
+
+from medray.config import StrictModel
+
+from .engine import Answer, Encoded, GenerationSettings
+
+log = logging.getLogger(__name__)
+
+EngineName = Literal["hf", "vllm"]
+"""`hf`: medray's engine over transformers' generate: the embedded default, and what runs
+models vLLM cannot (the GIT captioner of the visual-experts mode, adapters that train more
+than LoRA on the LLM's linear layers). `vllm`: vLLM, for GPU deployments."""
+
+VLLM_PYTHON_ENV = "MEDRAY_VLLM_PYTHON"
+
+
+class VLLMOptions(StrictModel):
+    """How a vLLM engine is sized. The KV cache is the budget: when it is full, requests wait
+    for room (vLLM's scheduler), they are not refused."""
+
+    max_model_len: int = Field(4096, ge=64)
+    """Longest prompt plus answer, in tokens."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Sequences one engine step holds at most (the running batch)."""
+    kv_cache_gib: float | None = Field(None, gt=0)
+    """The KV cache's budget in GiB. On CPU it is VLLM_CPU_KVCACHE_SPACE (default 4 there);
+    on GPU, None leaves it to gpu_memory_utilization."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """GPU only: the share of the GPU's memory vLLM may take (weights, activations, KV cache)."""
+    dtype: str = "auto"
+    """Weights' dtype in the engine: auto (the checkpoint's), bfloat16, float16, float32."""
+    enforce_eager: bool = False
+    """No CUDA graphs (always so on CPU, where there are none)."""
+    max_lora_rank: int = Field(64, ge=1)
+    """Largest LoRA rank an adapter may have."""
+
+
+def vllm_available() -> bool:
+    """Whether vLLM actors can start: MEDRAY_VLLM_PYTHON names an interpreter, or this
+    environment has vLLM."""
+    python = os.environ.get(VLLM_PYTHON_ENV)
+    if python:
+        return Path(python).is_file()
+    return importlib.util.find_spec("vllm") is not None
+
+
+def actor_runtime_env() -> dict:
+    """What a vLLM actor's runtime_env needs: the other interpreter, when there is one."""
+    python = os.environ.get(VLLM_PYTHON_ENV)
+    return {"py_executable": python} if python else {}
+
+
+def adapter_problem_for_vllm(uri: str) -> str | None:
+    """Why vLLM cannot apply this PEFT adapter as trained, or None. vLLM's LoRA covers the
+    LLM's linear layers; a projector trained in full beside it (`modules_to_save`, as
+    LLaVA's LoRA recipes and BabyDoctor train it) or LoRA on fused MoE expert parameters
+    (`target_parameters`, BiMediX) would be dropped, silently changing the model."""
+    from medray import storage
+
+    try:
+        cfg = json.loads(storage.read_bytes(uri.rstrip("/") + "/adapter_config.json"))
+    except Exception as e:
+        return f"its adapter_config.json is unreadable ({type(e).__name__})"
+    if cfg.get("peft_type", "LORA") != "LORA":
+        return f"it is a {cfg.get('peft_type')} adapter; vLLM runs LoRA only"
+    if cfg.get("modules_to_save"):
+        return f"it trains {sorted(cfg['modules_to_save'])} in full (PEFT modules_to_save); vLLM's LoRA covers linear layers only"
+    if cfg.get("target_parameters"):
+        return "it puts LoRA on fused MoE expert parameters (target_parameters), which vLLM does not load"
+    targets = cfg.get("target_modules") or []
+    text = targets if isinstance(targets, str) else " ".join(targets)
+    if "vision" in text or "projector" in text:
+        return "it puts LoRA on the vision tower or the projector; vLLM's LoRA covers the LLM only"
+    return None
+
+
+def choose_engine(requested: EngineName, *, model: str, adapter: str | None = None,
+                  experts: bool = False) -> tuple[EngineName, str]:
+    """The engine a run gets, and why when it is not the one asked for. `vllm` falls back to
+    `hf` for what vLLM cannot run, by name; asked for where vLLM is not installed, it is an
+    error at start, not a silent fallback."""
+    if requested == "hf":
+        return "hf", ""
+    reason = ""
+    if experts:
+        reason = "the visual-experts mode runs a GIT captioner, which vLLM does not run"
+    elif adapter:
+        problem = adapter_problem_for_vllm(adapter)
+        if problem:
+            reason = f"adapter {adapter}: {problem}"
+    if reason:
+        log.warning("engine vllm asked for %s, but %s: using the transformers engine (hf) for it", model, reason)
+        return "hf", reason
+    if not vllm_available():
+        raise RuntimeError(
+            f"engine vllm asked for {model}, but vLLM is not installed here: install it (GPU nodes: "
+            f"`pip install vllm`; CPU: `make vllm`, then set {VLLM_PYTHON_ENV}=.venv-vllm/bin/python), "
+            "or use engine hf")
+    return "vllm", ""
+
+
+def vllm_overrides(config: dict) -> dict | None:
+    """Config fields vLLM reads differently from transformers. LLaVA-Med v1's projector is one
+    linear layer, written as HF Llava's two with act "linear" (identity) and linear_2 = I;
+    vLLM knows identity only as torch's class name."""
+    if config.get("projector_hidden_act") == "linear":
+        return {"projector_hidden_act": "torch.nn.modules.linear.Identity"}
+    return None
+
+
+class VLLMEngine:
+    """vLLM over a model directory (local, s3:// or tiny://), with an optional PEFT adapter.
+    `generate_encoded` takes the prompts medray rendered (`encode_request(expand=False)`)."""
+
+    continuous = True
+    """Give it every row at once: vLLM schedules them step by step, so a short answer never
+    waits for a long one."""
+
+    def __init__(self, model: str, adapter: str | None = None, options: VLLMOptions | None = None):
+        from medray.models.loading import adapter_base, read_config, resolve_adapter_uri, resolve_model_uri
+
+        options = options or VLLMOptions()
+        path = resolve_model_uri(model)
+        base = adapter_base(path)
+        if base:  # an adapter directory: its base model, with it
+            adapter, path = str(path), resolve_model_uri(base)
+        adapter_path = resolve_adapter_uri(adapter) if adapter else None
+        config = read_config(path)
+        self.vision = "vision_config" in config
+        import torch
+
+        cpu = not torch.cuda.is_available()
+        if cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gib or 4))))
+        # One engine per actor, in this process: the actor is the unit Ray schedules and
+        # restarts, and a second process per actor only adds start-up.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from transformers import GenerationConfig
+        from vllm import LLM
+
+        kwargs = dict(model=str(path), dtype=options.dtype, max_model_len=options.max_model_len,
+                      max_num_seqs=options.max_num_seqs, enforce_eager=options.enforce_eager or cpu,
+                      trust_remote_code=False, seed=0, hf_overrides=vllm_overrides(config))
+        if not cpu:
+            kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+            if options.kv_cache_gib:
+                kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
+        if self.vision:
+            kwargs["limit_mm_per_prompt"] = {"image": 1}
+        if adapter_path:
+            rank = json.loads((adapter_path / "adapter_config.json").read_text()).get("r", 8)
+            kwargs.update(enable_lora=True, max_lora_rank=max(options.max_lora_rank, rank), max_loras=1)
+        self.llm = LLM(**kwargs)
+        self.lora = None
+        if adapter_path:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest("adapter", 1, str(adapter_path))
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+            self.model_stop = tuple(getattr(generation, "stop_strings", None) or ())
+        except OSError:  # no generation_config.json
+            self.model_stop = ()
+
+    def _params(self, settings: GenerationSettings):
+        from vllm import SamplingParams
+
+        stops = list(settings.stop) + [s for s in self.model_stop if s not in settings.stop]
+        sampled = settings.temperature > 0
+        return SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                              top_p=settings.top_p if sampled else 1.0, seed=settings.seed if sampled else None,
+                              stop=stops or None, skip_special_tokens=True)
+
+    @staticmethod
+    def _prompt(e: Encoded) -> dict:
+        prompt: dict = {"prompt_token_ids": list(e.input_ids)}
+        if e.images is not None and len(e.images):
+            from PIL import Image
+
+            prompt["multi_modal_data"] = {"image": [Image.fromarray(img) for img in e.images]}
+            if e.image_kwargs:
+                prompt["mm_processor_kwargs"] = dict(e.image_kwargs)
+        return prompt
+
+    def generate_encoded(self, encoded: Sequence[Encoded], settings: GenerationSettings = GenerationSettings(),
+                         adapters=None, deadlines=None) -> list[Answer]:
+        if not encoded:
+            return []
+        outputs = self.llm.generate([self._prompt(e) for e in encoded], self._params(settings),
+                                    lora_request=self.lora, use_tqdm=False)
+        answers = []
+        for out in outputs:
+            done = out.outputs[0]
+            answers.append(Answer(done.text.strip(), len(out.prompt_token_ids), len(done.token_ids),
+                                  "length" if done.finish_reason == "length" else "stop"))
+        return answers
+
+
+def load_vllm_engine(model: str, adapter: str | None = None, options: dict | None = None) -> VLLMEngine:
+    return VLLMEngine(model, adapter, VLLMOptions.model_validate(options or {}))
