@@ -53,9 +53,8 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
     if not todo:
         return Summary(0, 0, len(rows) - len(todo), time.perf_counter() - t0, 0, cfg.output)
 
-    engine, why = choose_engine(cfg.engine, model=cfg.model, adapter=cfg.adapter, experts=cfg.experts is not None)
-    if engine != cfg.engine:
-        print(f"medray infer: engine {engine} for {cfg.model} ({why})")
+    # A fallback to hf is logged there, by name; the rows record the engine that made them.
+    engine, _ = choose_engine(cfg.engine, model=cfg.model, adapter=cfg.adapter, experts=cfg.experts is not None)
     cfg = cfg.model_copy(update={"engine": engine})
     conf = cfg.model_dump(mode="json")
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 200)))
