@@ -144,8 +144,9 @@ def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path],
     kwargs = dict(model=str(path), dtype=options.dtype, max_model_len=options.max_model_len,
                   max_num_seqs=options.max_num_seqs, enforce_eager=options.enforce_eager or cpu,
                   trust_remote_code=False, seed=0)
-    if vllm_overrides(config):
-        kwargs["hf_overrides"] = vllm_overrides(config)
+    overrides = vllm_overrides(config)
+    if overrides:  # AsyncEngineArgs refuses None here, where LLM() takes it
+        kwargs["hf_overrides"] = overrides
     if not cpu:
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
         if options.kv_cache_gib:
