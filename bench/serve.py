@@ -8,7 +8,13 @@ Measured in one run, on one model, one replica, the same image request:
 2. the latency HTTP and Serve add over a direct in-process model call (decode the image,
    generate), sequential requests, p50 and p99. Target: <= 10 ms at p50. Measured on the
    unbatched deployment: with batching, a lone request also waits up to batch_wait_timeout_s
-   for company, which is a setting, not overhead.
+   for company, which is a setting, not overhead;
+3. mixed lengths: the p50 latency of 4-token requests from 16 clients while 16 others send
+   64-token requests, against their p50 alone. Target on vLLM: <= 1.25x (continuous batching:
+   a short request leaves at its own last step); static batches on hf wait for the longest row.
+
+`--engine vllm` runs 1 and 3 on vLLM (`engine: vllm`; MEDRAY_VLLM_PYTHON=.venv-vllm/bin/python
+on this machine), whose figures are recorded apart.
 """
 
 from __future__ import annotations
@@ -42,11 +48,13 @@ def body(image: bytes, max_tokens: int) -> dict:
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]}
 
 
-def deploy(model: str, max_batch_size: int, port: int) -> str:
-    args = {"models": [{"name": "m", "uri": model, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.01,
-                        "cpus_per_replica": 1,
-                        "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 64}}],
-            "api_keys": [KEY]}
+def deploy(model: str, max_batch_size: int, port: int, engine: str = "hf") -> str:
+    spec = {"name": "m", "uri": model, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.01,
+            "cpus_per_replica": 1, "engine": engine,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 64}}
+    if engine == "vllm":
+        spec["vllm"] = {"max_model_len": 512, "max_num_seqs": 32, "kv_cache_gib": 1, "dtype": "float32"}
+    args = {"models": [spec], "api_keys": [KEY]}
     serve.run(build_app(args), name="bench", route_prefix="/")
     return f"http://127.0.0.1:{port}/v1/chat/completions"
 
@@ -79,6 +87,37 @@ async def throughput(url: str, request: dict, clients: int, total: int) -> float
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         return total / (time.perf_counter() - t0)
+
+
+async def short_latencies(url: str, short: dict, long: dict | None, clients: int, per_client: int):
+    """p50 latency of short requests from clients/2 callers (per_client each), with the other
+    half sending long requests the whole time (`long`), or alone (None); and the long
+    requests' mean completion tokens."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    half = clients // 2
+    lat, long_tokens = [], []
+    running = half
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+        for _ in range(2):  # warm up
+            (await client.post(url, json=short, headers=headers)).raise_for_status()
+
+        async def short_caller():
+            nonlocal running
+            for _ in range(per_client):
+                t0 = time.perf_counter()
+                (await client.post(url, json=short, headers=headers)).raise_for_status()
+                lat.append(time.perf_counter() - t0)
+            running -= 1
+
+        async def long_caller():
+            while running:
+                r = await client.post(url, json=long, headers=headers)
+                r.raise_for_status()
+                long_tokens.append(r.json()["usage"]["completion_tokens"])
+
+        await asyncio.gather(*(short_caller() for _ in range(half)),
+                             *(long_caller() for _ in range(clients - half) if long is not None))
+    return statistics.median(lat), (statistics.mean(long_tokens) if long_tokens else 0.0)
 
 
 def sequential_latencies(url: str, request: dict, n: int) -> list[float]:
@@ -130,50 +169,68 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--latency-requests", type=int, default=100)
+    parser.add_argument("--mixed-requests", type=int, default=8, help="short requests per short client")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="vllm: MEDRAY_VLLM_PYTHON names vLLM's interpreter where it is not in this environment")
     add_repeat(parser)
     args = parser.parse_args()
 
     image = png_bytes(chest_image("left"))
     request = body(image, args.max_tokens)
+    short, long = body(image, 4), body(image, 64)
     port = free_port()
     ray.init(log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs: dict[str, list[float]] = {k: [] for k in ("batched", "streamed", "stream_ratio", "unbatched", "speedup",
-                                                    "p50", "p99", "health50")}
+                                                    "p50", "p99", "health50", "mixed", "long_tokens")}
+    vllm = args.engine == "vllm"
     for r in range(args.repeat):
-        url = deploy(args.model, 32, port)
+        url = deploy(args.model, 32, port, args.engine)
         batched = asyncio.run(throughput(url, request, args.clients, args.requests))
         streamed = asyncio.run(throughput(url, {**request, "stream": True}, args.clients, args.requests))
-        url = deploy(args.model, 1, port)  # replaces the batched app
-        unbatched = asyncio.run(throughput(url, request, args.clients, args.requests))
-        http = sequential_latencies(url, {**body(image, args.max_tokens)}, args.latency_requests)
-        health = health_latencies(url, args.latency_requests)
-        serve.delete("bench")
-        direct = direct_latencies(args.model, image, args.max_tokens, args.latency_requests)
+        alone, _ = asyncio.run(short_latencies(url, short, None, args.clients, args.mixed_requests))
+        mixed, tokens = asyncio.run(short_latencies(url, short, long, args.clients, args.mixed_requests))
         runs["batched"].append(batched)
         runs["streamed"].append(streamed)
         runs["stream_ratio"].append(streamed / batched)
-        runs["unbatched"].append(unbatched)
-        runs["speedup"].append(batched / unbatched)
-        runs["p50"].append((pct(http, 50) - pct(direct, 50)) * 1e3)
-        runs["p99"].append((pct(http, 99) - pct(direct, 99)) * 1e3)
-        runs["health50"].append(pct(health, 50) * 1e3)
-        print(f"run {r + 1}: {batched:.1f} req/s batched, {streamed:.1f} streamed, {unbatched:.1f} unbatched, added p50 "
-              f"{runs['p50'][-1]:.1f} ms")
-    lines = [
-        f"model {args.model}, {args.max_tokens} new tokens, {args.clients} clients, {args.requests} requests",
-        f"throughput with batching {spread(runs['batched'], '{:.1f}')} req/s, without "
-        f"{spread(runs['unbatched'], '{:.1f}')} req/s",
-        f"batching speed-up {spread(runs['speedup'])}x (target >= 4x)",
-        f"streamed, batched: {spread(runs['streamed'], '{:.1f}')} req/s, {spread(runs['stream_ratio'])}x the "
-        f"non-streamed (target >= 0.9x)",
-        f"latency added by HTTP + Serve over a direct call: p50 {spread(runs['p50'], '{:.1f}')} ms "
-        f"(target <= 10 ms), p99 {spread(runs['p99'], '{:.1f}')} ms",
-        f"of which the proxy + ingress hop alone (GET /healthz), p50: {spread(runs['health50'], '{:.1f}')} ms",
-    ]
+        runs["mixed"].append(mixed / alone)
+        runs["long_tokens"].append(tokens)
+        line = (f"run {r + 1}: {batched:.1f} req/s batched, {streamed:.1f} streamed, short p50 {alone * 1e3:.0f} ms "
+                f"alone, {mixed * 1e3:.0f} ms mixed")
+        if not vllm:
+            url = deploy(args.model, 1, port)  # replaces the batched app
+            unbatched = asyncio.run(throughput(url, request, args.clients, args.requests))
+            http = sequential_latencies(url, {**body(image, args.max_tokens)}, args.latency_requests)
+            health = health_latencies(url, args.latency_requests)
+            direct = direct_latencies(args.model, image, args.max_tokens, args.latency_requests)
+            runs["unbatched"].append(unbatched)
+            runs["speedup"].append(batched / unbatched)
+            runs["p50"].append((pct(http, 50) - pct(direct, 50)) * 1e3)
+            runs["p99"].append((pct(http, 99) - pct(direct, 99)) * 1e3)
+            runs["health50"].append(pct(health, 50) * 1e3)
+            line += f", {unbatched:.1f} unbatched, added p50 {runs['p50'][-1]:.1f} ms"
+        serve.delete("bench")
+        print(line)
+    lines = [f"engine {args.engine}, model {args.model}, {args.max_tokens} new tokens, {args.clients} clients, "
+             f"{args.requests} requests"]
+    lines.append(f"throughput {spread(runs['batched'], '{:.1f}')} req/s"
+                 + ("" if vllm else f" with batching, without {spread(runs['unbatched'], '{:.1f}')} req/s"))
+    if not vllm:
+        lines.append(f"batching speed-up {spread(runs['speedup'])}x (target >= 4x)")
+    lines.append(f"streamed: {spread(runs['streamed'], '{:.1f}')} req/s, {spread(runs['stream_ratio'])}x the "
+                 f"non-streamed (target >= 0.9x)")
+    lines.append(f"mixed lengths (half the clients 4 tokens, half 64: {spread(runs['long_tokens'], '{:.0f}')} "
+                 f"generated): the short requests' p50 is {spread(runs['mixed'])}x their p50 alone"
+                 + (" (target <= 1.25x)" if vllm else " (static batches wait for their longest row)"))
+    if not vllm:
+        lines += [
+            f"latency added by HTTP + Serve over a direct call: p50 {spread(runs['p50'], '{:.1f}')} ms "
+            f"(target <= 10 ms), p99 {spread(runs['p99'], '{:.1f}')} ms",
+            f"of which the proxy + ingress hop alone (GET /healthz), p50: {spread(runs['health50'], '{:.1f}')} ms",
+        ]
     print("\n".join(lines))
     if not args.no_record:
-        record("serve", lines)
+        record("serve" if not vllm else "serve (engine vllm)", lines)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,8 @@ def test_serve_and_worker_autoscaling_fit_together(overlay):
             config.ingress.max_replicas * config.ingress.cpus_per_replica
         assert need_gpus <= gpus and need_cpus <= cpus, (overlay.name, need_gpus, gpus, need_cpus, cpus)
         assert all(m.autoscaling.max_replicas > m.autoscaling.min_replicas for m in config.models)
+        # GPU deployments serve on vLLM; the CPU dev overlay on the embedded engine.
+        assert {m.engine for m in config.models} == ({"vllm"} if gpus else {"hf"}), overlay.name
     for job in (r for r in resources if r["kind"] == "RayJob"):
         assert job["spec"]["rayClusterSpec"] == cluster["spec"]
         assert job["spec"]["shutdownAfterJobFinishes"] is True

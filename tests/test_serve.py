@@ -351,6 +351,16 @@ def test_adapters_the_server_cannot_batch_are_refused_at_start(tmp_path, monkeyp
         app("tiny://mixtral", {"moe": str(tmp_path / "moe")})
     with pytest.raises(ValueError, match="'nothing'.*adapter_config.json"):
         app("tiny://llava-mistral", {"nothing": str(tmp_path / "missing")})
+    # On vLLM (checked before vLLM itself is looked for): its LoRA covers the LLM's linear
+    # layers, so the projector-carrying adapter and one on the vision tower are refused too.
+    get_peft_model(load_model("tiny://llava-mistral").model, LoraConfig(
+        r=4, target_modules=r".*vision_tower.*\.(q_proj|v_proj)")).save_pretrained(tmp_path / "vision")
+    on_vllm = {"name": "m", "uri": "tiny://llava-mistral", "engine": "vllm"}
+    with pytest.raises(ValueError, match="'projector'.*cannot run on vLLM.*modules_to_save.*merged export"):
+        build_app({"models": [{**on_vllm, "adapters": {"projector": str(tmp_path / "with-projector")}}]})
+    with pytest.raises(ValueError, match="'vision'.*cannot run on vLLM.*vision tower"):
+        build_app({"models": [{**on_vllm, "adapters": {"vision": str(tmp_path / "vision")}}]})
+    assert app("tiny://llava-mistral", {"vision": str(tmp_path / "vision")}) is not None  # hf serves it
 
 
 def test_shipped_serve_config_builds(monkeypatch):

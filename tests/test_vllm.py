@@ -216,3 +216,123 @@ def test_medray_infer_on_vllm_answers_as_on_hf(ray_cluster, bucket, monkeypatch,
     same = sum(got[u]["answer"] == want[u]["answer"] for u in ok)
     print(f"\nmedray infer, vLLM against hf: {same}/{len(ok)} answers equal")
     assert same >= len(ok) // 2, [(got[u]["answer"], want[u]["answer"]) for u in ok]
+
+
+def _lm_adapter(path: Path, seed: int) -> Path:
+    """A PEFT LoRA adapter on the LLM's attention of tiny://llava-mistral, written by PEFT
+    itself, random (non-zero) so that it changes answers."""
+    from peft import LoraConfig, get_peft_model
+
+    from medray.models import load_model
+
+    torch.manual_seed(seed)
+    lm = load_model("tiny://llava-mistral")
+    model = get_peft_model(lm.model, LoraConfig(r=8, lora_alpha=8, init_lora_weights=False,
+                                                target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    model.save_pretrained(path)
+    return path
+
+
+def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
+    """`engine: vllm` behind medray's ingress, as the openai client and real traffic meet it:
+    1,000 requests from 32 concurrent clients, streamed and not, with images, for the base
+    model and an adapter, some clients leaving mid-stream. No 5xx, none hung, every finished
+    stream equals its non-streamed twin, and the service answers afterwards."""
+    import asyncio
+    import base64
+    import random
+
+    import httpx
+    from ray import serve
+
+    from medray.data.synthetic import png_bytes
+    from medray.serve import build_app
+    from medray.storage.local_s3 import free_port
+
+    monkeypatch.setenv("MEDRAY_VLLM_PYTHON", str(VLLM_PYTHON))
+    key = "sk-vllm-test"
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    # Serve may be running already (test_serve.py started it): its proxy's port, then.
+    import ray
+    from ray.serve.context import _get_global_client
+
+    port = ray.get(_get_global_client()._controller.get_http_config.remote()).port
+    args = {"models": [{"name": "llava", "uri": "tiny://llava-mistral", "engine": "vllm", "cpus_per_replica": 1,
+                        "adapters": {"a": str(_lm_adapter(tmp_path / "a", seed=3)),
+                                     "b": str(_lm_adapter(tmp_path / "b", seed=4))},
+                        "vllm": {"max_model_len": 512, "max_num_seqs": 16, "kv_cache_gib": 1, "dtype": "float32"}}],
+            "api_keys": [key], "ingress": {"cpus_per_replica": 0.25}}
+    serve.run(build_app(args), name="vllm", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        images = [base64.b64encode(png_bytes(chest_image(side, 48, seed=i))).decode()
+                  for i, side in enumerate(["left", "right", "none", "left"])]
+        kinds = [(model, i, q, n) for model in ("llava", "llava:a", "llava:b") for i in range(4)
+                 for q, n in (("Is there an opacity?", 4), ("Describe the image.", 16))]
+
+        def body(kind, stream=False):
+            model, i, question, n = kind
+            return {"model": model, "max_tokens": n, "stream": stream, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + images[i]}},
+                {"type": "text", "text": question}]}]}
+
+        twins = {}
+        for kind in kinds:
+            r = httpx.post(url, json=body(kind), headers=headers, timeout=120)
+            assert r.status_code == 200, r.text
+            twins[kind] = r.json()["choices"][0]["message"]["content"]
+        for adapter in ("llava:a", "llava:b"):  # each adapter acts, and differently
+            assert any(twins[(adapter, *k[1:])] != twins[k] for k in kinds if k[0] == "llava")
+        assert any(twins[("llava:a", *k[1:])] != twins[("llava:b", *k[1:])] for k in kinds if k[0] == "llava")
+
+        rng = random.Random(0)
+        plan = [(rng.choice(kinds), rng.random() < 0.5, rng.random() < 0.05) for _ in range(1000)]
+        results = []
+
+        async def run():
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=32)) as client:
+                queue = list(plan)
+
+                async def worker():
+                    while queue:
+                        kind, stream, leave = queue.pop()
+                        if not stream:
+                            r = await client.post(url, json=body(kind), headers=headers)
+                            results.append((kind, r.status_code, r.json()["choices"][0]["message"]["content"]
+                                            if r.status_code == 200 else r.text, "plain"))
+                            continue
+                        async with client.stream("POST", url, json=body(kind, True), headers=headers) as r:
+                            if r.status_code != 200:
+                                results.append((kind, r.status_code, await r.aread(), "stream"))
+                                continue
+                            text, done = "", False
+                            async for line in r.aiter_lines():
+                                if leave:  # a client that goes away after the first chunk
+                                    break
+                                if line == "data: [DONE]":
+                                    done = True
+                                elif line.startswith("data: "):
+                                    chunk = json.loads(line[6:])
+                                    assert "error" not in chunk, chunk
+                                    if chunk["choices"]:
+                                        text += chunk["choices"][0]["delta"].get("content") or ""
+                            results.append((kind, 200, text, "left" if leave else "stream" if done else "cut"))
+
+                await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(32))), 900)  # none hangs
+
+        asyncio.run(run())
+        assert len(results) == 1000
+        assert [r for r in results if r[1] >= 500] == [] and {r[1] for r in results} == {200}
+        assert not [r for r in results if r[3] == "cut"]  # every stream that was read to the end has [DONE]
+        finished = [r for r in results if r[3] in ("stream", "plain")]
+        differ = [(k, text, twins[k]) for k, _, text, _ in finished if text != twins[k]]
+        print(f"\nvLLM serve load: {len(results)} requests, {sum(r[3] == 'left' for r in results)} left early, "
+              f"{len(differ)} of {len(finished)} answers differ from their twin")
+        assert not differ, differ[:5]
+        r = httpx.post(url, json=body(kinds[0]), headers=headers, timeout=60)  # healthy afterwards
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == twins[kinds[0]]
+        handle = serve.get_deployment_handle("model-llava", app_name="vllm")
+        assert handle.info.remote().result()["ongoing"] == 0  # the ones that left were aborted, not held
+    finally:
+        serve.delete("vllm")

@@ -79,18 +79,15 @@ def adapter_problem_for_vllm(uri: str) -> str | None:
     LLM's linear layers; a projector trained in full beside it (`modules_to_save`, as
     LLaVA's LoRA recipes and BabyDoctor train it) or LoRA on fused MoE expert parameters
     (`target_parameters`, BiMediX) would be dropped, silently changing the model."""
-    from medray import storage
+    from medray.models.loading import ModelLoadError, adapter_extras, read_adapter_config
 
     try:
-        cfg = json.loads(storage.read_bytes(uri.rstrip("/") + "/adapter_config.json"))
-    except Exception as e:
-        return f"its adapter_config.json is unreadable ({type(e).__name__})"
-    if cfg.get("peft_type", "LORA") != "LORA":
-        return f"it is a {cfg.get('peft_type')} adapter; vLLM runs LoRA only"
-    if cfg.get("modules_to_save"):
-        return f"it trains {sorted(cfg['modules_to_save'])} in full (PEFT modules_to_save); vLLM's LoRA covers linear layers only"
-    if cfg.get("target_parameters"):
-        return "it puts LoRA on fused MoE expert parameters (target_parameters), which vLLM does not load"
+        cfg = read_adapter_config(uri)
+    except ModelLoadError as e:
+        return str(e)
+    extras = adapter_extras(cfg)
+    if extras:
+        return f"it {extras}, which vLLM's LoRA (the LLM's linear layers) does not load"
     targets = cfg.get("target_modules") or []
     text = targets if isinstance(targets, str) else " ".join(targets)
     if "vision" in text or "projector" in text:
@@ -155,8 +152,16 @@ def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path],
         kwargs["limit_mm_per_prompt"] = {"image": 1}
     if lora_paths:
         rank = max(json.loads((p / "adapter_config.json").read_text()).get("r", 8) for p in lora_paths)
+        slots = max(1, min(max_loras, len(lora_paths)))
+        if cpu:
+            # vLLM's CPU LoRA ops (lora/ops/torch_ops) pick each row's slot with
+            # `weights[indices]`, and a base-model row's index is -1: Python wraps it to the
+            # last slot, so in a step that mixes base and adapter rows the base rows ran the
+            # last slot's adapter (measured: 104 of 104 base answers changed). The GPU kernels
+            # skip -1. One slot more than there are adapters keeps the last slot zero.
+            slots = len(lora_paths) + 1
         kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(max(options.max_lora_rank, rank)),
-                      max_loras=max(1, min(max_loras, len(lora_paths))), max_cpu_loras=len(lora_paths))
+                      max_loras=slots, max_cpu_loras=max(slots, len(lora_paths)))
     return kwargs
 
 
@@ -253,3 +258,75 @@ class VLLMEngine:
 
 def load_vllm_engine(model: str, adapter: str | None = None, options: dict | None = None) -> VLLMEngine:
     return VLLMEngine(model, adapter, VLLMOptions.model_validate(options or {}))
+
+
+class AsyncVLLMEngine:
+    """vLLM's async engine for a server: each request joins the running batch at the next
+    step (continuous batching), streamed or not; several LoRA adapters at once (each request
+    names its own); a request whose caller goes away is aborted (vLLM's generate aborts on
+    cancellation). When the KV cache is full, requests wait in vLLM's queue."""
+
+    def __init__(self, model: str, adapters: dict[str, str], options: VLLMOptions, max_loras: int):
+        from medray.models import family_of, load_processor
+        from medray.models.loading import read_config, resolve_adapter_uri
+
+        path, _ = resolve(model)
+        self.family = family_of(read_config(path))
+        self.processor = load_processor(path, self.family)
+        # Every configured adapter is fetched now: one that cannot be read fails the start,
+        # never a request.
+        lora_paths = {name: resolve_adapter_uri(uri) for name, uri in adapters.items()}
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**_engine_kwargs(path, options, list(lora_paths.values()), max_loras)))
+        self.loras = {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(sorted(lora_paths.items()))}
+        self.model_stop = model_stop(path)
+
+    def encode(self, request) -> Encoded:
+        from .engine import encode_request
+
+        return encode_request(self.processor, request, expand=False)
+
+    def _outputs(self, request, settings: GenerationSettings, adapter: str | None, final_only: bool):
+        import uuid
+
+        from vllm.sampling_params import RequestOutputKind
+
+        kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE
+        return self.engine.generate(vllm_prompt(self.encode(request)),
+                                    sampling_params(settings, self.model_stop, output_kind=kind),
+                                    f"medray-{uuid.uuid4().hex}",
+                                    lora_request=self.loras[adapter] if adapter else None)
+
+    async def stream(self, request, settings: GenerationSettings, adapter: str | None = None):
+        """Yields text deltas that add up to the Answer's text (trailing space held back until
+        it is certain, as the hf engine's streams do), then the Answer."""
+        from contextlib import aclosing
+
+        sent, last = "", None
+        # Closed explicitly when this generator is (a caller gone): vLLM then aborts the request
+        # at once, not when the garbage collector gets to it.
+        async with aclosing(self._outputs(request, settings, adapter, final_only=False)) as outputs:
+            async for out in outputs:
+                last = out
+                safe = out.outputs[0].text.strip()
+                if not out.finished and len(safe) > len(sent) and safe.startswith(sent) \
+                        and "\ufffd" not in safe[len(sent):]:
+                    yield safe[len(sent):]
+                    sent = safe
+        answer = answer_of(last)
+        if answer.text.startswith(sent) and len(answer.text) > len(sent):
+            yield answer.text[len(sent):]
+        yield answer
+
+    async def generate(self, request, settings: GenerationSettings, adapter: str | None = None) -> Answer:
+        last = None
+        async for out in self._outputs(request, settings, adapter, final_only=True):
+            last = out
+        return answer_of(last)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -206,6 +206,30 @@ def resolve_adapter_uri(uri: str) -> Path:
     return path
 
 
+def read_adapter_config(uri: str) -> dict:
+    """A PEFT adapter directory's adapter_config.json (local or s3://), without its weights."""
+    try:
+        return json.loads(storage.read_bytes(uri.rstrip("/") + "/adapter_config.json"))
+    except Exception as e:
+        raise ModelLoadError(f"{uri} has no readable adapter_config.json ({type(e).__name__}): "
+                             "not a PEFT adapter") from e
+
+
+def adapter_extras(config: dict) -> str | None:
+    """What a PEFT adapter carries beyond LoRA on linear layers, in words, or None for plain
+    LoRA. Neither engine serves such an adapter beside the base model and other adapters: PEFT
+    batches mixed adapters only for LoRA layers, and vLLM's LoRA covers the LLM's linear layers
+    only. LLaVA's LoRA recipes (BabyDoctor's too) train the projector in full as
+    modules_to_save; BiMediX's manifest puts LoRA on fused MoE experts (target_parameters)."""
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"is a {config.get('peft_type')} adapter, not LoRA"
+    if config.get("modules_to_save"):
+        return f"trains {sorted(config['modules_to_save'])} in full beside its LoRA (PEFT modules_to_save)"
+    if config.get("target_parameters"):
+        return f"puts LoRA on parameters {sorted(config['target_parameters'])} (fused MoE experts)"
+    return None
+
+
 def render_chat(processor, messages: list[dict], *, add_generation_prompt: bool) -> str:
     """The model's chat template applied to content-part messages, as a string.
 

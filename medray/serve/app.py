@@ -39,7 +39,7 @@ from .config import ServeConfig
 from .jobs import JobRequest, JobStore, ensure_runner, new_record, recover, view
 from .images import read_image
 from .metrics import Metrics
-from .model import ModelServer, check_adapters
+from .model import ModelServer, VLLMModelServer, check_adapters
 from .openai_api import ApiError, ChatRequest, ContentPart, error_response, sse_chunks, usage_of
 
 log = logging.getLogger(__name__)
@@ -314,7 +314,9 @@ class Api:
         from medray.infer import InferConfig
 
         try:
+            # A job runs on its model's engine, sized as the model is.
             infer = InferConfig(model=spec.uri, adapter=spec.adapters[adapter] if adapter else None,
+                                engine=spec.engine, vllm=spec.vllm,
                                 **body.model_dump(exclude={"model"}), **jobs.pipeline_resources())
         except ValidationError as e:
             raise ApiError(400, f"invalid job: {e.errors()[0]['msg']}") from None
@@ -351,17 +353,24 @@ def build_app(args: dict[str, Any]):
     config.keys()  # fail at deploy time, not on the first request, when no key is set
     for spec in config.models:
         check_adapters(spec)  # an adapter the replicas cannot batch fails the deploy, not requests
+    from medray.infer.vllm_engine import actor_runtime_env, choose_engine
+
     metrics = Metrics.bind()
     models = {}
     for spec in config.models:
         a = spec.autoscaling
-        models[spec.name] = ModelServer.options(
+        # vllm where vLLM is not installed: refused here, at deploy time.
+        engine, _ = choose_engine(spec.engine, model=spec.uri)
+        actor_options = {"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica}
+        if engine == "vllm":  # in vLLM's environment when it has its own (MEDRAY_VLLM_PYTHON)
+            actor_options["runtime_env"] = actor_runtime_env()
+        models[spec.name] = (VLLMModelServer if engine == "vllm" else ModelServer).options(
             name=f"model-{spec.name}",
             autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                                 "target_ongoing_requests": a.target_ongoing_requests,
                                 "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
                                 "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
-            ray_actor_options={"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica},
+            ray_actor_options=actor_options,
             max_ongoing_requests=spec.ongoing_limit(), max_queued_requests=spec.max_queued_requests,
             # A replica that is stopped (redeploy, downscale) takes no new requests and waits
             # for the ones it holds; none runs longer than its time limit.

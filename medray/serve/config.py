@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from medray.config import StrictModel
 from medray.infer.engine import MAX_NEW_TOKENS
+from medray.infer.vllm_engine import EngineName, VLLMOptions
 
 
 class Autoscaling(StrictModel):
@@ -37,6 +38,12 @@ class ModelSpec(StrictModel):
     """The name clients send as `model`."""
     uri: str
     """Model URI: a directory, s3://bucket/prefix or tiny://family."""
+    engine: EngineName = "hf"
+    """hf: medray's engine over transformers (static batches through @serve.batch); vllm:
+    vLLM's async engine (requests join the running batch at the next step; the GPU engine)."""
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
+    """engine vllm: context length, sequences per step, the KV-cache budget (full: requests
+    wait, they are not refused)."""
     adapters: dict[str, str] = Field(default_factory=dict)
     """PEFT adapters on this base: name -> adapter directory (local or s3://). Clients send
     `model: "<name>:<adapter>"`; adapters load on first use."""
@@ -74,7 +81,10 @@ class ModelSpec(StrictModel):
     cpus_per_replica: float = Field(0.5, gt=0)
 
     def ongoing_limit(self) -> int:
-        return self.max_ongoing_requests or max(2 * self.max_batch_size, 16)
+        if self.max_ongoing_requests:
+            return self.max_ongoing_requests
+        # vLLM takes what its steps can hold and queues the rest itself (bounded by its KV cache).
+        return self.vllm.max_num_seqs if self.engine == "vllm" else max(2 * self.max_batch_size, 16)
 
     @model_validator(mode="after")
     def _check_adapters(self):

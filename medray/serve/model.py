@@ -122,34 +122,32 @@ def adapter_problem(name: str, uri: str, model: str) -> str | None:
     experts) makes every mixed call fail, the base model's rows too. So such an adapter is
     refused when the deployment starts, never on a request.
     """
-    import json
-
-    from medray import storage
+    from medray.models.loading import ModelLoadError, adapter_extras, read_adapter_config
 
     try:
-        cfg = json.loads(storage.read_bytes(uri.rstrip("/") + "/adapter_config.json"))
-    except Exception as e:
-        return f"adapter {name!r} ({uri}) has no readable adapter_config.json ({type(e).__name__}): not a PEFT adapter"
-    where = f"adapter {name!r} of model {model!r} ({uri})"
-    if cfg.get("peft_type", "LORA") != "LORA":
-        return f"{where} is a {cfg.get('peft_type')} adapter; the server batches LoRA adapters only"
-    if cfg.get("modules_to_save"):
-        return (f"{where} trains {sorted(cfg['modules_to_save'])} in full beside its LoRA (PEFT modules_to_save), "
-                "as LLaVA's LoRA recipes do for the projector. Rows of different adapters share one generate "
-                "call, and PEFT can batch only LoRA layers, so this adapter would break every request to the "
-                "model. Serve the stage's merged export instead (set lora.merge: true; `medray train` writes the "
-                "merged model in the stage directory, beside adapter/) as a model of its own, or train the "
-                "adapter with those modules frozen")
-    if cfg.get("target_parameters"):
-        return (f"{where} puts LoRA on parameters {sorted(cfg['target_parameters'])} (fused MoE experts), which "
-                "PEFT cannot batch with other adapters. Serve the stage's merged export (lora.merge: true) as a "
-                "model of its own")
-    return None
+        extras = adapter_extras(read_adapter_config(uri))
+    except ModelLoadError as e:
+        return f"adapter {name!r}: {e}"
+    if extras is None:
+        return None
+    return (f"adapter {name!r} of model {model!r} ({uri}) {extras}. Rows of different adapters share one "
+            "generate call, which batches LoRA layers only, so this adapter would break every request to the "
+            "model. Serve the stage's merged export instead (set lora.merge: true; `medray train` writes the "
+            "merged model in the stage directory, beside adapter/) as a model of its own, or train the adapter "
+            "with those modules frozen")
 
 
 def check_adapters(spec: ModelSpec) -> None:
-    """Refuse a model spec whose adapters this server cannot run (adapter_problem)."""
-    problems = [p for name, uri in spec.adapters.items() if (p := adapter_problem(name, uri, spec.name))]
+    """Refuse a model spec whose adapters its engine cannot run (adapter_problem on hf,
+    adapter_problem_for_vllm on vLLM), when the deployment is built."""
+    from medray.infer.vllm_engine import adapter_problem_for_vllm
+
+    if spec.engine == "hf":
+        problems = [p for name, uri in spec.adapters.items() if (p := adapter_problem(name, uri, spec.name))]
+    else:
+        problems = [f"adapter {name!r} of model {spec.name!r} ({uri}) cannot run on vLLM: {p}. Serve the stage's "
+                    "merged export (lora.merge: true) as a model of its own"
+                    for name, uri in spec.adapters.items() if (p := adapter_problem_for_vllm(uri))]
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -368,3 +366,84 @@ class ModelServer:
                 yield frame({i: [e] for i in rows if not finished[i]})
         if pending:
             yield frame({})
+
+
+@serve.deployment
+class VLLMModelServer:
+    """One model on vLLM's async engine (`engine: vllm`), with the calls of ModelServer, so
+    the ingress does not know which engine answers. No @serve.batch here: vLLM batches
+    continuously, so each request joins the running batch at the engine's next step and
+    leaves at its own last one, streamed and non-streamed alike. Each request names its own
+    adapter; a request cancelled by the ingress (a client gone, its time limit) is aborted."""
+
+    def __init__(self, spec: dict, metrics=None):
+        from medray.infer.vllm_engine import AsyncVLLMEngine
+
+        self.spec = ModelSpec.model_validate(spec)
+        check_adapters(self.spec)
+        self.engine = AsyncVLLMEngine(self.spec.uri, self.spec.adapters, self.spec.vllm,
+                                      self.spec.max_loaded_adapters)
+        self.family = self.engine.family
+        from .metrics import MetricsBuffer
+
+        self.metrics = MetricsBuffer(metrics) if metrics is not None else None
+        self.ongoing = 0
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    def info(self) -> dict:
+        return {"family": self.family.name, "kind": self.family.kind, "ongoing": self.ongoing, "engine": "vllm",
+                "adapters": {"configured": sorted(self.spec.adapters), "resident": sorted(self.spec.adapters),
+                             "loads": 0}}
+
+    def recent_batch_sizes(self) -> list[int]:
+        return []  # vLLM's batch changes every step; there are no batches to count
+
+    def _report(self, **fields) -> None:
+        if self.metrics is not None:
+            self.metrics.model(model=self.spec.name, replica=self.replica, **fields)
+
+    async def generate(self, request: Request, settings: GenerationSettings, adapter: str | None,
+                       time_limit_s: float | None = None) -> Answer:
+        self.ongoing += 1
+        self._report(queue_depth=self.ongoing)
+        try:
+            # Past the limit the wait is cancelled, and with it the request inside vLLM.
+            answer = await asyncio.wait_for(self.engine.generate(request, settings, adapter), time_limit_s)
+            self._report(generated_tokens=answer.completion_tokens)
+            return answer
+        finally:
+            self.ongoing -= 1
+            self._report(queue_depth=self.ongoing)
+
+    async def stream(self, request: Request, settings: GenerationSettings, adapter: str | None,
+                     time_limit_s: float | None = None):
+        """Messages as ModelServer.stream sends them: text gathered over stream_interval_s
+        (the first at once), the last with the Answer."""
+        self.ongoing += 1
+        self._report(queue_depth=self.ongoing)
+        deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+        interval, sent_at, message = self.spec.stream_interval_s, 0.0, []
+        events = self.engine.stream(request, settings, adapter)
+        try:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    event = await asyncio.wait_for(events.__anext__(), left)
+                except StopAsyncIteration:
+                    break
+                if isinstance(event, Answer):
+                    self._report(generated_tokens=event.completion_tokens)
+                    yield message + [event]
+                    return
+                if message and isinstance(message[-1], str):
+                    message[-1] += event
+                else:
+                    message.append(event)
+                now = time.monotonic()
+                if now - sent_at >= interval:
+                    yield message
+                    message, sent_at = [], now
+        finally:
+            await events.aclose()  # a caller that left, or the time limit: vLLM aborts the request
+            self.ongoing -= 1
+            self._report(queue_depth=self.ongoing)
