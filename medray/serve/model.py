@@ -423,7 +423,7 @@ class VLLMModelServer:
         self._report(queue_depth=self.ongoing)
         deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         interval, sent_at, message = self.spec.stream_interval_s, 0.0, []
-        events = self.engine.stream(request, settings, adapter)
+        events = self.engine.stream(request, settings, adapter, interval_s=interval)
         try:
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
