@@ -16,6 +16,13 @@ On the same model and images, measured in this run, each `--repeat` times (media
    a baseline doing other work;
 3. with a GPU: images/s of a 7B-size LLaVA with random weights (576 image tokens, 64 new
    tokens). Target: >= 40 images/s per H100.
+
+`--engines`: instead of the above, the pipeline on `engine: hf` against `engine: vllm`
+(MEDRAY_VLLM_PYTHON=.venv-vllm/bin/python here), same images, same model, rows/s end to end
+and steady. The model is a random LLaVA of about 120 MB (`--engines-model`; 8 Mistral layers
+of 512 with heads of 64, a 4-layer CLIP tower on 112 px images, 64 image tokens), a size
+this machine runs in minutes. There is no goal on CPU, where vLLM's CPU build is for
+integration, not speed; on a GPU vLLM is the engine to measure (point 3).
 """
 
 from __future__ import annotations
@@ -150,12 +157,13 @@ def _put_result(queue, fn, args) -> None:
     queue.put(fn(*args))
 
 
-def pipeline(model, images_dir, out, new_tokens, batch_size, cpus_per_actor):
+def pipeline(model, images_dir, out, new_tokens, batch_size, cpus_per_actor, engine="hf"):
     """The pipeline's summary and its steady rate by second_half_rate, from the driver's
     progress callback (called as each shard arrives)."""
     cfg = InferConfig(model=model, input=images_dir, output=out, task="vqa", question=QUESTION,
                       max_new_tokens=new_tokens, batch_size=batch_size, rows_per_shard=batch_size,
-                      cpus_per_actor=cpus_per_actor)
+                      cpus_per_actor=cpus_per_actor, engine=engine,
+                      vllm={"max_model_len": 512, "max_num_seqs": batch_size, "kv_cache_gib": 1, "dtype": "float32"})
     marks: list[tuple[float, int]] = []
     summary = run_inference(cfg, progress=False, on_progress=lambda done, total, errors: marks.append(
         (time.perf_counter(), done)))
@@ -186,6 +194,71 @@ def gpu_images_per_s(new_tokens: int = 64, batch_size: int = 64) -> None:
           f"{batch_size / (time.perf_counter() - t0):.1f} images/s (target >= 40 per H100)")
 
 
+def write_small_llava(out: str) -> str:
+    """A random LLaVA of ~30M parameters in the published layout: tiny://llava-mistral's
+    tokenizer, chat template and processor, with a wider and deeper geometry."""
+    import json
+    import shutil
+
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from medray.models import resolve_model_uri
+    from medray.models.saving import save_model
+
+    tiny = resolve_model_uri("tiny://llava-mistral")
+    shutil.copytree(tiny, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    config = LlavaConfig.from_pretrained(tiny)
+    config.text_config.update(dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                   num_attention_heads=8, num_key_value_heads=8, head_dim=64))
+    config.vision_config.update(dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                     num_attention_heads=4, image_size=112, patch_size=14))
+    torch.manual_seed(0)
+    save_model(LlavaForConditionalGeneration(config).eval(), out)
+    proc_path = os.path.join(out, "processor_config.json")
+    proc = json.loads(open(proc_path).read())
+    proc["patch_size"] = 14
+    proc["image_processor"].update(crop_size={"height": 112, "width": 112}, size={"shortest_edge": 112})
+    open(proc_path, "w").write(json.dumps(proc, indent=2))
+    return out
+
+
+def compare_engines(args) -> None:
+    """Point `--engines` of the module docstring."""
+    if not os.environ.get("MEDRAY_VLLM_PYTHON"):
+        raise SystemExit("set MEDRAY_VLLM_PYTHON to vLLM's interpreter (make vllm: .venv-vllm/bin/python)")
+    runs: dict[str, list[float]] = {k: [] for k in ("hf", "vllm", "hf_steady", "vllm_steady")}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.engines_model or write_small_llava(os.path.join(tmp, "small-llava"))
+        write_synthetic("chest-vqa", os.path.join(tmp, "c"), n=args.images, seed=0)
+        images_dir = os.path.join(tmp, "c", "images")
+        for engine in ("hf", "vllm"):  # warm: worker processes, imports, the model cache
+            pipeline(model, images_dir, os.path.join(tmp, f"warm-{engine}"), args.new_tokens, args.batch_size,
+                     args.cpus_per_actor, engine)
+        for r in range(args.repeat):
+            for engine in ("hf", "vllm"):
+                summary, _ = pipeline(model, images_dir, os.path.join(tmp, f"{engine}-{r}"), args.new_tokens,
+                                           args.batch_size, args.cpus_per_actor, engine)
+                assert summary.errors == 0 and summary.rows == args.images, summary
+                runs[engine].append(summary.rows_per_s)
+                # After start-up (the first shard): the engines' own rates. second_half_rate
+                # needs more shards than a few hundred images make here.
+                runs[f"{engine}_steady"].append((summary.rows - summary.first_rows)
+                                                / (summary.seconds - summary.first_rows_s))
+            print(f"run {r + 1}: hf {runs['hf'][-1]:.2f}, vllm {runs['vllm'][-1]:.2f} images/s end to end")
+    ratio = [v / h for v, h in zip(runs["vllm"], runs["hf"])]
+    steady = [v / h for v, h in zip(runs["vllm_steady"], runs["hf_steady"])]
+    lines = [
+        f"engines: {args.images} images, {args.new_tokens} new tokens, batch {args.batch_size}, "
+        f"model {args.engines_model or 'a random LLaVA of ~30M parameters (write_small_llava)'}",
+        f"hf: {spread(runs['hf'], '{:.2f}')} images/s end to end, {spread(runs['hf_steady'], '{:.2f}')} after the first shard",
+        f"vllm: {spread(runs['vllm'], '{:.2f}')} images/s end to end, {spread(runs['vllm_steady'], '{:.2f}')} after the first shard",
+        f"vllm / hf: {spread(ratio)}x end to end, {spread(steady)}x after the first shard (no goal on CPU)",
+    ]
+    print("\n".join(lines))
+    if not args.no_record:
+        record("infer (engines)", lines)
+
+
 def crossover(single: float, steady: float, first_s: float, first_rows: int, target: float = 8.0) -> float | None:
     """Corpus size from which the end-to-end rate passes `target` x one-at-a-time: the run
     takes first_s for its first shard, then (N - first_rows) / steady."""
@@ -205,6 +278,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default="tiny://llava-mistral")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--engines", action="store_true", help="compare engine hf with engine vllm (see above)")
+    parser.add_argument("--engines-model", default=None, help="--engines: a model URI instead of the ~30M LLaVA")
     add_repeat(parser)
     args = parser.parse_args()
     import ray
@@ -213,6 +288,8 @@ def main() -> None:
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # as Ray sets it in the actor; the baselines' processes inherit it
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    if args.engines:
+        return compare_engines(args)
     settings = GenerationSettings(max_new_tokens=args.new_tokens)
     runs: dict[str, list[float]] = {k: [] for k in ("single", "bare", "whole", "steady", "startup", "cross")}
     with tempfile.TemporaryDirectory() as tmp:
