@@ -395,3 +395,43 @@ def test_the_engine_a_run_gets_and_why(tmp_path, monkeypatch):
     assert cfg.engine == "vllm" and cfg.vllm.max_model_len == 2048 and cfg.vllm.max_num_seqs == 256
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--input", "i", "--output", "o", "--engine", "tensorrt"])
+
+
+def test_adapters_a_run_can_mix_and_the_ones_it_cannot(tmp_path, monkeypatch):
+    """Named adapters (`--adapters`) that records rows choose: the flag parses, reserved or
+    malformed names are refused, vLLM falls back to hf by name when one of them carries more
+    than LoRA, and adapters that cannot share generate calls are refused before any row runs."""
+    import argparse
+
+    from medray.infer import add_infer_arguments, infer_config_from_args
+    from medray.infer.pipeline import check_mixed_adapters
+    from medray.infer.vllm_engine import choose_engine
+
+    def adapter(name: str, **extra) -> str:  # PEFT's own adapter_config.json fields
+        path = tmp_path / name
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+            "base_model_name_or_path": "tiny://llava-mistral", **extra}))
+        return str(path)
+
+    plain, projector = adapter("plain"), adapter("projector", modules_to_save=["multi_modal_projector"])
+    parser = argparse.ArgumentParser()
+    add_infer_arguments(parser)
+    cfg = infer_config_from_args(parser.parse_args(
+        ["--model", "m", "--input", "i.jsonl", "--output", "o", "--adapter", plain,
+         "--adapters", json.dumps({"vqa-rad": plain, "slake": plain})]))
+    assert cfg.all_adapters() == {"default": plain, "vqa-rad": plain, "slake": plain}
+    assert (cfg.row_adapter("slake"), cfg.row_adapter(""), cfg.row_adapter(None)) == ("slake", "default", "default")
+    assert InferConfig(model="m", input="i", output="o").row_adapter("") is None  # no adapter: the base model
+    for bad in ("default", "a:b", ""):
+        with pytest.raises(ValueError, match="adapter names"):
+            InferConfig(model="m", input="i", output="o", adapters={bad: plain})
+
+    monkeypatch.setenv("MEDRAY_VLLM_PYTHON", sys.executable)
+    assert choose_engine("vllm", model="m", adapters={"x": plain}) == ("vllm", "")
+    engine, why = choose_engine("vllm", model="m", adapters={"x": plain, "y": projector})
+    assert engine == "hf" and "multi_modal_projector" in why
+    check_mixed_adapters({"x": plain, "default": plain})
+    with pytest.raises(ValueError, match="y .*modules_to_save.*--adapter"):
+        check_mixed_adapters({"x": plain, "y": projector})

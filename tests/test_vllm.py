@@ -180,12 +180,13 @@ def _keys(model_dir: Path) -> list[str]:
     return keys
 
 
-def test_medray_infer_on_vllm_answers_as_on_hf(ray_cluster, bucket, monkeypatch, capsys):
-    """`medray infer` with `engine: vllm`: medray's listing, decoding (DICOM too), per-row errors
-    and shards around vLLM generation, in vLLM's own environment (MEDRAY_VLLM_PYTHON). The
-    answers are the transformers engine's. (The random tiny model answers in varied text; the
-    LoRA adapters of `written` make it answer special tokens only, empty text on both engines,
-    so adapters are compared by token in the test above.)"""
+def test_medray_infer_on_vllm_answers_as_on_hf(ray_cluster, bucket, tmp_path, monkeypatch, capsys):
+    """`medray infer` with `engine: vllm`: medray's records reading, decoding (DICOM too),
+    per-row errors and shards around vLLM generation, in vLLM's own environment
+    (MEDRAY_VLLM_PYTHON), with rows of two LoRA adapters and the base model mixed in one job
+    (multi-LoRA). The answers are the transformers engine's. (The curriculum's adapters make
+    the random tiny model answer special tokens only, empty text on both engines, so these
+    adapters are PEFT's own, random, on the LLM.)"""
     from medray import storage
     from medray.data.shards import read_shards
     from medray.data.synthetic import write_synthetic
@@ -196,26 +197,42 @@ def test_medray_infer_on_vllm_answers_as_on_hf(ray_cluster, bucket, monkeypatch,
     storage.write_bytes(f"{bucket}/corpus/images/broken.png", b"\x89PNG not really")
     images = sorted(f.uri for f in storage.list_files(f"{bucket}/corpus/images"))
     assert any(u.endswith(".dcm") for u in images)
-    common = dict(model="tiny://llava-mistral", task="vqa",
-                  question="Is there an opacity?", input=f"{bucket}/corpus/images", max_new_tokens=NEW_TOKENS,
-                  rows_per_shard=8, cpus_per_actor=1, format="jsonl")
+    good = [u for u in images if not u.endswith("broken.png")]
+    adapters = {"a": str(_lm_adapter(tmp_path / "a", seed=3)), "b": str(_lm_adapter(tmp_path / "b", seed=4))}
+    # Every image once per adapter and once for the base model (no `adapter` field), in one
+    # records file; the broken file once; one row names an adapter the run does not have.
+    rows = [{"id": f"{name or 'base'}/{i}", "image": u, "question": "Is there an opacity?",
+             **({"adapter": name} if name else {})}
+            for i, u in enumerate(good) for name in (None, "a", "b")]
+    rows += [{"id": "broken", "image": f"{bucket}/corpus/images/broken.png", "question": "Is it?"},
+             {"id": "unknown", "image": good[0], "question": "Is it?", "adapter": "c"}]
+    storage.write_bytes(f"{bucket}/rows.jsonl", "\n".join(json.dumps(r) for r in rows).encode())
+    common = dict(model="tiny://llava-mistral", task="vqa", input=f"{bucket}/rows.jsonl", adapters=adapters,
+                  max_new_tokens=NEW_TOKENS, rows_per_shard=16, cpus_per_actor=1, format="jsonl")
     vllm = InferConfig(**common, engine="vllm", output=f"{bucket}/vllm",
-                       vllm={"max_model_len": 512, "max_num_seqs": 8, "kv_cache_gib": 1, "dtype": "float32"})
+                       vllm={"max_model_len": 512, "max_num_seqs": 16, "kv_cache_gib": 1, "dtype": "float32"})
     hf = InferConfig(**common, output=f"{bucket}/hf")
     summary = run_inference(vllm, progress=False)
-    assert (summary.rows, summary.errors) == (13, 1)
+    assert (summary.rows, summary.errors) == (38, 2)
     run_inference(hf, progress=False)
-    got = {r["image"]: r for r in read_shards(f"{bucket}/vllm")}
-    want = {r["image"]: r for r in read_shards(f"{bucket}/hf")}
-    assert sorted(got) == images and len(read_shards(f"{bucket}/vllm")) == 13  # every image exactly once
-    assert "broken.png" in got[f"{bucket}/corpus/images/broken.png"]["error"]  # it failed alone
-    assert {json.loads(r["generation"])["engine"] for r in got.values()} == {"vllm"}
-    assert {json.loads(r["generation"])["engine"] for r in want.values()} == {"hf"}
-    ok = [u for u in images if not got[u]["error"]]
-    assert len(ok) == 12 and all(got[u]["answer"] for u in ok)
-    same = sum(got[u]["answer"] == want[u]["answer"] for u in ok)
-    print(f"\nmedray infer, vLLM against hf: {same}/{len(ok)} answers equal")
-    assert same >= len(ok) // 2, [(got[u]["answer"], want[u]["answer"]) for u in ok]
+    got = {r["id"]: r for r in read_shards(f"{bucket}/vllm")}
+    want = {r["id"]: r for r in read_shards(f"{bucket}/hf")}
+    assert sorted(got) == sorted(r["id"] for r in rows) and len(read_shards(f"{bucket}/vllm")) == 38  # each once
+    assert "broken.png" in got["broken"]["error"]  # it failed alone
+    assert "'c'" in got["unknown"]["error"] and "['a', 'b']" in got["unknown"]["error"]
+    for engine, out in (("vllm", got), ("hf", want)):
+        assert {json.loads(r["generation"])["engine"] for r in out.values()} == {engine}
+        for r in out.values():  # each answer names the adapter that made it
+            name = r["id"].split("/")[0]
+            assert json.loads(r["generation"])["adapter"] == adapters.get(name), r
+    ok = [r["id"] for r in rows if r["id"] not in ("broken", "unknown")]
+    assert len(ok) == 36 and all(got[i]["answer"] for i in ok) and not any(got[i]["error"] for i in ok)
+    for name in ("a", "b"):  # each adapter answered its own rows: not the base model's answers
+        assert any(got[f"{name}/{i}"]["answer"] != got[f"base/{i}"]["answer"] for i in range(len(good)))
+    assert any(got[f"a/{i}"]["answer"] != got[f"b/{i}"]["answer"] for i in range(len(good)))
+    same = sum(got[i]["answer"] == want[i]["answer"] for i in ok)
+    print(f"\nmedray infer, vLLM against hf: {same}/{len(ok)} answers equal (base and two adapters mixed)")
+    assert same >= len(ok) // 2, [(i, got[i]["answer"], want[i]["answer"]) for i in ok]
 
 
 def _lm_adapter(path: Path, seed: int) -> Path:

@@ -46,6 +46,9 @@ class _Record(BaseModel):
     id: str | None = Field(default=None, validation_alias=AliasChoices("id", "qid", "question_id", "img_id"))
     image: str | None = Field(default=None, validation_alias=AliasChoices(
         "image", "image_name", "img_name", "image_path", "name", "image_uri"))
+    adapter: str | None = None
+    """Batch inference: which of the run's named adapters answers this row (none: the run's
+    default, `adapter`, or the base model)."""
 
     def images(self) -> list[str]:
         return [self.image] if self.image else []

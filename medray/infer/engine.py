@@ -28,6 +28,10 @@ MAX_NEW_TOKENS = 4096
 MAX_TEMPERATURE = 2.0
 
 
+DEFAULT_ADAPTER = "default"
+"""The name of a run's default adapter (`adapter`) among its named ones: PEFT's own default
+name, the one `PeftModel.from_pretrained` gives it."""
+
 @dataclass(frozen=True)
 class GenerationSettings:
     max_new_tokens: int = 64

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from medray.config import StrictModel, add_arguments, values_from_args
 
-from .engine import MAX_NEW_TOKENS, MAX_TEMPERATURE, GenerationSettings
+from .engine import DEFAULT_ADAPTER, MAX_NEW_TOKENS, MAX_TEMPERATURE, GenerationSettings
 from .experts import ExpertsConfig
 from .vllm_engine import EngineName, VLLMOptions
 
@@ -22,7 +22,12 @@ class InferConfig(StrictModel):
     model: str
     """Model URI: a directory, s3://bucket/prefix or tiny://family."""
     adapter: str | None = None
-    """PEFT adapter directory applied on top of the model."""
+    """PEFT adapter directory applied on top of the model (to every row that names none)."""
+    adapters: dict[str, str] = Field(default_factory=dict)
+    """Named PEFT adapters (name -> directory, local or s3://) that rows of a records file
+    choose with an `adapter` field: one job mixes them, and rows of different adapters share
+    generate calls (PEFT mixed batches on hf, multi-LoRA on vllm). A row naming an adapter
+    not listed here fails alone."""
     input: str
     """A prefix of images (listed recursively) or a JSON / JSONL / Parquet records file (any
     form `medray.data.read_records` reads: LLaVA-Med test.json and question files, VQA, MCQA...)."""
@@ -86,7 +91,18 @@ class InferConfig(StrictModel):
             raise ValueError("max_actors must be >= min_actors")
         if self.task == "chat" and not self.question:
             raise ValueError("task chat needs --question (the prompt)")
+        bad = [n for n in self.adapters if not n or n == DEFAULT_ADAPTER or ":" in n]
+        if bad:
+            raise ValueError(f"adapter names must be non-empty, without ':', and not {DEFAULT_ADAPTER!r}: {bad}")
         return self
+
+    def all_adapters(self) -> dict[str, str]:
+        """Every adapter of the run by name: the named ones, and `adapter` as DEFAULT_ADAPTER."""
+        return {**({DEFAULT_ADAPTER: self.adapter} if self.adapter else {}), **self.adapters}
+
+    def row_adapter(self, name: str | None) -> str | None:
+        """The adapter that answers a row naming `name` (None or "": the run's default)."""
+        return name or (DEFAULT_ADAPTER if self.adapter else None)
 
     @property
     def settings(self) -> GenerationSettings:
@@ -97,7 +113,10 @@ class InferConfig(StrictModel):
 def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     """The `medray infer` / jobs/infer.py flags, generated from InferConfig's fields; the
     experts block gets three flags of its own."""
-    add_arguments(parser, InferConfig, exclude=("experts", "vllm"))
+    add_arguments(parser, InferConfig, exclude=("experts", "vllm", "adapters"))
+    parser.add_argument("--adapters", type=json.loads, default=None,
+                        help='named adapters that records rows choose with an "adapter" field, as JSON: '
+                             '\'{"vqa-rad": "s3://bucket/runs/vqa-rad/adapter", "slake": "..."}\'')
     parser.add_argument("--vllm", type=json.loads, default=None,
                         help='engine vllm sizing as JSON, e.g. \'{"max_model_len": 2048, "kv_cache_gib": 8}\'')
     parser.add_argument("--experts", action="store_true",
@@ -108,9 +127,10 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
 
 def infer_config_from_args(args: argparse.Namespace) -> InferConfig:
     """InferConfig from the flags of `add_infer_arguments` (unset flags keep the defaults)."""
-    values = values_from_args(InferConfig, args, exclude=("experts", "vllm"))
-    if getattr(args, "vllm", None) is not None:
-        values["vllm"] = args.vllm
+    values = values_from_args(InferConfig, args, exclude=("experts", "vllm", "adapters"))
+    for name in ("vllm", "adapters"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
     if args.experts:
         values["experts"] = {"plot": args.plot_expert,
                              **({"radiology": args.radiology_expert} if args.radiology_expert else {})}

@@ -28,6 +28,20 @@ from .vllm_engine import actor_runtime_env, choose_engine
 log = logging.getLogger(__name__)
 
 
+def check_mixed_adapters(adapters: dict[str, str]) -> None:
+    """Refuse, before any row runs, adapters that cannot share generate calls: PEFT mixes
+    LoRA layers only (vLLM's LoRA loads the LLM's linear layers only; such an adapter already
+    sent the run to hf). One adapter alone still runs: give it as --adapter in a run of its own."""
+    from medray.models.loading import adapter_extras, read_adapter_config
+
+    problems = [f"{name} ({uri}) {extras}" for name, uri in adapters.items()
+                if (extras := adapter_extras(read_adapter_config(uri)))]
+    if problems:
+        raise ValueError("these adapters cannot answer rows mixed with other adapters' in one run: "
+                         + "; ".join(problems) + ". Run each alone (--adapter), or use the stage's merged export "
+                         "(lora.merge: true) as --model")
+
+
 def run_inference(cfg: InferConfig, *, progress: bool = True,
                   on_progress: Callable[[int, int, int], None] | None = None) -> Summary:
     """Run the pipeline to completion. `on_progress(rows_done, rows_total, errors)` is called
@@ -54,7 +68,10 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
         return Summary(0, 0, len(rows) - len(todo), time.perf_counter() - t0, 0, cfg.output)
 
     # A fallback to hf is logged there, by name; the rows record the engine that made them.
-    engine, _ = choose_engine(cfg.engine, model=cfg.model, adapter=cfg.adapter, experts=cfg.experts is not None)
+    engine, _ = choose_engine(cfg.engine, model=cfg.model, adapter=cfg.adapter, adapters=cfg.adapters,
+                              experts=cfg.experts is not None)
+    if cfg.adapters:
+        check_mixed_adapters(cfg.all_adapters())
     cfg = cfg.model_copy(update={"engine": engine})
     conf = cfg.model_dump(mode="json")
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 200)))

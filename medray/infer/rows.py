@@ -17,7 +17,7 @@ def _is_manifest(uri: str) -> bool:
 
 
 def list_rows(cfg: InferConfig) -> list[dict]:
-    """Input rows with stable ids: {id, image, question, references, error}.
+    """Input rows with stable ids: {id, image, question, references, adapter, error}.
 
     A records file is read by `medray.data.read_records`, the reader training and eval use, so
     every form one understands the others do too. A row it cannot read becomes a row with
@@ -30,10 +30,15 @@ def list_rows(cfg: InferConfig) -> list[dict]:
         rows = []
         for rec in read_records(cfg.input, image_root=cfg.image_folder, errors=bad):
             question, answer = rec.query()
+            error = ""
+            if rec.adapter and rec.adapter not in cfg.adapters:
+                error = (f"the row names adapter {rec.adapter!r}, which this run does not have; its named "
+                         f"adapters: {sorted(cfg.adapters) or 'none'} (--adapters)")
             rows.append({"id": str(rec.id), "image": rec.image or "", "question": question or "",
-                         "references": json.dumps(answer) if answer is not None else "", "error": ""})
-        rows += [{"id": e.id, "image": "", "question": "", "references": "", "error": f"RecordError: {e}"}
-                 for e in bad]
+                         "references": json.dumps(answer) if answer is not None else "",
+                         "adapter": rec.adapter or "", "error": error})
+        rows += [{"id": e.id, "image": "", "question": "", "references": "", "adapter": "",
+                  "error": f"RecordError: {e}"} for e in bad]
         ids = [r["id"] for r in rows]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
@@ -42,5 +47,5 @@ def list_rows(cfg: InferConfig) -> list[dict]:
     files = storage.list_files(cfg.input, include=cfg.include, exclude=cfg.exclude)
     base = cfg.input.rstrip("/") + "/"
     return [{"id": f.uri[len(base):] if f.uri.startswith(base) else f.uri, "image": f.uri, "question": "",
-             "references": "", "error": ""}
+             "references": "", "adapter": "", "error": ""}
             for f in files if f.uri.lower().endswith(IMAGE_SUFFIXES)]

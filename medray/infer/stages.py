@@ -98,6 +98,7 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
         if prepared[-1] is None:
             prepared[-1] = _NO_IMAGE
     out = {k: batch[k] for k in ("id", "image", "references")}
+    out["adapter"] = batch["adapter"] if "adapter" in batch else np.array([""] * n, dtype=object)
     out["question"] = np.array(questions, dtype=object)
     out["input_ids"] = np.array(input_ids + [None], dtype=object)[:-1]  # keep a 1-D object array
     out["pixel_values"] = np.array(pixels + [None], dtype=object)[:-1]
@@ -108,11 +109,23 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
     return out
 
 
-def load_engine(model: str, adapter: str | None = None) -> GenerationEngine:
-    """The default engine factory: a transformers engine over the loaded model."""
-    from medray.models import load_model
+def load_engine(model: str, adapter: str | None = None, adapters: dict[str, str] | None = None) -> GenerationEngine:
+    """The default engine factory: a transformers engine over the loaded model, with `adapter`
+    (PEFT's "default") and the named `adapters` loaded beside it for mixed batches."""
+    from peft import PeftModel
 
-    return GenerationEngine(load_model(model, adapter=adapter))
+    from medray.models import load_model
+    from medray.models.loading import resolve_adapter_uri
+
+    loaded = load_model(model, adapter=adapter)
+    for name, uri in (adapters or {}).items():
+        path = str(resolve_adapter_uri(uri))
+        if isinstance(loaded.model, PeftModel):
+            loaded.model.load_adapter(path, adapter_name=name)
+        else:
+            loaded.model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name)
+        loaded.model.eval()
+    return GenerationEngine(loaded)
 
 
 class Generator:
@@ -123,8 +136,9 @@ class Generator:
     the extra stage of short tasks stalled the stream (measured 4-7x fewer rows/s, see
     bench/infer.py). A retried call sees the same rows, so it rewrites the same shard name.
 
-    `engine_for(model, adapter)` makes the engines (the LLM's and the experts'); tests pass
-    their own, and Ray Data uses the default.
+    `engine_for(model, adapter)` makes the engines (the LLM's and the experts'; with
+    `adapters=` when the run names adapters); tests pass their own, and Ray Data uses the
+    default.
     """
 
     def __init__(self, cfg: dict, engine_for: Callable[..., GenerationEngine] | None = None):
@@ -135,10 +149,14 @@ class Generator:
                 from .vllm_engine import load_vllm_engine
 
                 engine_for = functools.partial(load_vllm_engine, options=self.cfg.vllm.model_dump())
-        self.engine = engine_for(self.cfg.model, self.cfg.adapter)
+        self.engine = engine_for(self.cfg.model, self.cfg.adapter,
+                                 **({"adapters": self.cfg.adapters} if self.cfg.adapters else {}))
         self.experts = Experts(self.cfg.experts, engine_for) if self.cfg.experts is not None else None
-        # What made each answer: the decoding settings and the engine that ran them.
-        self.generation = json.dumps({**asdict(self.cfg.settings), "engine": self.cfg.engine})
+        # What made each answer: the decoding settings, the engine, and the adapter (by URI).
+        adapters = self.cfg.all_adapters()
+        self.generation = {name: json.dumps({**asdict(self.cfg.settings), "engine": self.cfg.engine,
+                                             "adapter": adapters.get(name)})
+                           for name in [None, *adapters]}
 
     @staticmethod
     def _encoded(batch: dict, i: int) -> Encoded:
@@ -165,10 +183,15 @@ class Generator:
                 str(batch["question"][i]), expert_texts[i], str(batch["image_type"][i])))
         # vLLM takes the shard's rows at once and batches them step by step itself.
         size = max(1, len(ok)) if getattr(self.engine, "continuous", False) else self.cfg.batch_size
+        names = [self.cfg.row_adapter(str(batch["adapter"][i]) if "adapter" in batch else None) for i in range(n)]
         for start in range(0, len(ok), size):
             chunk = ok[start: start + size]
             t0 = time.perf_counter()
-            results = self.engine.generate_encoded([encoded_of(i) for i in chunk], self.cfg.settings)
+            # Named per row when the run names adapters: rows of different adapters (and the
+            # base model's) share the call. Otherwise the engine's one adapter answers all.
+            results = self.engine.generate_encoded([encoded_of(i) for i in chunk], self.cfg.settings,
+                                                   **({"adapters": [names[i] for i in chunk]}
+                                                      if self.cfg.adapters else {}))
             dt = time.perf_counter() - t0
             for i, r in zip(chunk, results):
                 answers[i], completion[i], latency[i] = r.text, r.completion_tokens, dt
@@ -176,7 +199,8 @@ class Generator:
             "id": batch["id"], "image": batch["image"], "question": batch["question"],
             "answer": np.array(answers, dtype=object), "references": batch["references"],
             "model": np.array([self.cfg.model] * n, dtype=object),
-            "generation": np.array([self.generation] * n, dtype=object),
+            "generation": np.array([self.generation.get(name, self.generation[None]) for name in names],
+                                   dtype=object),  # a row naming an unknown adapter failed alone
             "latency_s": latency, "completion_tokens": completion, "error": batch["error"],
             "image_type": batch["image_type"], "expert_text": np.array(expert_texts, dtype=object),
         }

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from medray.config import StrictModel
 
-from .engine import Answer, Encoded, GenerationSettings
+from .engine import DEFAULT_ADAPTER, Answer, Encoded, GenerationSettings
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def adapter_problem_for_vllm(uri: str) -> str | None:
 
 
 def choose_engine(requested: EngineName, *, model: str, adapter: str | None = None,
-                  experts: bool = False) -> tuple[EngineName, str]:
+                  experts: bool = False, adapters: dict[str, str] | None = None) -> tuple[EngineName, str]:
     """The engine a run gets, and why when it is not the one asked for. `vllm` falls back to
     `hf` for what vLLM cannot run, by name; asked for where vLLM is not installed, it is an
     error at start, not a silent fallback."""
@@ -106,10 +106,12 @@ def choose_engine(requested: EngineName, *, model: str, adapter: str | None = No
     reason = ""
     if experts:
         reason = "the visual-experts mode runs a GIT captioner, which vLLM does not run"
-    elif adapter:
-        problem = adapter_problem_for_vllm(adapter)
-        if problem:
-            reason = f"adapter {adapter}: {problem}"
+    else:
+        for uri in [*([adapter] if adapter else []), *(adapters or {}).values()]:
+            problem = adapter_problem_for_vllm(uri)
+            if problem:
+                reason = f"adapter {uri}: {problem}"
+                break
     if reason:
         log.warning("engine vllm asked for %s, but %s: using the transformers engine (hf) for it", model, reason)
         return "hf", reason
@@ -233,32 +235,40 @@ class VLLMEngine:
     """Give it every row at once: vLLM schedules them step by step, so a short answer never
     waits for a long one."""
 
-    def __init__(self, model: str, adapter: str | None = None, options: VLLMOptions | None = None):
+    def __init__(self, model: str, adapter: str | None = None, options: VLLMOptions | None = None,
+                 adapters: dict[str, str] | None = None):
+        from medray.models.loading import resolve_adapter_uri
+
         path, adapter_path = resolve(model, adapter)
+        paths = {**({DEFAULT_ADAPTER: adapter_path} if adapter_path else {}),
+                 **{name: resolve_adapter_uri(uri) for name, uri in (adapters or {}).items()}}
         # One engine per actor, in this process: the actor is the unit Ray schedules and
         # restarts, and a second process per actor only adds start-up.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
+        from vllm.lora.request import LoRARequest
 
-        self.llm = LLM(**_engine_kwargs(path, options or VLLMOptions(), [adapter_path] if adapter_path else []))
-        self.lora = None
-        if adapter_path:
-            from vllm.lora.request import LoRARequest
-
-            self.lora = LoRARequest("adapter", 1, str(adapter_path))
+        # Every adapter resident at once: a shard mixes them freely.
+        self.llm = LLM(**_engine_kwargs(path, options or VLLMOptions(), list(paths.values()), len(paths)))
+        self.loras = {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(sorted(paths.items()))}
+        self.lora = self.loras.get(DEFAULT_ADAPTER)
         self.model_stop = model_stop(path)
 
     def generate_encoded(self, encoded: Sequence[Encoded], settings: GenerationSettings = GenerationSettings(),
-                         adapters=None, deadlines=None) -> list[Answer]:
+                         adapters: Sequence[str | None] | None = None, deadlines=None) -> list[Answer]:
+        """`adapters`: the adapter of each row by name (None: the base model); without it,
+        every row gets the engine's `adapter`."""
         if not encoded:
             return []
+        lora = self.lora if adapters is None else [self.loras[a] if a else None for a in adapters]
         outputs = self.llm.generate([vllm_prompt(e) for e in encoded], sampling_params(settings, self.model_stop),
-                                    lora_request=self.lora, use_tqdm=False)
+                                    lora_request=lora, use_tqdm=False)
         return [answer_of(out) for out in outputs]
 
 
-def load_vllm_engine(model: str, adapter: str | None = None, options: dict | None = None) -> VLLMEngine:
-    return VLLMEngine(model, adapter, VLLMOptions.model_validate(options or {}))
+def load_vllm_engine(model: str, adapter: str | None = None, options: dict | None = None,
+                     adapters: dict[str, str] | None = None) -> VLLMEngine:
+    return VLLMEngine(model, adapter, VLLMOptions.model_validate(options or {}), adapters)
 
 
 class AsyncVLLMEngine:
