@@ -390,6 +390,13 @@ class VLLMModelServer:
         self.ongoing = 0
         self.replica = serve.get_replica_context().replica_id.unique_id
 
+    def __del__(self):
+        # Serve calls this when the replica stops (redeploy, downscale), after it has drained:
+        # vLLM's engine process stops now, not when it notices its parent has gone.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
     def info(self) -> dict:
         return {"family": self.family.name, "kind": self.family.kind, "ongoing": self.ongoing, "engine": "vllm",
                 "adapters": {"configured": sorted(self.spec.adapters), "resident": sorted(self.spec.adapters),
