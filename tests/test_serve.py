@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import hashlib
+import sys
 from pathlib import Path
 
 import httpx
@@ -373,6 +374,15 @@ def test_shipped_serve_config_builds(monkeypatch):
     assert build(apps[0]) is not None
     sha = {k: hashlib.sha256(k.encode()).hexdigest() for k in ("sk-a", "sk-b", "sk-c")}
     assert ServeConfig.model_validate(apps[0]["args"]).keys() == {sha["sk-a"], sha["sk-b"]}
+    # The tiny model on vLLM (served for real in test_vllm.py): refused at build where vLLM
+    # is not installed, saying how to get it.
+    _, apps = load_applications(str(REPO / "manifests/serve/tiny-vllm.yaml"))
+    assert [m.engine for m in ServeConfig.model_validate(apps[0]["args"]).models] == ["vllm"]
+    monkeypatch.setenv("MEDRAY_VLLM_PYTHON", str(REPO / "no-such-env" / "python"))
+    with pytest.raises(RuntimeError, match="vLLM is not installed.*make vllm"):
+        build(apps[0])
+    monkeypatch.setenv("MEDRAY_VLLM_PYTHON", sys.executable)  # an interpreter that exists
+    assert build(apps[0]) is not None
 
 
 def test_keys_reach_the_cluster_as_digests_never_as_secrets(monkeypatch):

@@ -274,11 +274,15 @@ def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
     from ray.serve.context import _get_global_client
 
     port = ray.get(_get_global_client()._controller.get_http_config.remote()).port
-    args = {"models": [{"name": "llava", "uri": "tiny://llava-mistral", "engine": "vllm", "cpus_per_replica": 1,
-                        "adapters": {"a": str(_lm_adapter(tmp_path / "a", seed=3)),
-                                     "b": str(_lm_adapter(tmp_path / "b", seed=4))},
-                        "vllm": {"max_model_len": 512, "max_num_seqs": 16, "kv_cache_gib": 1, "dtype": "float32"}}],
-            "api_keys": [key], "ingress": {"cpus_per_replica": 0.25}}
+    # The shipped CPU config for vLLM, with two adapters and this test's key.
+    from medray.serve.run import load_applications
+
+    _, apps = load_applications(str(REPO / "manifests/serve/tiny-vllm.yaml"))
+    args = apps[0]["args"]
+    [model] = args["models"]
+    model.update(name="llava", adapters={"a": str(_lm_adapter(tmp_path / "a", seed=3)),
+                                         "b": str(_lm_adapter(tmp_path / "b", seed=4))})
+    args["api_keys"] = [key]
     serve.run(build_app(args), name="vllm", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {key}"}
