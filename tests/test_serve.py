@@ -515,6 +515,45 @@ def test_a_batch_job_survives_a_restart_of_the_serve_app(server):
     assert job["id"] in [j["id"] for j in _jobs(server).json()["data"]]
 
 
+def test_a_job_answers_each_row_with_the_adapter_it_names(server):
+    """A records job whose rows name the model's adapters (`adapter`: a, b (read from S3), or
+    none): every row is answered as the chat endpoint answers the same image and question for
+    "llava:<adapter>", in one job; a row naming an adapter the model lacks fails alone."""
+    import json
+
+    import openai
+
+    from medray import storage
+    from medray.data.shards import read_shards
+
+    prefix = f"{server['bucket']}/corpus/adapters"
+    images = [png_bytes(chest_image(side, seed=i)) for i, side in enumerate(("left", "right", "none"))]
+    for i, data in enumerate(images):
+        storage.write_bytes(f"{prefix}/img-{i}.png", data)
+    rows = [{"id": f"{name or 'base'}-{i}", "image": f"img-{i}.png", "question": "Is there an opacity?",
+             **({"adapter": name} if name else {})} for i in range(3) for name in (None, "a", "b")]
+    rows.append({"id": "nope", "image": "img-0.png", "question": "Is there an opacity?", "adapter": "zzz"})
+    storage.write_bytes(f"{prefix}/rows.jsonl", "\n".join(json.dumps(r) for r in rows).encode())
+    submitted = _jobs(server, "POST", body={"model": "llava", "input": f"{prefix}/rows.jsonl", "task": "vqa",
+                                            "output": f"{server['bucket']}/results/adapters", "max_new_tokens": 8})
+    assert submitted.status_code == 202, submitted.text
+    done = _wait_job(server, submitted.json()["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+    assert done["status"] == "succeeded", done
+    got = {r["id"]: r for r in read_shards(done["output"])}
+    assert sorted(got) == sorted(r["id"] for r in rows)  # every row exactly once
+    assert "'zzz'" in got["nope"]["error"] and "['a', 'b']" in got["nope"]["error"]
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
+    want = {}
+    for r in rows[:-1]:
+        model = "llava" + (f":{r['adapter']}" if "adapter" in r else "")
+        reply = client.chat.completions.create(model=model, max_tokens=8, messages=_image_message(
+            _data_url(images[int(r["id"][-1])]), r["question"]))
+        want[r["id"]] = reply.choices[0].message.content
+    assert {i: got[i]["answer"] for i in want} == want
+    assert any(want[f"a-{i}"] != want[f"base-{i}"] for i in range(3))  # the adapters act
+    assert any(want[f"b-{i}"] != want[f"base-{i}"] for i in range(3))
+
+
 def test_jobs_can_be_cancelled_and_bad_jobs_get_4xx(server):
     bucket = server["bucket"]
     _write_corpus(f"{bucket}/corpus/cancel", 30)

@@ -309,14 +309,16 @@ class Api:
                            kind="permission_error")
         if body.max_new_tokens > jobs.max_new_tokens:
             raise ApiError(400, f"max_new_tokens may be at most {jobs.max_new_tokens}", param="max_new_tokens")
-        if body.input.lower().endswith((".jsonl", ".json", ".parquet")) and not storage.exists(body.input):
+        records = body.input.lower().endswith((".jsonl", ".json", ".parquet"))
+        if records and not storage.exists(body.input):
             raise ApiError(404, f"input manifest {body.input} does not exist", param="input")
         from medray.infer import InferConfig
 
         try:
-            # A job runs on its model's engine, sized as the model is.
+            # A job runs on its model's engine, sized as the model is. Rows of a records file
+            # may name any of the model's adapters (an `adapter` field), as requests do.
             infer = InferConfig(model=spec.uri, adapter=spec.adapters[adapter] if adapter else None,
-                                engine=spec.engine, vllm=spec.vllm,
+                                adapters=spec.adapters if records else {}, engine=spec.engine, vllm=spec.vllm,
                                 **body.model_dump(exclude={"model"}), **jobs.pipeline_resources())
         except ValidationError as e:
             raise ApiError(400, f"invalid job: {e.errors()[0]['msg']}") from None
