@@ -227,6 +227,13 @@ def resolve(model: str, adapter: str | None = None) -> tuple[Path, Path | None]:
     return path, resolve_adapter_uri(adapter) if adapter else None
 
 
+def lora_requests(paths: dict[str, Path]) -> dict:
+    """A LoRARequest per adapter name, with ids fixed by name order (vLLM keys adapters by id)."""
+    from vllm.lora.request import LoRARequest
+
+    return {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(sorted(paths.items()))}
+
+
 class VLLMEngine:
     """vLLM over a model directory (local, s3:// or tiny://), with an optional PEFT adapter.
     `generate_encoded` takes the prompts medray rendered (`encode_request(expand=False)`)."""
@@ -246,11 +253,10 @@ class VLLMEngine:
         # restarts, and a second process per actor only adds start-up.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
-        from vllm.lora.request import LoRARequest
 
         # Every adapter resident at once: a shard mixes them freely.
         self.llm = LLM(**_engine_kwargs(path, options or VLLMOptions(), list(paths.values()), len(paths)))
-        self.loras = {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(sorted(paths.items()))}
+        self.loras = lora_requests(paths)
         self.lora = self.loras.get(DEFAULT_ADAPTER)
         self.model_stop = model_stop(path)
 
@@ -288,12 +294,11 @@ class AsyncVLLMEngine:
         # never a request.
         lora_paths = {name: resolve_adapter_uri(uri) for name, uri in adapters.items()}
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**_engine_kwargs(path, options, list(lora_paths.values()), max_loras)))
-        self.loras = {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(sorted(lora_paths.items()))}
+        self.loras = lora_requests(lora_paths)
         self.model_stop = model_stop(path)
 
     def encode(self, request) -> Encoded:
