@@ -8,7 +8,8 @@ Measured in one run, on one model, one replica, the same image request:
 2. the latency HTTP and Serve add over a direct in-process model call (decode the image,
    generate), sequential requests, p50 and p99. Target: <= 10 ms at p50. Measured on the
    unbatched deployment: with batching, a lone request also waits up to batch_wait_timeout_s
-   for company, which is a setting, not overhead;
+   for company, which is a setting, not overhead. Printed beside it: Ray Serve's own cost for
+   the same two hops with nothing in them, the floor under the figure on this machine;
 3. mixed lengths: the p50 latency of 4-token requests from 16 clients while 16 others send
    64-token requests, against their p50 alone. Target on vLLM: <= 1.25x (continuous batching:
    a short request leaves at its own last step); static batches on hf wait for the longest row.
@@ -27,8 +28,8 @@ import time
 
 import httpx
 import ray
-from _stats import add_repeat, record, spread
 import torch
+from _stats import add_repeat, record, spread
 from ray import serve
 
 from medray.data import load_image
@@ -48,10 +49,12 @@ def body(image: bytes, max_tokens: int) -> dict:
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]}
 
 
-def deploy(model: str, max_batch_size: int, port: int, engine: str = "hf") -> str:
+def deploy(model: str, max_batch_size: int, port: int, engine: str = "hf", stream_interval_s: float | None = None) -> str:
     spec = {"name": "m", "uri": model, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.01,
             "cpus_per_replica": 1, "engine": engine,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 64}}
+    if stream_interval_s is not None:
+        spec["stream_interval_s"] = stream_interval_s
     if engine == "vllm":
         spec["vllm"] = {"max_model_len": 512, "max_num_seqs": 32, "kv_cache_gib": 1, "dtype": "float32"}
     args = {"models": [spec], "api_keys": [KEY]}
@@ -132,6 +135,41 @@ def sequential_latencies(url: str, request: dict, n: int) -> list[float]:
     return out
 
 
+def serve_floor_latencies(port: int, n: int) -> list[float]:
+    """The same two hops with no medray in them: a FastAPI ingress that awaits one handle call
+    to a second deployment, which returns at once. What Ray Serve itself costs on this machine
+    for medray's shape (proxy -> ingress -> model replica), the floor under the added latency."""
+    from fastapi import FastAPI
+
+    floor_app = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Inner:
+        async def call(self, x: int) -> int:
+            return x
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.ingress(floor_app)
+    class Outer:
+        def __init__(self, inner):
+            self.inner = inner
+
+        @floor_app.post("/call")
+        async def call(self) -> dict:
+            return {"x": await self.inner.call.remote(1)}
+
+    serve.run(Outer.bind(Inner.bind()), name="floor", route_prefix="/floor")
+    out = []
+    with httpx.Client(timeout=60) as client:
+        for i in range(n + 3):
+            t0 = time.perf_counter()
+            client.post(f"http://127.0.0.1:{port}/floor/call", json={}).raise_for_status()
+            if i >= 3:
+                out.append(time.perf_counter() - t0)
+    serve.delete("floor")
+    return out
+
+
 def health_latencies(url: str, n: int) -> list[float]:
     """GET /healthz: the proxy and ingress hop alone, no model work (a floor for the overhead)."""
     out = []
@@ -172,6 +210,8 @@ def main() -> None:
     parser.add_argument("--mixed-requests", type=int, default=8, help="short requests per short client")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                         help="vllm: MEDRAY_VLLM_PYTHON names vLLM's interpreter where it is not in this environment")
+    parser.add_argument("--stream-interval", type=float, default=None,
+                        help="the model's stream_interval_s (default: ModelSpec's)")
     add_repeat(parser)
     args = parser.parse_args()
 
@@ -182,10 +222,10 @@ def main() -> None:
     ray.init(log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs: dict[str, list[float]] = {k: [] for k in ("batched", "streamed", "stream_ratio", "unbatched", "speedup",
-                                                    "p50", "p99", "health50", "mixed", "long_tokens")}
+                                                    "p50", "p99", "health50", "floor50", "mixed", "long_tokens")}
     vllm = args.engine == "vllm"
     for r in range(args.repeat):
-        url = deploy(args.model, 32, port, args.engine)
+        url = deploy(args.model, 32, port, args.engine, args.stream_interval)
         batched = asyncio.run(throughput(url, request, args.clients, args.requests))
         streamed = asyncio.run(throughput(url, {**request, "stream": True}, args.clients, args.requests))
         alone, _ = asyncio.run(short_latencies(url, short, None, args.clients, args.mixed_requests))
@@ -202,17 +242,20 @@ def main() -> None:
             unbatched = asyncio.run(throughput(url, request, args.clients, args.requests))
             http = sequential_latencies(url, {**body(image, args.max_tokens)}, args.latency_requests)
             health = health_latencies(url, args.latency_requests)
+            floor = serve_floor_latencies(port, args.latency_requests)
             direct = direct_latencies(args.model, image, args.max_tokens, args.latency_requests)
             runs["unbatched"].append(unbatched)
             runs["speedup"].append(batched / unbatched)
             runs["p50"].append((pct(http, 50) - pct(direct, 50)) * 1e3)
             runs["p99"].append((pct(http, 99) - pct(direct, 99)) * 1e3)
             runs["health50"].append(pct(health, 50) * 1e3)
+            runs["floor50"].append(pct(floor, 50) * 1e3)
             line += f", {unbatched:.1f} unbatched, added p50 {runs['p50'][-1]:.1f} ms"
         serve.delete("bench")
         print(line)
-    lines = [f"engine {args.engine}, model {args.model}, {args.max_tokens} new tokens, {args.clients} clients, "
-             f"{args.requests} requests"]
+    lines = [(f"engine {args.engine}, model {args.model}, {args.max_tokens} new tokens, {args.clients} clients, "
+             f"{args.requests} requests, stream_interval_s "
+             f"{'default' if args.stream_interval is None else args.stream_interval}")]
     lines.append(f"throughput {spread(runs['batched'], '{:.1f}')} req/s"
                  + ("" if vllm else f" with batching, without {spread(runs['unbatched'], '{:.1f}')} req/s"))
     if not vllm:
@@ -224,9 +267,11 @@ def main() -> None:
                  + (" (target <= 1.25x)" if vllm else " (static batches wait for their longest row)"))
     if not vllm:
         lines += [
-            f"latency added by HTTP + Serve over a direct call: p50 {spread(runs['p50'], '{:.1f}')} ms "
-            f"(target <= 10 ms), p99 {spread(runs['p99'], '{:.1f}')} ms",
+            (f"latency added by HTTP + Serve over a direct call: p50 {spread(runs['p50'], '{:.1f}')} ms "
+            f"(target <= 10 ms), p99 {spread(runs['p99'], '{:.1f}')} ms"),
             f"of which the proxy + ingress hop alone (GET /healthz), p50: {spread(runs['health50'], '{:.1f}')} ms",
+            (f"Ray Serve's own floor for these two hops (an empty FastAPI ingress awaiting an empty deployment), "
+            f"p50: {spread(runs['floor50'], '{:.1f}')} ms"),
         ]
     print("\n".join(lines))
     if not args.no_record:
