@@ -111,6 +111,17 @@ def _key_digest(args) -> int:
     return 0
 
 
+def _show(args) -> int:
+    from medray.provenance import lineage, render_tree
+
+    tree = lineage(args.uri)
+    if not tree.get("kind"):
+        raise FileNotFoundError(f"no medray provenance at {args.uri} (a stage directory, a batch-inference "
+                                "output or an eval report holds one)")
+    print(json.dumps(tree, indent=2) if args.json else "\n".join(render_tree(tree)))
+    return 0
+
+
 def _demo(args) -> int:
     from medray.demo import DemoFailed, DemoOptions, run_demo
 
@@ -230,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the form api_keys in a Serve config takes without holding a secret. "
                                     "Example: printf %%s \"$MEDRAY_API_KEY\" | medray key-digest")
     kd.set_defaults(func=_key_digest)
+
+    sh = sub.add_parser("show", help="print what made an artifact: its inputs, their digests, and theirs",
+                        description="Print the lineage of a curriculum stage directory (or any medray "
+                                    "artifact with a provenance record), local or s3://: each input with its "
+                                    "content digest, followed down through the artifacts medray made.")
+    sh.add_argument("uri", help="e.g. out/run/instruct or s3://bucket/run/instruct")
+    sh.add_argument("--json", action="store_true", help="the tree as JSON")
+    sh.set_defaults(func=_show)
 
     d = sub.add_parser("demo", help="run the main job on an embedded default (local Ray, local S3, tiny model)",
                        description="On a local Ray and a loopback S3 endpoint: synthesize a labelled radiology "

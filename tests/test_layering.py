@@ -10,13 +10,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "config": {"storage", "models", "data", "infer", "train", "eval", "serve", "cli", "demo"},
-    "storage": {"models", "data", "infer", "train", "eval", "serve", "cli", "demo", "raycluster"},
-    "raycluster": {"storage", "models", "data", "infer", "train", "eval", "serve", "cli", "demo"},
-    "models": {"data", "infer", "train", "eval", "serve", "cli", "demo"},
-    "data": {"infer", "train", "eval", "serve", "cli", "demo"},
+    "config": {"storage", "models", "data", "infer", "train", "eval", "serve", "cli", "demo", "provenance"},
+    "storage": {"models", "data", "infer", "train", "eval", "serve", "cli", "demo", "raycluster", "provenance"},
+    "raycluster": {"storage", "models", "data", "infer", "train", "eval", "serve", "cli", "demo", "provenance"},
+    "models": {"data", "infer", "train", "eval", "serve", "cli", "demo", "provenance"},
+    "data": {"infer", "train", "eval", "serve", "cli", "demo", "provenance"},
     "infer": {"train", "eval", "serve", "cli", "demo"},
     "train": {"infer", "eval", "serve", "cli", "demo"},
+    "provenance": {"data", "infer", "train", "eval", "serve", "cli", "demo"},
     "eval": {"infer", "train", "serve", "cli", "demo"},
     "serve": {"train", "cli", "demo"},
 }

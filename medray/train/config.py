@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from medray.config import StrictModel
 
@@ -191,6 +191,8 @@ class Curriculum(StrictModel):
     seed: int = 0
     """Default seed for every stage."""
     stages: list[StageConfig] = Field(min_length=1)
+    _source: dict | None = PrivateAttr(None)
+    """Set by load_manifest: the manifest's URI, its digest and the --set overrides (provenance)."""
 
     @model_validator(mode="after")
     def _unique(self):
@@ -280,6 +282,9 @@ def load_manifest(path: str | Path, overrides: list[str] | None = None) -> Curri
     for o in overrides or []:
         apply_override(data, o)
     try:
-        return Curriculum.model_validate(data)
+        cur = Curriculum.model_validate(data)
     except ValidationError as e:
         raise ManifestError(_describe(e, str(path))) from e
+    cur._source = {"uri": str(path), "digest": "sha256:" + hashlib.sha256(text.encode()).hexdigest(),
+                   "overrides": list(overrides or [])}
+    return cur

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from medray import storage
 from medray.data.synthetic import write_synthetic
+from medray.provenance import (Artifact, Provenance, digest_file, digest_model, hash_json, made_by, now,
+                               recorded_digest)
 
 from . import checkpoints
 from .config import Curriculum, StageConfig
@@ -79,7 +81,9 @@ def _runtime_env(stage: StageConfig) -> dict:
     return {"env_vars": env}
 
 
-def run_stage(cur: Curriculum, index: int, start_model: str) -> dict:
+def run_stage(cur: Curriculum, index: int, start_model: str) -> tuple[dict, str | None]:
+    """Train stage `index` from `start_model`; returns its last metrics row and its output's
+    digest (taken by rank 0 at export, in medray_digest.json)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -117,38 +121,78 @@ def run_stage(cur: Curriculum, index: int, start_model: str) -> dict:
     # The run's own metrics belong to its last checkpoint; the stage's final row is in
     # the metrics.jsonl that rank 0 exported with the model.
     rows = storage.read_text(storage.join(cur.output, stage.name, "metrics.jsonl")).splitlines()
-    return json.loads(rows[-1]) if rows else {}
+    metrics = json.loads(rows[-1]) if rows else {}
+    return metrics, recorded_digest(storage.join(cur.output, stage.name))
+
+
+def _inputs(cur: Curriculum, stage: StageConfig, start: str, start_digest: str | None) -> list[Artifact]:
+    """What a stage is made from: its start model and data with their digests, and the
+    manifest it came from when it came from one."""
+    records = stage_data(cur, stage)
+    inputs = [Artifact(role="start_model", uri=start, digest=start_digest or digest_model(start)),
+              Artifact(role="data", uri=records, digest=digest_file(records))]
+    if cur._source:
+        inputs.append(Artifact(role="manifest", uri=cur._source["uri"], digest=cur._source["digest"]))
+    return inputs
+
+
+def _changed_inputs(done: Provenance, inputs: list[Artifact]) -> list[str]:
+    """The inputs (start model, data) whose content differs from what the stage was made from."""
+    out = []
+    for current in inputs:
+        then = done.input(current.role)
+        if current.role != "manifest" and then is not None and then.digest and then.digest != current.digest:
+            out.append(f"{current.role} {current.uri}: {then.digest} then, {current.digest} now")
+    return out
 
 
 def run_curriculum(cur: Curriculum) -> list[StageResult]:
     """Run every stage not yet done; returns what each stage produced."""
     _ensure_ray()
     results = []
-    previous = cur.base_model
+    previous, previous_digest = cur.base_model, None
     for index, stage in enumerate(cur.stages):
         dest = storage.join(cur.output, stage.name)
         marker = storage.join(dest, DONE_MARKER)
         fingerprint = cur.fingerprint(index)
         start = stage.model or previous
+        # The previous stage's output digest is in its record: its S3 output is not fetched back.
+        inputs = _inputs(cur, stage, start, previous_digest if start == previous else None)
         if storage.exists(marker):
             done = json.loads(storage.read_text(marker))
             if done.get("fingerprint") != fingerprint:
                 raise StageConflict(
                     f"{dest} holds stage {stage.name!r} trained from a different configuration; "
                     "use another output, or delete that stage (and the ones after it) to retrain")
+            record = Provenance.model_validate(done["provenance"]) if "provenance" in done else None
+            changed = _changed_inputs(record, inputs) if record else []
+            if changed:
+                raise StageConflict(
+                    f"{dest} holds stage {stage.name!r} made from other inputs than this run's: "
+                    + "; ".join(changed) + ". Use another output, or delete that stage (and the ones after it) "
+                    "to retrain")
             log.info("stage %s: done already (%s), skipping", stage.name, dest)
             results.append(StageResult(stage.name, dest, True, 0.0, done.get("metrics", {})))
-            previous = dest
+            previous, previous_digest = dest, record.output.digest if record and record.output else None
             continue
         log.info("stage %s: %s from %s on %d worker(s)", stage.name, stage.strategy, start, stage.workers)
+        started = now()
         t0 = time.perf_counter()
-        metrics = run_stage(cur, index, start)
+        metrics, output_digest = run_stage(cur, index, start)
         seconds = time.perf_counter() - t0
+        config = stage.model_dump(mode="json")
+        record = Provenance(
+            kind="stage", name=stage.name, inputs=inputs,
+            settings={**config, "seed": cur.stage_seed(stage), "world_size": stage.workers,
+                      "overrides": (cur._source or {}).get("overrides", [])},
+            settings_hash=hash_json(config), output=Artifact(role="model", uri=dest, digest=output_digest),
+            made_by=made_by(), started_at=started, finished_at=now())
         storage.write_text(marker, json.dumps({
             "stage": stage.name, "fingerprint": fingerprint, "start_model": start,
-            "config": stage.model_dump(mode="json"), "seconds": round(seconds, 1),
+            "config": config, "seconds": round(seconds, 1),
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))},
+            "provenance": record.dump(),
         }, indent=2))
         results.append(StageResult(stage.name, dest, False, seconds, metrics))
-        previous = dest
+        previous, previous_digest = dest, output_digest
     return results

@@ -20,6 +20,7 @@ from medray import storage
 from medray.models import load_model
 from medray.models.processing import save_processor
 from medray.models.saving import save_model
+from medray.provenance import write_digest
 
 from .config import StageConfig
 from .metrics import MetricsLog
@@ -29,7 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def export_stage(start_uri: str, stage: StageConfig, seed: int, trainable: dict[str, torch.Tensor],
-                 dest: str, metrics: MetricsLog) -> None:
+                 dest: str, metrics: MetricsLog) -> str:
+    """Write the stage's model to `dest`; returns its digest (medray.provenance.digest_dir),
+    taken here, where the files are local, and written beside them (medray_digest.json) so
+    the driver need not fetch an S3 output back to know it."""
     lm = load_model(start_uri, device="cpu", dtype=torch.float32)
     model = lm.model
     freeze_all_but(model, lm.family, stage.train)
@@ -60,10 +64,12 @@ def export_stage(start_uri: str, stage: StageConfig, seed: int, trainable: dict[
         else:
             save_model(model, out)
             save_processor(lm.processor, out)
+        digest = write_digest(out)  # medray_digest.json: the driver reads it, not the model
         (out / "metrics.jsonl").write_text(metrics.jsonl())
         (out / "loss.png").write_bytes(metrics.loss_png(f"{stage.name}: training loss"))
         _publish(out, dest)
-    log.info("stage %s: wrote %s", stage.name, dest)
+    log.info("stage %s: wrote %s (%s)", stage.name, dest, digest)
+    return digest
 
 
 def _point_adapter_at(adapter_dir: Path, base_uri: str) -> None:

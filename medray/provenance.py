@@ -1,0 +1,264 @@
+"""Provenance: what made each artifact, in one typed record every writer shares.
+
+An artifact (a stage's model, a batch-inference output, an eval report) records its
+inputs as (role, URI, digest) and, where an input is itself a medray artifact, `medray show`
+follows it: eval report -> answers -> stage `instruct` -> stage `align` -> base model.
+
+A digest names content, not a location: `tiny://llava-mistral` or `s3://models/x` may hold
+other weights tomorrow, their digest will not. A directory's digest is sha256 over the
+name, size and sha256 of each top-level file, minus medray's own bookkeeping (metrics,
+charts, this record), so the same model has the same digest on local disk, as an S3
+prefix (through medray's mirror) and in the temporary directory it was exported from.
+File hashes are cached by path, size and mtime, so computing a digest again reads only
+files that changed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from medray import storage
+from medray.config import StrictModel
+
+SCHEMA = "medray.provenance/1"
+# A stage directory's record (beside the model); batch outputs and eval reports keep theirs
+# in PROVENANCE_FILE.
+STAGE_FILE = "medray_stage.json"
+PROVENANCE_FILE = "_provenance.json"
+# A directory's digest as medray wrote it, with each file's hash: what a reader can check.
+DIGEST_FILE = "medray_digest.json"
+# Written beside a model by medray, not part of it: never in a digest.
+BOOKKEEPING = frozenset({STAGE_FILE, PROVENANCE_FILE, DIGEST_FILE, "metrics.jsonl", "loss.png", "lr.png"})
+_CHUNK = 1 << 20
+
+
+class Artifact(StrictModel):
+    """One input or output: where it was, and what it held."""
+
+    role: str
+    """What it was to the step: start_model, data, manifest, model, adapter, input, predictions, ..."""
+    uri: str
+    digest: str | None = None
+    """sha256:<hex> of its content (a directory's: see digest_dir); None where not computed."""
+
+
+class MadeBy(StrictModel):
+    """The software that made an artifact."""
+
+    medray: str
+    git_commit: str | None = None
+    """The checkout's commit, when medray runs from a git checkout."""
+    python: str
+    packages: dict[str, str | None]
+    """ray, torch, transformers, peft, deepspeed, vllm: their versions, None where not installed."""
+
+
+class Provenance(StrictModel):
+    """What made one artifact: the record every medray writer keeps beside its output."""
+
+    schema_: str = Field(SCHEMA, alias="schema")
+    kind: Literal["stage", "inference", "eval", "job"]
+    name: str
+    """The stage's name, the job's id, or the output's last path component."""
+    inputs: list[Artifact]
+    settings: dict[str, Any] = {}
+    """The effective configuration of the step (a stage config after --set, generation settings)."""
+    settings_hash: str = ""
+    output: Artifact | None = None
+    made_by: MadeBy
+    started_at: str
+    finished_at: str | None = None
+
+    def input(self, role: str) -> Artifact | None:
+        return next((a for a in self.inputs if a.role == role), None)
+
+    def dump(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def hash_json(value: Any) -> str:
+    """sha256:<hex> of a JSON value in canonical form (sorted keys, no spaces)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def hash_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def made_by() -> MadeBy:
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return MadeBy(medray=version("medray") or "unknown", git_commit=_git_commit(), python=platform.python_version(),
+                  packages={p: version(p) for p in ("ray", "torch", "transformers", "peft", "deepspeed", "vllm")})
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None  # an installed wheel, not a checkout
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+# ----------------------------------------------------------------------------- digests
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_file(path: Path) -> Path:
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    return storage.cache_root() / "digests" / f"{key}.json"
+
+
+def digest_dir(path: str | Path, *, cache: bool = True) -> str:
+    """sha256:<hex> over (name, size, sha256) of each top-level file of a local directory,
+    medray's bookkeeping files and hidden files left out. Hashes of files whose size and
+    mtime are unchanged since the last call come from a cache (`cache=False`: a directory
+    about to be deleted)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    cache_path = _cache_file(path)
+    try:
+        cached = json.loads(cache_path.read_text())["files"] if cache else {}
+    except (OSError, ValueError, KeyError):
+        cached = {}
+    files, entries = {}, []
+    for f in sorted(path.iterdir()):
+        if not f.is_file() or f.name in BOOKKEEPING or f.name.startswith("."):
+            continue
+        st = f.stat()
+        hit = cached.get(f.name)
+        sha = hit[2] if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns else _file_sha256(f)
+        files[f.name] = [st.st_size, st.st_mtime_ns, sha]
+        entries.append([f.name, st.st_size, sha])
+    if not entries:
+        raise FileNotFoundError(f"{path} holds no files to digest")
+    if cache and files != cached:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": str(path.resolve()), "files": files}))
+        os.replace(tmp, cache_path)  # atomic: a concurrent reader sees the old or the new
+    return hash_json(entries)
+
+
+def write_digest(path: str | Path) -> str:
+    """Digest a local directory about to be published and write DIGEST_FILE into it (the
+    digest and each file's name, size and sha256); returns the digest."""
+    path = Path(path)
+    digest = digest_dir(path, cache=False)
+    files = [[f.name, f.stat().st_size, _file_sha256(f)] for f in sorted(path.iterdir())
+             if f.is_file() and f.name not in BOOKKEEPING and not f.name.startswith(".")]
+    (path / DIGEST_FILE).write_text(json.dumps({"digest": digest, "files": files}, indent=1))
+    return digest
+
+
+def recorded_digest(uri: str) -> str | None:
+    """The digest a medray writer recorded in DIGEST_FILE under `uri`, without fetching the
+    directory itself; None when there is none."""
+    record = storage.join(str(uri).rstrip("/"), DIGEST_FILE)
+    try:
+        return json.loads(storage.read_text(record)).get("digest") if storage.exists(record) else None
+    except (OSError, ValueError):
+        return None
+
+
+def digest_model(uri: str) -> str:
+    """The digest of a model or adapter directory given by URI: a local path, s3:// (through
+    medray's local mirror, fetched only where it changed) or tiny://."""
+    from medray.models.loading import resolve_model_uri
+
+    return digest_dir(resolve_model_uri(str(uri)))
+
+
+def digest_file(uri: str) -> str:
+    """sha256:<hex> of one file's bytes (a records list, a manifest), local or s3://."""
+    return hash_bytes(storage.read_bytes(str(uri)))
+
+
+# ----------------------------------------------------------------------------- records
+def read(uri: str) -> Provenance | None:
+    """The provenance of the artifact at `uri` (a stage directory, an output prefix, or a
+    record file itself), or None when it has none."""
+    uri = str(uri).rstrip("/")
+    candidates = [uri] if uri.endswith(".json") else [storage.join(uri, STAGE_FILE), storage.join(uri, PROVENANCE_FILE)]
+    for candidate in candidates:
+        if not storage.exists(candidate):
+            continue
+        data = json.loads(storage.read_text(candidate))
+        record = data.get("provenance", data) if isinstance(data, dict) else None
+        if isinstance(record, dict) and record.get("schema") == SCHEMA:
+            return Provenance.model_validate(record)
+    return None
+
+
+def lineage(uri: str, role: str = "artifact", digest: str | None = None, _seen: set | None = None) -> dict:
+    """The tree under `uri`: its record, and each input's tree where the input is itself a
+    medray artifact. Plain inputs (a base model from elsewhere, a records file) are leaves."""
+    seen = _seen if _seen is not None else set()
+    node: dict[str, Any] = {"role": role, "uri": uri, "digest": digest}
+    if uri in seen:  # a cycle would be a bug in a writer; stop rather than recurse forever
+        return node
+    seen.add(uri)
+    try:
+        record = read(uri)
+    except (OSError, ValueError, storage.StorageError):
+        record = None
+    if record is None:
+        return node
+    node.update(kind=record.kind, name=record.name, digest=record.output.digest if record.output else digest,
+                made_by=record.made_by.model_dump(), settings_hash=record.settings_hash,
+                started_at=record.started_at, finished_at=record.finished_at)
+    node["inputs"] = [lineage(a.uri, a.role, a.digest, seen) for a in record.inputs]
+    return node
+
+
+def render_tree(node: dict, indent: str = "") -> list[str]:
+    """`lineage`'s tree as indented text lines."""
+    what = f"{node['kind']} {node['name']!r}" if node.get("kind") else node["role"]
+    line = f"{indent}{what}: {node['uri']}"
+    if node.get("kind"):
+        line = f"{indent}{node['role']} <- {what}: {node['uri']}" if indent else line
+    elif indent:
+        line = f"{indent}{node['role']}: {node['uri']}"
+    lines = [line]
+    pad = indent.replace("└─ ", "   ").replace("├─ ", "│  ")
+    details = []
+    if node.get("digest"):
+        details.append(f"digest {node['digest']}")
+    if node.get("made_by"):
+        mb = node["made_by"]
+        details.append(f"medray {mb['medray']}" + (f" ({mb['git_commit'][:12]})" if mb.get("git_commit") else "")
+                       + f", finished {node.get('finished_at') or '-'}")
+    lines += [f"{pad}    {d}" for d in details]
+    children = node.get("inputs", [])
+    for i, child in enumerate(children):
+        lines += render_tree(child, pad + ("└─ " if i == len(children) - 1 else "├─ "))
+    return lines

@@ -1,0 +1,135 @@
+"""Provenance: content digests of model directories, and the record every curriculum stage
+keeps of what made it, followed by `medray show` down to the base model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+from medray import provenance, storage
+from medray.cli import main
+from medray.models import write_tiny_model
+from medray.train import StageConflict, load_manifest, run_curriculum
+
+
+def _change_one_weight(model_dir: Path) -> str:
+    """Add 1e-3 to one element of one tensor, rewriting the safetensors file; returns its name."""
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    name = sorted(k for k in tensors if k.endswith("weight") and "layers.0" in k)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1e-3
+    save_file(tensors, path, metadata={"format": "pt"})
+    return name
+
+
+def _by_hand(model_dir: Path) -> str:
+    """The digest as documented, computed here without medray: sha256 over the canonical JSON
+    of [name, size, sha256] for each top-level file, bookkeeping and hidden files left out."""
+    entries = []
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.name not in {
+                "medray_stage.json", "_provenance.json", "medray_digest.json", "metrics.jsonl", "loss.png", "lr.png"}:
+            entries.append([f.name, f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest()])
+    return "sha256:" + hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
+
+
+def test_a_directory_digest_names_its_content_and_only_that(tmp_path, s3_server, bucket):
+    model = write_tiny_model("llama", tmp_path / "m", seed=0)
+    first = provenance.digest_dir(model)
+    assert first == _by_hand(model)
+    # Where it sits does not matter: a copy, and the same files as an S3 prefix (read
+    # through medray's mirror), have the same digest.
+    copy = Path(shutil.copytree(model, tmp_path / "copy"))
+    assert provenance.digest_dir(copy) == first
+    storage.upload_dir(model, f"{bucket}/models/m")
+    assert provenance.digest_model(f"{bucket}/models/m") == first
+    # medray's bookkeeping beside a model is not the model.
+    (copy / "metrics.jsonl").write_text('{"loss": 1}\n')
+    (copy / "medray_stage.json").write_text("{}")
+    assert provenance.digest_dir(copy) == first
+    # One changed weight is another model.
+    _change_one_weight(copy)
+    assert provenance.digest_dir(copy) not in (first, None)
+    assert provenance.digest_dir(copy) == _by_hand(copy)
+
+
+def test_a_digest_computed_again_reads_only_changed_files(tmp_path, monkeypatch):
+    model = write_tiny_model("llama", tmp_path / "m", seed=0)
+    provenance.digest_dir(model)
+    read: list[str] = []
+    real = provenance._file_sha256
+    monkeypatch.setattr(provenance, "_file_sha256", lambda p: read.append(p.name) or real(p))
+    again = provenance.digest_dir(model)
+    assert read == [] and again == _by_hand(model)
+    _change_one_weight(model)
+    assert provenance.digest_dir(model) == _by_hand(model)
+    assert read == ["model.safetensors"]
+
+
+def _manifest(path: Path, base: Path, output: Path) -> Path:
+    stage = {"data": {"synthetic": {"kind": "text-qa", "n": 16, "seed": 1}}, "train": ["llm"], "lr": 2e-3,
+             "micro_batch_size": 4, "global_batch_size": 4, "max_steps": 2, "max_length": 64,
+             "checkpoint_every": 100, "log_every": 1, "workers": 1, "cpus_per_worker": 1}
+    path.write_text(yaml.safe_dump({"base_model": str(base), "output": str(output), "seed": 0,
+                                    "stages": [{"name": "first", **stage}, {"name": "second", **stage}]}))
+    return path
+
+
+def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_digest(ray_cluster, tmp_path, capsys):
+    base = write_tiny_model("llama", tmp_path / "base", seed=0)
+    manifest = _manifest(tmp_path / "run.yaml", base, tmp_path / "run")
+    run_curriculum(load_manifest(manifest))
+
+    records = {s: provenance.read(str(tmp_path / "run" / s)) for s in ("first", "second")}
+    first, second = records["first"], records["second"]
+    assert first.kind == "stage" and first.name == "first"
+    assert first.input("start_model").digest == _by_hand(base)
+    assert first.input("manifest").digest == "sha256:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
+    data = first.input("data")
+    assert data.digest == "sha256:" + hashlib.sha256(storage.read_bytes(data.uri)).hexdigest()
+    # Each output's recorded digest is its content's, and the next stage starts from it.
+    for stage, record in records.items():
+        assert record.output.digest == _by_hand(tmp_path / "run" / stage), stage
+        written = json.loads((tmp_path / "run" / stage / "medray_digest.json").read_text())
+        assert written["digest"] == record.output.digest  # beside the model, for anyone to check
+        assert record.made_by.packages["torch"] and record.made_by.medray
+        assert record.settings["world_size"] == 1 and record.settings["strategy"] == "ddp"
+        assert record.finished_at >= record.started_at
+    assert second.input("start_model").uri == str(tmp_path / "run" / "first")
+    assert second.input("start_model").digest == first.output.digest
+
+    # `medray show` follows the chain down to the base model, with digests at each step.
+    assert main(["show", str(tmp_path / "run" / "second"), "--json"]) == 0
+    tree = json.loads(capsys.readouterr().out)
+    assert (tree["name"], tree["digest"]) == ("second", second.output.digest)
+    down = next(n for n in tree["inputs"] if n["role"] == "start_model")
+    assert (down["kind"], down["name"], down["digest"]) == ("stage", "first", first.output.digest)
+    leaf = next(n for n in down["inputs"] if n["role"] == "start_model")
+    assert (leaf["uri"], leaf["digest"]) == (str(base), _by_hand(base)) and "kind" not in leaf
+    assert main(["show", str(tmp_path / "run" / "second")]) == 0
+    text = capsys.readouterr().out
+    assert "stage 'second'" in text and "stage 'first'" in text and _by_hand(base) in text
+
+    # One weight of the base changed: a rerun into the same output refuses and says why ...
+    _change_one_weight(base)
+    with pytest.raises(StageConflict, match=r"other inputs.*start_model .*base"):
+        run_curriculum(load_manifest(manifest))
+    # ... and the same manifest into a new output changes every digest downstream.
+    run_curriculum(load_manifest(manifest, [f"output={tmp_path / 'rerun'}"]))
+    for stage, record in records.items():
+        again = provenance.read(str(tmp_path / "rerun" / stage))
+        assert again.input("start_model").digest != record.input("start_model").digest, stage
+        assert again.output.digest != record.output.digest, stage
+        assert again.input("data").digest == record.input("data").digest  # the same records
+
+
+def test_show_says_when_there_is_nothing_to_show(tmp_path, capsys):
+    assert main(["show", str(tmp_path)]) != 0
+    assert "no medray provenance" in capsys.readouterr().err
