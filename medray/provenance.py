@@ -194,7 +194,9 @@ def digest_model(uri: str) -> str:
     """The digest of a model or adapter directory given by URI: a local path, s3:// (through
     medray's local mirror, fetched only where it changed) or tiny://."""
     from medray.models.loading import resolve_model_uri
+    from medray.raycluster import restore_cwd
 
+    restore_cwd()  # in a job's driver: building tiny:// imports transformers, which needs a cwd
     return digest_dir(resolve_model_uri(str(uri)))
 
 

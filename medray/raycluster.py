@@ -70,3 +70,25 @@ def connect(address: str | None = None, *, local: dict | None = None, **init_kwa
         ray.init(address="local", **(local or {}), **init_kwargs)
     else:
         ray.init(address=target, **init_kwargs)
+
+
+def restore_cwd() -> None:
+    """Enter the working directory again when it was replaced under this process.
+
+    A job's driver runs in its runtime_env working_dir, and Ray's runtime-env agent on the
+    node may delete and extract that directory again at the same path while the driver runs
+    (measured: between ray.init and the first stage). The process's cwd then names a deleted
+    directory, and whatever resolves a relative path fails with FileNotFoundError
+    (transformers does, at import). The path itself is back; entering it again is enough.
+    """
+    import os
+    import tempfile
+
+    try:
+        os.getcwd()
+        return
+    except FileNotFoundError:
+        pass
+    pwd = os.environ.get("PWD", "")  # the shell that started the driver set it to the cwd
+    os.chdir(pwd if pwd and os.path.isdir(pwd) else tempfile.gettempdir())
+

@@ -17,7 +17,7 @@ FORBIDDEN = {
     "data": {"infer", "train", "eval", "serve", "cli", "demo", "provenance"},
     "infer": {"train", "eval", "serve", "cli", "demo"},
     "train": {"infer", "eval", "serve", "cli", "demo"},
-    "provenance": {"data", "infer", "train", "eval", "serve", "cli", "demo"},
+    "provenance": {"data", "infer", "train", "eval", "serve", "cli", "demo"},  # raycluster: restore_cwd
     "eval": {"infer", "train", "serve", "cli", "demo"},
     "serve": {"train", "cli", "demo"},
 }
