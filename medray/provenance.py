@@ -138,6 +138,10 @@ def _cache_file(path: Path) -> Path:
 
 
 def digest_dir(path: str | Path, *, cache: bool = True) -> str:
+    return hash_json(_entries(path, cache))
+
+
+def _entries(path: str | Path, cache: bool = True) -> list[list]:
     """sha256:<hex> over (name, size, sha256) of each top-level file of a local directory,
     medray's bookkeeping files and hidden files left out. Hashes of files whose size and
     mtime are unchanged since the last call come from a cache (`cache=False`: a directory
@@ -166,16 +170,15 @@ def digest_dir(path: str | Path, *, cache: bool = True) -> str:
         tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"path": str(path.resolve()), "files": files}))
         os.replace(tmp, cache_path)  # atomic: a concurrent reader sees the old or the new
-    return hash_json(entries)
+    return entries
 
 
 def write_digest(path: str | Path) -> str:
     """Digest a local directory about to be published and write DIGEST_FILE into it (the
     digest and each file's name, size and sha256); returns the digest."""
     path = Path(path)
-    digest = digest_dir(path, cache=False)
-    files = [[f.name, f.stat().st_size, _file_sha256(f)] for f in sorted(path.iterdir())
-             if f.is_file() and f.name not in BOOKKEEPING and not f.name.startswith(".")]
+    files = _entries(path, cache=False)  # each file read once: a 7B export is ~14 GB
+    digest = hash_json(files)
     (path / DIGEST_FILE).write_text(json.dumps({"digest": digest, "files": files}, indent=1))
     return digest
 
