@@ -194,13 +194,43 @@ def recorded_digest(uri: str) -> str | None:
 
 
 def digest_model(uri: str) -> str:
-    """The digest of a model or adapter directory given by URI: a local path, s3:// (through
-    medray's local mirror, fetched only where it changed) or tiny://."""
+    """The digest of a model or adapter directory given by URI: a local path, s3:// or tiny://.
+
+    For s3://, the digest medray recorded beside the files (DIGEST_FILE) is taken when the
+    prefix still lists the same files with the same sizes, so a driver or an ingress need not
+    fetch a 7B model to name it; otherwise the prefix is mirrored (fetching only what
+    changed) and digested."""
     from medray.models.loading import resolve_model_uri
     from medray.raycluster import restore_cwd
 
-    restore_cwd()  # in a job's driver: building tiny:// imports transformers, which needs a cwd
-    return digest_dir(resolve_model_uri(str(uri)))
+    uri = str(uri)
+    if storage.is_s3(uri):
+        recorded = _recorded_if_listed(uri)
+        if recorded:
+            return recorded
+        return digest_dir(storage.sync_prefix(uri).path)
+    if uri.startswith("tiny://"):
+        restore_cwd()  # in a job's driver: building tiny:// imports transformers, which needs a cwd
+        return digest_dir(resolve_model_uri(uri))
+    return digest_dir(storage.local_path(uri))
+
+
+def _recorded_if_listed(uri: str) -> str | None:
+    """DIGEST_FILE's digest under an S3 prefix, if its files' names and sizes match a listing."""
+    try:
+        record = json.loads(storage.read_text(storage.join(uri.rstrip("/"), DIGEST_FILE)))
+        listed = {f.uri.rsplit("/", 1)[1]: f.size for f in storage.list_files(uri, recursive=False)}
+    except (OSError, ValueError, storage.StorageError):
+        return None
+    files = {name: size for name, size, _ in record.get("files", [])}
+    top = {n: size for n, size in listed.items() if n not in BOOKKEEPING and not n.startswith(".")}
+    return record.get("digest") if files and files == top else None
+
+
+def digest_answers(answers: dict[str, str]) -> str:
+    """The digest of a set of answers (id -> answer): what an inference output holds, and what
+    an eval scored. The same answers digest the same in Parquet or JSONL, in any shard order."""
+    return hash_json(sorted(answers.items()))
 
 
 def digest_file(uri: str) -> str:
@@ -209,6 +239,37 @@ def digest_file(uri: str) -> str:
 
 
 # ----------------------------------------------------------------------------- records
+class OutputConflict(ValueError):
+    """An output already holds results made from other inputs or settings than this run's."""
+
+
+def differences(then: Provenance, now: Provenance, *, by_uri: frozenset[str] = frozenset()) -> list[str]:
+    """What differs between the record an output holds and this run's, in words: each input
+    whose digest (or, for the roles in `by_uri`, whose URI) changed, and each changed setting."""
+    out = []
+    for role in sorted({a.role for a in then.inputs} | {a.role for a in now.inputs}):
+        a, b = then.input(role), now.input(role)
+        if a is None or b is None:
+            out.append(f"{role}: {a.uri if a else 'none'} then, {b.uri if b else 'none'} now")
+        elif role in by_uri or not (a.digest and b.digest):
+            if a.uri != b.uri:
+                out.append(f"{role}: {a.uri} then, {b.uri} now")
+        elif a.digest != b.digest:
+            out.append(f"{role} {b.uri}: {a.digest} then, {b.digest} now")
+    if then.settings_hash != now.settings_hash:
+        keys = sorted(k for k in then.settings.keys() | now.settings.keys()
+                      if then.settings.get(k) != now.settings.get(k))
+        out += [f"{k}: {then.settings.get(k)!r} then, {now.settings.get(k)!r} now" for k in keys] or ["settings"]
+    return out
+
+
+def write(uri: str, record: Provenance) -> str:
+    """Write `record` as PROVENANCE_FILE under the output prefix `uri`; returns its URI."""
+    target = storage.join(str(uri).rstrip("/"), PROVENANCE_FILE)
+    storage.write_text(target, json.dumps(record.dump(), indent=2))
+    return target
+
+
 def read(uri: str) -> Provenance | None:
     """The provenance of the artifact at `uri` (a stage directory, an output prefix, or a
     record file itself), or None when it has none."""
@@ -238,7 +299,9 @@ def lineage(uri: str, role: str = "artifact", digest: str | None = None, _seen: 
         record = None
     if record is None:
         return node
-    node.update(kind=record.kind, name=record.name, digest=record.output.digest if record.output else digest,
+    # An output without a digest of its own (an eval report's record) keeps the digest its
+    # reader recorded for it.
+    node.update(kind=record.kind, name=record.name, digest=(record.output.digest if record.output else None) or digest,
                 made_by=record.made_by.model_dump(), settings_hash=record.settings_hash,
                 started_at=record.started_at, finished_at=record.finished_at)
     node["inputs"] = [lineage(a.uri, a.role, a.digest, seen) for a in record.inputs]

@@ -8,12 +8,16 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
 from medray import provenance, storage
 from medray.cli import main
+from medray.data.shards import read_shards
+from medray.infer import InferConfig, OutputConflict, run_inference
+from medray.provenance import Provenance
 from medray.models import write_tiny_model
 from medray.train import StageConflict, load_manifest, run_curriculum
 
@@ -117,6 +121,51 @@ def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_diges
     text = capsys.readouterr().out
     assert "stage 'second'" in text and "stage 'first'" in text and _by_hand(base) in text
 
+    # Answers from the trained model, and their score: the chain goes on from them.
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": a, "answer_type": t}) + "\n"
+                                 for i, (q, a, t) in enumerate([("Is there an opacity?", "yes", "CLOSED"),
+                                                                ("Is the heart enlarged?", "no", "CLOSED"),
+                                                                ("Which organ is shown?", "lung", "OPEN")])))
+    answers = tmp_path / "answers"
+    infer = InferConfig(model=str(tmp_path / "run" / "second"), input=str(questions), output=str(answers),
+                        task="vqa", max_new_tokens=4, rows_per_shard=2)
+    run_inference(infer, progress=False)
+    made = provenance.read(str(answers))
+    rows = read_shards(str(answers))
+    assert made.kind == "inference" and made.input("model").digest == second.output.digest
+    assert made.output.digest == provenance.digest_answers({r["id"]: r["answer"] for r in rows})
+    assert made.settings["max_new_tokens"] == 4 and made.finished_at
+    # Every row, and every Parquet shard's metadata, name the weights that answered.
+    assert {json.loads(r["generation"])["model_digest"] for r in rows} == {second.output.digest}
+    for shard in sorted(answers.glob("part-*.parquet")):
+        meta = pq.read_schema(shard).metadata[b"medray.provenance"]
+        assert json.loads(meta)["inputs"][0]["digest"] == second.output.digest
+    main(["eval", "--predictions", str(answers), "--references", str(questions), "--out", str(tmp_path / "eval")])
+    capsys.readouterr()
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    scored = Provenance.model_validate(report["provenance"])
+    assert scored.input("predictions").digest == made.output.digest
+    assert scored.input("references").digest == "sha256:" + hashlib.sha256(questions.read_bytes()).hexdigest()
+
+    # eval report -> answers -> stage `second` -> stage `first` -> base model, digests at each step.
+    assert main(["show", str(tmp_path / "eval"), "--json"]) == 0
+    tree = json.loads(capsys.readouterr().out)
+    assert tree["kind"] == "eval"
+    hops = [tree]
+    while (nxt := [n for n in hops[-1].get("inputs", []) if n["role"] in ("predictions", "model", "start_model")]):
+        hops.append(nxt[0])
+    assert [(h.get("kind"), h["digest"]) for h in hops[1:]] == [
+        ("inference", made.output.digest), ("stage", second.output.digest), ("stage", first.output.digest),
+        (None, _by_hand(base))]
+    assert main(["show", str(tmp_path / "eval")]) == 0
+    text = capsys.readouterr().out
+    assert "eval 'eval'" in text and "inference 'answers'" in text and _by_hand(base) in text
+
+    # Answers are not added to an output that other settings made ...
+    with pytest.raises(OutputConflict, match=r"max_new_tokens: 4 then, 8 now"):
+        run_inference(infer.model_copy(update={"max_new_tokens": 8}), progress=False)
+
     # One weight of the base changed: a rerun into the same output refuses and says why ...
     _change_one_weight(base)
     with pytest.raises(StageConflict, match=r"other inputs.*start_model .*base"):
@@ -128,6 +177,16 @@ def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_diges
         assert again.input("start_model").digest != record.input("start_model").digest, stage
         assert again.output.digest != record.output.digest, stage
         assert again.input("data").digest == record.input("data").digest  # the same records
+    # ... the answers too: the new model may not add to the old answers, and answers it
+    # gives elsewhere name it.
+    changed = infer.model_copy(update={"model": str(tmp_path / "rerun" / "second")})
+    with pytest.raises(OutputConflict, match=r"model .*rerun/second: sha256:\w+ then, sha256:\w+ now"):
+        run_inference(changed, progress=False)
+    run_inference(changed.model_copy(update={"output": str(tmp_path / "answers2")}), progress=False)
+    again = provenance.read(str(tmp_path / "answers2"))
+    assert again.input("model").digest == provenance.read(str(tmp_path / "rerun" / "second")).output.digest
+    assert again.input("model").digest != made.input("model").digest
+    assert again.input("input").digest == made.input("input").digest
 
 
 def test_show_says_when_there_is_nothing_to_show(tmp_path, capsys):

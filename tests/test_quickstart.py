@@ -60,6 +60,8 @@ def quickstart(s3_server):
     env.update({k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")})
     head, worker = [c for c in commands if c.startswith("ray start")]
     cluster = NodeCluster(env)
+    token, = [c for c in commands if c.startswith("ray get-auth-token")]
+    subprocess.run(["bash", "-c", token], env={**cluster.env}, check=True, timeout=60)  # as written
     cluster.env["MEDRAY_CACHE_DIR"] = os.path.join(cluster.root, "cache")
     try:
         cluster.start_head(shlex.split(head.replace("0.0.0.0", "127.0.0.1")), num_cpus=2)
@@ -92,7 +94,7 @@ def _run(q, command: str, timeout: int) -> subprocess.CompletedProcess:
 
 def test_the_readme_cluster_quickstart_runs_as_written(quickstart):
     q = quickstart
-    steps = [c for c in q["commands"] if not c.startswith(("export ", "ray start"))]
+    steps = [c for c in q["commands"] if not c.startswith(("export ", "ray start", "ray get-auth-token"))]
     train, infer, deploy, curl = steps
     assert train.startswith("ray job submit") and "jobs/train.py" in train
     assert infer.startswith("ray job submit") and "jobs/infer.py" in infer

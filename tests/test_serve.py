@@ -67,6 +67,20 @@ def server(ray_cluster, s3_server, tmp_path_factory):
     serve.delete("medray")
 
 
+def _digest_by_hand(directory: Path) -> str:
+    """A directory's digest as the README documents it, computed without medray: sha256 over
+    canonical JSON of [name, size, sha256] of each top-level file (hidden files and medray's
+    bookkeeping left out)."""
+    import json
+
+    entries = [[f.name, f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest()]
+               for f in sorted(Path(directory).iterdir())
+               if f.is_file() and not f.name.startswith(".") and f.name not in {
+                   "medray_stage.json", "_provenance.json", "medray_digest.json", "metrics.jsonl", "loss.png",
+                   "lr.png"}]
+    return "sha256:" + hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
+
+
 def _data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
@@ -183,6 +197,23 @@ def test_multi_lora_routes_to_adapters_with_a_bounded_cache(server):
     handle = serve.get_deployment_handle("model-llava", app_name="medray")
     info = handle.info.remote().result()
     assert len(info["adapters"]["resident"]) == 1 and info["adapters"]["loads"] >= 4
+
+    # Every answer names the weights that made it, by content: the model's digest, and the
+    # adapter's when one answered (b's read from S3), streamed or not.
+    from medray.models import resolve_model_uri
+
+    base = _digest_by_hand(resolve_model_uri("tiny://llava-mistral"))
+    for model, adapter in (("llava", None), ("llava:a", "a"), ("llava:b", "b")):
+        want = _digest_by_hand(server["adapters"] / adapter) if adapter else None
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=2)
+        assert raw.headers["x-medray-model-digest"] == base, model
+        assert raw.headers.get("x-medray-adapter-digest") == want, model
+        with httpx.stream("POST", server["url"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": model, "messages": messages, "max_tokens": 2, "stream": True},
+                          timeout=60) as streamed:
+            assert streamed.status_code == 200 and streamed.headers["x-medray-model-digest"] == base
+            assert streamed.headers.get("x-medray-adapter-digest") == want, model
+            streamed.read()
 
     # Concurrent requests for the base and both adapters share batches and still get their own answers.
     models = ["llava", "llava:a", "llava:b"] * 4
@@ -552,6 +583,19 @@ def test_a_job_answers_each_row_with_the_adapter_it_names(server):
     assert {i: got[i]["answer"] for i in want} == want
     assert any(want[f"a-{i}"] != want[f"base-{i}"] for i in range(3))  # the adapters act
     assert any(want[f"b-{i}"] != want[f"base-{i}"] for i in range(3))
+    # The job's record carries what made its output: the model and each adapter by digest,
+    # and the answers' digest (sha256 of the sorted id/answer pairs as canonical JSON).
+    from medray.models import resolve_model_uri
+
+    made = done["provenance"]
+    assert made["kind"] == "inference" and made["finished_at"]
+    digests = {a["role"]: a["digest"] for a in made["inputs"]}
+    assert digests["model"] == _digest_by_hand(resolve_model_uri("tiny://llava-mistral"))
+    assert (digests["adapter:a"], digests["adapter:b"]) == (_digest_by_hand(server["adapters"] / "a"),
+                                                            _digest_by_hand(server["adapters"] / "b"))
+    pairs = sorted([i, r["answer"]] for i, r in got.items())
+    assert made["output"]["digest"] == "sha256:" + hashlib.sha256(
+        json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
 
 
 def test_jobs_can_be_cancelled_and_bad_jobs_get_4xx(server):

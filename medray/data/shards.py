@@ -18,6 +18,8 @@ from medray import storage
 COLUMNS = ["id", "image", "question", "answer", "references", "model", "generation", "latency_s",
            "completion_tokens", "error", "image_type", "expert_text"]
 SHARD_GLOB = "part-*"
+# The Parquet key-value metadata entry that holds the run's provenance record (JSON).
+PROVENANCE_KEY = "medray.provenance"
 ShardFormat = Literal["parquet", "jsonl"]
 
 
@@ -27,8 +29,10 @@ def shard_name(ids: list[str], fmt: ShardFormat) -> str:
     return f"part-{digest}." + ("parquet" if fmt == "parquet" else "jsonl")
 
 
-def write_shard(rows: dict[str, list], *, output: str, fmt: ShardFormat) -> str:
-    """Write one shard atomically (columns as lists of plain values); returns its URI."""
+def write_shard(rows: dict[str, list], *, output: str, fmt: ShardFormat, metadata: dict[str, str] | None = None) -> str:
+    """Write one shard atomically (columns as lists of plain values); returns its URI.
+    `metadata` goes into a Parquet file's key-value metadata (JSONL has none: its rows carry
+    their digests in `generation`, and _provenance.json lies beside)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -36,7 +40,10 @@ def write_shard(rows: dict[str, list], *, output: str, fmt: ShardFormat) -> str:
     uri = storage.join(output, shard_name(ids, fmt))
     with storage.atomic_writer(uri) as f:
         if fmt == "parquet":
-            pq.write_table(pa.table({c: rows[c] for c in COLUMNS}), f)
+            table = pa.table({c: rows[c] for c in COLUMNS})
+            if metadata:
+                table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+            pq.write_table(table, f)
         else:
             for i in range(len(ids)):
                 f.write((json.dumps({c: rows[c][i] for c in COLUMNS}) + "\n").encode())

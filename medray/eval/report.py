@@ -6,9 +6,13 @@ import io
 import json
 import logging
 
-from medray import storage
+from pathlib import PurePosixPath
+
+from medray import provenance, storage
 from medray.data import MCQARecord, RecordError, VQARecord, read_records
 from medray.data.shards import read_answers
+
+from medray.provenance import Artifact, Provenance
 
 from .metrics import mcqa_accuracy, vqa_metrics
 
@@ -51,6 +55,7 @@ def evaluate(predictions: str, references: str, candidates: str | None = None) -
     report: dict = {"predictions": predictions, "references": references,
                     "matched": len(vqa) + len(mcqa), "missing_predictions": len(missing),
                     "unreadable_references": len(errors), "unscored_references": len(unscored)}
+    report["provenance"] = eval_provenance(predictions, preds, references, candidates).dump()
     if vqa:
         report["vqa"] = vqa_metrics(vqa, read_candidates(candidates) if candidates else None)
     if mcqa:
@@ -63,6 +68,19 @@ def evaluate(predictions: str, references: str, candidates: str | None = None) -
     if missing:
         log.warning("%d references have no prediction (e.g. %s)", len(missing), missing[:3])
     return report
+
+
+def eval_provenance(predictions: str, answers: dict[str, str], references: str,
+                    candidates: str | None) -> Provenance:
+    """What a report scored: the predictions by the digest of their answers (the digest that
+    `medray infer` records for its output, so `medray show` follows a report to the model that
+    answered), and the references and candidates by their bytes."""
+    inputs = [Artifact(role="predictions", uri=predictions, digest=provenance.digest_answers(answers)),
+              Artifact(role="references", uri=references, digest=provenance.digest_file(references))]
+    if candidates:
+        inputs.append(Artifact(role="candidates", uri=candidates, digest=provenance.digest_file(candidates)))
+    return Provenance(kind="eval", name=PurePosixPath(predictions.rstrip("/")).name or "eval", inputs=inputs,
+                      made_by=provenance.made_by(), started_at=provenance.now())
 
 
 def bar_chart(title: str, values: dict[str, float | None], size=(560, 320)) -> bytes:
@@ -89,7 +107,14 @@ def bar_chart(title: str, values: dict[str, float | None], size=(560, 320)) -> b
 
 def write_report(report: dict, out: str) -> list[str]:
     written = [storage.join(out, "report.json")]
-    storage.write_text(written[0], json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    storage.write_text(written[0], text)
+    if report.get("provenance"):  # beside the report, with the report's own digest: `medray show OUT`
+        record = Provenance.model_validate(report["provenance"])
+        record.name = PurePosixPath(out.rstrip("/")).name or record.name  # the report's own directory
+        record.output = Artifact(role="report", uri=written[0], digest=provenance.hash_bytes(text.encode()))
+        record.finished_at = provenance.now()
+        written.append(provenance.write(out, record))
     vqa = report.get("vqa")
     if vqa:
         for kind, keys in (("closed", ["closed_accuracy"]), ("open", ["open_recall", "exact_match"])):

@@ -13,8 +13,8 @@ from .ask import ask
 from .engine import (MAX_NEW_TOKENS, MAX_TEMPERATURE, Answer, Encoded, GenerationEngine, GenerationSettings,
                      Request, encode_request)
 from .options import AllRowsFailed, InferConfig, Summary, add_infer_arguments, infer_config_from_args
-from .pipeline import run_inference
+from .pipeline import OutputConflict, run_inference
 
 __all__ = ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "GenerationEngine", "GenerationSettings",
            "Request", "encode_request", "AllRowsFailed", "InferConfig", "Summary", "add_infer_arguments",
-           "infer_config_from_args", "run_inference", "ask"]
+           "infer_config_from_args", "run_inference", "ask", "OutputConflict"]

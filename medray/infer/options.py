@@ -110,6 +110,11 @@ class InferConfig(StrictModel):
                                   top_p=self.top_p, stop=tuple(self.stop), seed=self.seed)
 
 
+def adapter_role(name: str) -> str:
+    """An adapter's role in a run's provenance: `adapter` for the run's --adapter, else `adapter:<name>`."""
+    return "adapter" if name == DEFAULT_ADAPTER else f"adapter:{name}"
+
+
 def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     """The `medray infer` / jobs/infer.py flags, generated from InferConfig's fields; the
     experts block gets three flags of its own."""

@@ -17,7 +17,7 @@ from medray.data import shards
 
 from .engine import Encoded, GenerationEngine, Request, encode_request
 from .experts import Experts, encode_for_expert
-from .options import InferConfig
+from .options import InferConfig, adapter_role
 from .prompts import messages_for
 
 _PROCESSORS: dict = {}
@@ -141,8 +141,12 @@ class Generator:
     default.
     """
 
-    def __init__(self, cfg: dict, engine_for: Callable[..., GenerationEngine] | None = None):
+    def __init__(self, cfg: dict, engine_for: Callable[..., GenerationEngine] | None = None,
+                 record: dict | None = None):
         self.cfg = InferConfig.model_validate(cfg)
+        # The run's provenance (medray.provenance): its digests go into every row, and the
+        # whole record into every Parquet shard's metadata.
+        self.record = record
         if engine_for is None:
             engine_for = load_engine
             if self.cfg.engine == "vllm":
@@ -152,10 +156,13 @@ class Generator:
         self.engine = engine_for(self.cfg.model, self.cfg.adapter,
                                  **({"adapters": self.cfg.adapters} if self.cfg.adapters else {}))
         self.experts = Experts(self.cfg.experts, engine_for) if self.cfg.experts is not None else None
-        # What made each answer: the decoding settings, the engine, and the adapter (by URI).
+        # What made each answer: the decoding settings, the engine, and the model and adapter
+        # (by URI, and by digest where the run recorded them).
         adapters = self.cfg.all_adapters()
+        digests = {a["role"]: a["digest"] for a in (record or {}).get("inputs", [])}
         self.generation = {name: json.dumps({**asdict(self.cfg.settings), "engine": self.cfg.engine,
-                                             "adapter": adapters.get(name)})
+                                             "adapter": adapters.get(name), "model_digest": digests.get("model"),
+                                             "adapter_digest": digests.get(adapter_role(name)) if name else None})
                            for name in [None, *adapters]}
 
     @staticmethod
@@ -166,7 +173,8 @@ class Generator:
                        [np.asarray(image)] if image.size else None, json.loads(kwargs) if kwargs else None)
 
     def __call__(self, batch: dict) -> dict:
-        return _write_batch(self.generate(batch), output=self.cfg.output, fmt=self.cfg.format)
+        return _write_batch(self.generate(batch), output=self.cfg.output, fmt=self.cfg.format,
+                            metadata={shards.PROVENANCE_KEY: json.dumps(self.record)} if self.record else None)
 
     def generate(self, batch: dict) -> dict:
         n = len(batch["id"])
@@ -206,8 +214,8 @@ class Generator:
         }
 
 
-def _write_batch(batch: dict, *, output: str, fmt: str) -> dict:
+def _write_batch(batch: dict, *, output: str, fmt: str, metadata: dict[str, str] | None = None) -> dict:
     """Write a generated batch as one shard (medray.data.shards); returns what the driver counts."""
     shards.write_shard({c: [x.item() if hasattr(x, "item") else x for x in batch[c]] for c in shards.COLUMNS},
-                       output=output, fmt=fmt)
+                       output=output, fmt=fmt, metadata=metadata)
     return {"id": batch["id"], "error": batch["error"], "completion_tokens": batch["completion_tokens"]}

@@ -25,7 +25,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError
@@ -256,6 +256,7 @@ class Api:
         settings = GenerationSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                       stop=tuple(stop), seed=body.seed)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        headers = self._digest_headers(spec.name, adapter)
         # The time limit goes with the call, as a duration (the replica's clock is another
         # machine's), and half a second longer: the ingress answers 504 at the limit itself,
         # and a replica that stopped first would have its cut-short answer sent as a 200.
@@ -268,16 +269,26 @@ class Api:
             first = await self._answer(events.__anext__(), events, spec, deadline)
             return StreamingResponse(sse_chunks(events, completion_id, body.model, usage, first, deadline),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         response = handle.generate.remote(*call)
         answer = await self._answer(response, response, spec, deadline)
-        return {
+        return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": int(time.time()),
             "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                          "finish_reason": answer.finish_reason}],
             "usage": usage_of(answer),
-        }
+        }, headers=headers)
+
+    def _digest_headers(self, model: str, adapter: str | None) -> dict[str, str]:
+        """What answered, by content (medray.provenance): the model's digest, and the adapter's
+        when the request named one. Taken by the replica at start; the URI alone may point at
+        other weights tomorrow."""
+        digests = self.info[model].get("digests") or {}
+        headers = {"X-Medray-Model-Digest": digests["model"]} if digests.get("model") else {}
+        if adapter and digests.get("adapters", {}).get(adapter):
+            headers["X-Medray-Adapter-Digest"] = digests["adapters"][adapter]
+        return headers
 
     # -- batch jobs
     def _job_store(self) -> JobStore:

@@ -22,7 +22,7 @@ import uuid
 import ray
 from pydantic import Field, create_model
 
-from medray import storage
+from medray import provenance, storage
 from medray.config import StrictModel
 from medray.infer import InferConfig
 
@@ -100,7 +100,7 @@ def new_record(job_id: str, request: JobRequest, infer: dict) -> dict:
     return {"id": job_id, "status": "queued", "request": request.model_dump(), "infer": infer,
             "created_at": time.time(), "started_at": None, "finished_at": None, "attempts": 0,
             "rows_done": 0, "rows_total": None, "rows_error": 0, "output": request.output, "error": None,
-            "summary": None}
+            "summary": None, "provenance": None}
 
 
 def view(record: dict, *, cancel_requested: bool = False) -> dict:
@@ -111,7 +111,7 @@ def view(record: dict, *, cancel_requested: bool = False) -> dict:
             "progress": {"rows_done": record["rows_done"], "rows_total": record["rows_total"],
                          "rows_error": record["rows_error"]},
             "output": record["output"], "error": record["error"], "summary": record["summary"],
-            "cancel_requested": cancel_requested}
+            "provenance": record.get("provenance"), "cancel_requested": cancel_requested}
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -146,6 +146,11 @@ class JobRunner:
         except Exception as e:  # the job fails with a message; the runner never takes others down
             log.exception("job %s failed", job_id)
             record.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+        try:  # what made the output (medray.provenance), as the pipeline wrote it beside the shards
+            made = provenance.read(record["output"])
+            record["provenance"] = made.dump() if made else None
+        except Exception as e:  # the job's outcome stands without it
+            log.warning("job %s: no provenance (%s)", job_id, type(e).__name__)
         record["finished_at"] = time.time()
         store.put(record)
         # The record is final: the detached actor has nothing more to do, so it ends itself

@@ -137,6 +137,15 @@ def adapter_problem(name: str, uri: str, model: str) -> str | None:
             "with those modules frozen")
 
 
+def model_digests(spec: ModelSpec) -> dict:
+    """The content digests (medray.provenance) of a spec's model and adapters, taken when the
+    replica starts: the ingress names them on every answer, since a URI may hold other weights
+    tomorrow."""
+    from medray.provenance import digest_model
+
+    return {"model": digest_model(spec.uri), "adapters": {n: digest_model(u) for n, u in spec.adapters.items()}}
+
+
 def check_adapters(spec: ModelSpec) -> None:
     """Refuse a model spec whose adapters its engine cannot run (adapter_problem on hf,
     adapter_problem_for_vllm on vLLM), when the deployment is built."""
@@ -163,6 +172,7 @@ class ModelServer:
         self.spec = ModelSpec.model_validate(spec)
         check_adapters(self.spec)  # before the model load: a refused adapter fails fast
         self.engine = GenerationEngine(load_model(self.spec.uri))
+        self.digests = model_digests(self.spec)
         self.family = self.engine.loaded.family
         self.adapters = AdapterCache(self.engine, self.spec.adapters, self.spec.max_loaded_adapters)
         for batcher in (self.batch, self.stream_batch):
@@ -185,7 +195,7 @@ class ModelServer:
     def info(self) -> dict:
         return {"family": self.family.name, "kind": self.family.kind, "ongoing": self.ongoing,
                 "adapters": {"configured": sorted(self.spec.adapters), "resident": list(self.adapters.resident),
-                             "loads": self.adapters.loads}}
+                             "loads": self.adapters.loads}, "digests": self.digests}
 
     def recent_batch_sizes(self) -> list[int]:
         return list(self.batch_sizes[-1000:])
@@ -383,6 +393,7 @@ class VLLMModelServer:
         check_adapters(self.spec)
         self.engine = AsyncVLLMEngine(self.spec.uri, self.spec.adapters, self.spec.vllm,
                                       self.spec.max_loaded_adapters)
+        self.digests = model_digests(self.spec)
         self.family = self.engine.family
         from .metrics import MetricsBuffer
 
@@ -400,7 +411,7 @@ class VLLMModelServer:
     def info(self) -> dict:
         return {"family": self.family.name, "kind": self.family.kind, "ongoing": self.ongoing, "engine": "vllm",
                 "adapters": {"configured": sorted(self.spec.adapters), "resident": sorted(self.spec.adapters),
-                             "loads": 0}}
+                             "loads": 0}, "digests": self.digests}
 
     def recent_batch_sizes(self) -> list[int]:
         return []  # vLLM's batch changes every step; there are no batches to count

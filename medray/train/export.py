@@ -64,6 +64,8 @@ def export_stage(start_uri: str, stage: StageConfig, seed: int, trainable: dict[
         else:
             save_model(model, out)
             save_processor(lm.processor, out)
+        if stage.lora is not None and stage.lora.merge:
+            write_digest(adapter_dir)  # the adapter is served and named by its own digest too
         digest = write_digest(out)  # medray_digest.json: the driver reads it, not the model
         (out / "metrics.jsonl").write_text(metrics.jsonl())
         (out / "loss.png").write_bytes(metrics.loss_png(f"{stage.name}: training loss"))
