@@ -122,10 +122,18 @@ def _show(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from medray.report import write_html_report
+
+    print(write_html_report(args.uri, args.out, args.samples))
+    return 0
+
+
 def _demo(args) -> int:
     from medray.demo import DemoFailed, DemoOptions, run_demo
 
-    opts = DemoOptions(workdir=args.workdir, model=args.model, corpus=args.corpus, address=args.address,
+    opts = DemoOptions(workdir=args.workdir, results=args.results, model=args.model, corpus=args.corpus,
+                       address=args.address,
                        s3_endpoint=args.s3_endpoint, local_files=args.local_files,
                        instruct_steps=args.instruct_steps, min_gain=args.min_gain)
     try:
@@ -250,12 +258,25 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--json", action="store_true", help="the tree as JSON")
     sh.set_defaults(func=_show)
 
+    rp = sub.add_parser("report", help="a run (curriculum stages, answers, evals) as one self-contained HTML page",
+                        description="Gather the stages and eval reports under URI (local or s3://) into one HTML "
+                                    "page: loss and learning-rate curves of every stage, accuracy per answer type "
+                                    "before and after training, sample images with the question, the reference "
+                                    "and each model's answer, and the provenance tree. Prints where it wrote it.")
+    rp.add_argument("uri", help="a run's root, e.g. medray-demo or s3://bucket/runs/llava-med")
+    rp.add_argument("--out", help="the HTML file to write (local or s3://); default: URI/report.html")
+    rp.add_argument("--samples", type=int, default=12, help="sample images to show")
+    rp.set_defaults(func=_report)
+
     d = sub.add_parser("demo", help="run the main job on an embedded default (local Ray, local S3, tiny model)",
                        description="On a local Ray and a loopback S3 endpoint: synthesize a labelled radiology "
                                    "corpus, train a tiny LLaVA through a two-stage curriculum (Ray Train), run "
                                    "batch VQA before and after (Ray Data), evaluate both, and answer one request "
                                    "through the Serve API. Fails unless training improved accuracy.")
-    d.add_argument("--workdir", default="out/demo", help="where local outputs go")
+    d.add_argument("--workdir", default="out/demo", help="where local working files go (cache; the store "
+                                                            "with --local-files)")
+    d.add_argument("--results", default="medray-demo",
+                   help="where the run is copied when it ends: corpus, stages, answers, eval, report.html")
     d.add_argument("--model", default="tiny://llava-mistral", help="base model URI (directory, s3://, tiny://)")
     d.add_argument("--corpus", help="prefix with align/, instruct/ and test/ records.jsonl (synthesized if absent)")
     d.add_argument("--address", help=_ADDRESS_HELP + "; the cluster must reach the same S3 store")

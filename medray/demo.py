@@ -8,7 +8,10 @@
     3. Ray Data: batch VQA on held-out images, with the untrained and the trained model
     4. evaluation of both runs; the demo fails unless training gained `min_gain`
     5. Ray Serve: the trained model behind the API, one request over HTTP
-    6. a summary of where everything went
+    6. `medray report` over the run (read back from the store), then the whole run copied out
+       to a local directory (./medray-demo), since the loopback store lives in memory; its
+       records name the copy, so `medray show` follows it
+    7. a summary of where everything went, as local paths
 
 Every step is the same code a production run uses; only the sizes are small. Options point
 it at a real model, a corpus of your own, or an existing cluster.
@@ -38,7 +41,9 @@ class DemoFailed(RuntimeError):
 @dataclass
 class DemoOptions:
     workdir: str = "out/demo"
-    """Local outputs (cache, and the store itself with local_files)."""
+    """Local working files (cache, and the store itself with local_files)."""
+    results: str = "medray-demo"
+    """Where the run is copied at the end (corpus, stages, answers, eval, report.html)."""
     model: str = "tiny://llava-mistral"
     """The base model: a directory, s3:// or tiny://."""
     corpus: str | None = None
@@ -176,6 +181,7 @@ def run_demo(opts: DemoOptions | None = None) -> str:
     from medray import storage
     from medray.eval import evaluate, write_report
     from medray.raycluster import connect
+    from medray.report import write_html_report
     from medray.train import run_curriculum
 
     opts = opts or DemoOptions()
@@ -214,16 +220,24 @@ def run_demo(opts: DemoOptions | None = None) -> str:
         served = _serve_one(trained, corpus["test"])
         t["serve"] = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
+        write_html_report(root)  # read back through the store: S3 unless local_files
+        results = _copy_out(root, opts.results)
+        t["report"] = time.perf_counter() - t0
+
     gain = scores["trained"] - scores["untrained"]
+    local = lambda uri: _local(uri, root, results)  # noqa: E731  where the copy holds it
     rows = [
-        ("corpus", storage.join(opts.corpus or storage.join(root, "corpus")), "align / instruct / test records + images"),
-        *[(f"stage {s.name}", s.model, f"{'skipped (done)' if s.skipped else f'{s.seconds:.0f} s'}")
+        ("corpus", local(opts.corpus or storage.join(root, "corpus")), "align / instruct / test records + images"),
+        *[(f"stage {s.name}", local(s.model), f"{'skipped (done)' if s.skipped else f'{s.seconds:.0f} s'}")
           for s in stages],
-        ("answers untrained", before.output, f"{before.rows + before.skipped} rows"),
-        ("answers trained", after.output, f"{after.rows + after.skipped} rows"),
-        ("eval untrained", storage.join(root, "eval", "untrained"), _describe(reports["untrained"])),
-        ("eval trained", storage.join(root, "eval", "trained"), _describe(reports["trained"])),
+        ("answers untrained", local(before.output), f"{before.rows + before.skipped} rows"),
+        ("answers trained", local(after.output), f"{after.rows + after.skipped} rows"),
+        ("eval untrained", local(storage.join(root, "eval", "untrained")), _describe(reports["untrained"])),
+        ("eval trained", local(storage.join(root, "eval", "trained")), _describe(reports["trained"])),
         ("served", served["url"], f"{served['question']} -> {served['answer']!r} (reference {served['reference']!r})"),
+        ("report", str(Path(results) / "report.html"), "curves, accuracy before/after, samples, provenance"),
+        ("lineage", f"medray show {local(after.output)}", "what made the trained answers, down to the base model"),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"medray demo: done in {time.perf_counter() - t_start:.0f} s "
@@ -235,6 +249,30 @@ def run_demo(opts: DemoOptions | None = None) -> str:
     if gain < opts.min_gain:
         raise DemoFailed(summary + "\n  training did not improve the model enough")
     return summary
+
+
+def _copy_out(root: str, results: str) -> str:
+    """Copy the run under `root` (the demo store) to the local directory `results`, leaving out
+    Ray Train's own run state (`_ray/`: checkpoints the finished stages no longer need), and
+    make the copy's records name the copy. Returns the directory, absolute."""
+    from medray import provenance, storage
+
+    dest = Path(results).resolve()
+    base = root.rstrip("/") + "/"
+    store = storage.default_storage()
+    for f in storage.list_files(root):
+        rel = f.uri[len(base):]
+        if "/_ray/" in f"/{rel}":
+            continue
+        store.download_file(f.uri, dest / rel)
+    provenance.relocate(dest, root, str(dest))
+    return str(dest)
+
+
+def _local(uri: str, root: str, results: str) -> str:
+    """`uri` as a path in the local copy, when it was under the demo store."""
+    root = root.rstrip("/")
+    return results + uri[len(root):] if uri == root or uri.startswith(root + "/") else uri
 
 
 def _describe(report: dict) -> str:

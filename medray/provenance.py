@@ -270,6 +270,33 @@ def write(uri: str, record: Provenance) -> str:
     return target
 
 
+def relocate(directory: str | Path, old: str, new: str) -> int:
+    """After a tree of artifacts was copied from `old` (a prefix) to `new`, make the copy's
+    records name the copy: every URI under `old` in its STAGE_FILE and PROVENANCE_FILE files
+    is rewritten under `new`, so `medray show` follows the copy. Digests name content and stay
+    as they are (records are not part of any digest). Returns the files rewritten."""
+    old, new = old.rstrip("/"), new.rstrip("/")
+
+    def move(value):
+        if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+            return new + value[len(old):]
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    count = 0
+    for path in Path(directory).rglob("*"):
+        if path.name in (STAGE_FILE, PROVENANCE_FILE) and path.is_file():
+            data = json.loads(path.read_text())
+            moved = move(data)
+            if moved != data:
+                path.write_text(json.dumps(moved, indent=2))
+                count += 1
+    return count
+
+
 def read(uri: str) -> Provenance | None:
     """The provenance of the artifact at `uri` (a stage directory, an output prefix, or a
     record file itself), or None when it has none."""

@@ -87,3 +87,29 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """A tiny model directory per family, written by the same code as `medray tiny-model`."""
     root = tmp_path_factory.mktemp("tiny")
     return {f: write_tiny_model(f, root / f, seed=0) for f in FAMILY_NAMES}
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture
+def browser_page():
+    """Debian's Chromium, headless, driven by Playwright (no browser download).
+
+    CI installs chromium and sets MEDRAY_CI=1, so there a missing browser fails
+    instead of skipping.
+    """
+    import os
+
+    if not Path(CHROMIUM).exists() and os.environ.get("MEDRAY_CI") != "1":
+        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()

@@ -198,4 +198,4 @@ def test_eval_cli_writes_report_and_charts(files):
     assert report["matched"] == 36 and report["missing_predictions"] == 0
     assert report["vqa"]["llava_med"]["open_accuracy"] * 100 == pytest.approx(RELEASED["open_accuracy"])
     for chart in ("closed.png", "open.png"):
-        assert Image.open(out / chart).size == (560, 320)
+        assert Image.open(out / chart).size == (640, 360)

@@ -20,6 +20,9 @@ FORBIDDEN = {
     "provenance": {"data", "infer", "train", "eval", "serve", "cli", "demo"},  # raycluster: restore_cwd
     "eval": {"infer", "train", "serve", "cli", "demo"},
     "serve": {"train", "cli", "demo"},
+    "report": {"train", "serve", "cli", "demo"},
+    "charts": {"config", "storage", "raycluster", "models", "data", "infer", "train", "eval", "serve", "cli", "demo",
+               "provenance", "report"},
 }
 
 

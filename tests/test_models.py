@@ -228,7 +228,7 @@ def test_gpu_load_defaults_to_bf16(tiny_dirs):
 def test_console_script_help_for_every_subcommand():
     exe = Path(sys.executable).with_name("medray")
     commands = [[], ["tiny-model"], ["convert"], ["convert", "llava"], ["convert", "apply-delta"],
-                ["ask"], ["demo"]]
+                ["ask"], ["demo"], ["show"], ["report"]]
     for cmd in commands:
         out = subprocess.run([str(exe), *cmd, "--help"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, (cmd, out.stderr)

@@ -162,6 +162,15 @@ def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_diges
     text = capsys.readouterr().out
     assert "eval 'eval'" in text and "inference 'answers'" in text and _by_hand(base) in text
 
+    # `medray report` gathers the run: both stages' curves, the eval named by what answered
+    # (found through the answers' record), and the lineage.
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report.html")]) == 0
+    capsys.readouterr()
+    page = (tmp_path / "report.html").read_text()
+    for want in ("stage first", "stage second", "after stage second", _by_hand(base), 'alt="stage second learning rate"'):
+        assert want in page, want
+    assert page.count("<img ") == 5  # two curves per stage, the accuracy chart; no images to sample
+
     # Answers are not added to an output that other settings made ...
     with pytest.raises(OutputConflict, match=r"max_new_tokens: 4 then, 8 now"):
         run_inference(infer.model_copy(update={"max_new_tokens": 8}), progress=False)

@@ -598,6 +598,39 @@ def test_a_job_answers_each_row_with_the_adapter_it_names(server):
         json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
 
 
+def test_the_page_s_helpers_preview_images_and_say_why_jobs_are_off(server, tmp_path):
+    """POST /v1/images/preview returns what the server decodes for the model (a DICOM
+    windowed), under the same key and rules as chat; GET /v1/jobs/health says whether jobs can
+    run, and a store the server cannot use is named with what to configure."""
+    import io
+
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from medray.data import load_image
+    from medray.serve.jobs import JobStore
+
+    dicom = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    url = server["url"] + "/v1/images/preview"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    ok = httpx.post(url, json={"url": "data:application/dicom;base64," + base64.b64encode(dicom).decode()},
+                    headers=auth, timeout=60)
+    assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
+    shown, windowed = Image.open(io.BytesIO(ok.content)), load_image(dicom)
+    assert shown.size == windowed.size and shown.tobytes() == windowed.tobytes()
+    assert httpx.post(url, json={"url": "data:image/png;base64,bm90IGEgcG5n"}, timeout=60).status_code == 401
+    bad = httpx.post(url, json={"url": "data:image/png;base64,bm90IGEgcG5n"}, headers=auth, timeout=60)
+    assert bad.status_code == 400 and "url" in bad.json()["error"]["message"]
+    outside = httpx.post(url, json={"url": "s3://elsewhere/x.png"}, headers=auth, timeout=60)
+    assert outside.status_code == 403
+
+    health = _jobs(server, path="/health")
+    assert health.status_code == 200 and health.json()["available"] is True
+    problem = JobStore("s3://no-such-bucket/jobs").problem()
+    assert "s3://no-such-bucket/jobs" in problem and "AWS_ENDPOINT_URL" in problem and "jobs.store" in problem
+    assert JobStore(str(tmp_path / "jobs")).problem() is None  # a directory: nothing to configure
+
+
 def test_jobs_can_be_cancelled_and_bad_jobs_get_4xx(server):
     bucket = server["bucket"]
     _write_corpus(f"{bucket}/corpus/cancel", 30)
@@ -755,45 +788,34 @@ def test_replicas_scale_up_under_sustained_load(server):
         serve.delete("scale")
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
-@pytest.fixture
-def browser_page():
-    """Debian's Chromium, headless, driven by Playwright (no browser download).
-
-    CI installs chromium and sets MEDRAY_CI=1, so there a missing browser fails
-    instead of skipping.
-    """
-    import os
-
-    if not Path(CHROMIUM).exists() and os.environ.get("MEDRAY_CI") != "1":
-        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        try:
-            yield browser.new_page()
-        finally:
-            browser.close()
-
-
 def test_web_page_answers_an_image_question_and_runs_a_job(server, browser_page, tmp_path):
+    """The page as a newcomer meets it, in Chromium: no console error from loading it (no
+    favicon 404, a jobs panel that works), a DICOM previewed as the server windows it, an
+    answer streamed, and a batch job followed to its end, whose report opens."""
     from pydicom.data import get_testdata_file
 
-    page = browser_page
+    from medray.data import load_image
+
+    page, errors = browser_page, []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(server["url"] + "/")
     page.fill("#key", KEY)
     page.dispatch_event("#key", "change")
     page.wait_for_function("document.querySelectorAll('#model option').length >= 4")
     page.select_option("#model", "llava")
+    page.wait_for_load_state("networkidle")
+    assert not errors, errors
+    assert not page.is_disabled("#job-submit")  # the job store answers: jobs are on
 
-    # A DICOM upload, streamed back: the browser shows what the API answers for the same bytes.
+    # A DICOM upload: previewed as the server decodes (windows) it for the model, then
+    # streamed back: the browser shows what the API answers for the same bytes.
     dicom = Path(get_testdata_file("CT_small.dcm"))
     page.set_input_files("#image", str(dicom))
+    page.wait_for_function("document.getElementById('preview').style.display === 'block' && "
+                           "document.getElementById('preview').naturalWidth > 0")
+    windowed = load_image(dicom.read_bytes())
+    assert page.evaluate("[$('preview').naturalWidth, $('preview').naturalHeight]") == list(windowed.size)
     page.fill("#question", "Is there an opacity?")
     page.fill("#max-tokens", "8")
     page.click("#ask")
@@ -816,3 +838,13 @@ def test_web_page_answers_an_image_question_and_runs_a_job(server, browser_page,
     status = page.inner_text("#job-status")
     assert "succeeded" in status and "5 / 5 rows (1 errors)" in status, status
     page.wait_for_function("document.getElementById('jobs').textContent.includes('succeeded')")  # the list too
+    # Its output opens: the report page lists every row, the broken file's with its error.
+    with page.context.expect_page() as opened:
+        page.click("#job-status a.report")
+    report = opened.value
+    report.wait_for_load_state("load")
+    text = report.inner_text("body")
+    assert "5 rows, 1 errors" in text and "img-000.png" in text and "broken.png" in text, text[:500]
+    assert report.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    assert report.evaluate("document.querySelectorAll('img').length") == 4  # 3 PNGs and the DICOM
+    assert not errors, errors

@@ -166,24 +166,51 @@ def test_records_without_answers_are_refused_for_training(tmp_path):
             RecordsDataset(str(tmp_path / name))
 
 
-def test_loss_chart_starts_at_zero_with_round_ticks():
-    """A small drop reads as small: the y-axis starts at 0 (not at the curve's minimum), with
-    round tick values; a 0.08 drop from 2.3 spans a few pixels, not the whole height."""
+def _pixels_of(png: bytes, colour: str):
+    """(row, col) of the pixels of one exact colour (a chart's series colour)."""
     import io
 
     import numpy as np
     from PIL import Image
 
-    from medray.train.metrics import MetricsLog, nice_ticks
-
-    assert nice_ticks(0, 2.37) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
-    assert nice_ticks(1, 8, start_at_zero=False) == [0, 2, 4, 6, 8]
-    png = MetricsLog([{"step": s, "loss": 2.3 - 0.01 * s} for s in range(1, 9)]).loss_png("t", size=(640, 360))
     arr = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
-    blue = np.argwhere((arr[..., 2] > 150) & (arr[..., 0] < 80) & (arr[..., 1] < 80))
-    rows = blue[:, 0]
+    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    return np.argwhere((np.abs(arr - rgb).sum(axis=-1) <= 6)), arr.shape
+
+
+def test_loss_chart_starts_at_zero_and_shows_epochs():
+    """A small drop reads as small: the y-axis starts at 0 (not at the curve's minimum); a
+    0.08 drop from 2.3 spans a few pixels, not the whole height. With epochs logged, they get
+    an axis of their own, and the chart keeps its size."""
+    from medray.charts import LINE
+    from medray.train.metrics import MetricsLog
+
+    log = MetricsLog([{"step": s, "loss": 2.3 - 0.01 * s} for s in range(1, 9)])
+    line, shape = _pixels_of(log.loss_png("t", size=(640, 360)), LINE)
+    assert shape[:2] == (360, 640) and len(line) > 100
+    rows = line[:, 0]
     assert rows.max() - rows.min() < 0.1 * 360  # the drop is 3 % of the axis
-    assert rows.max() < 0.3 * 360  # near the top: 2.3 of 2.5
+    assert rows.max() < 0.3 * 360  # near the top of the axis: 2.3 of about 2.5
+    with_epochs = MetricsLog([{"step": s, "epoch": s / 4, "loss": 2.3 - 0.01 * s, "lr": 1e-3 * min(1, s / 3)}
+                              for s in range(1, 9)])
+    top, shape = _pixels_of(with_epochs.loss_png("t"), LINE)
+    assert shape[:2] == (360, 640) and top[:, 0].min() > rows.min()  # the epoch axis takes room above
+    lr, _ = _pixels_of(with_epochs.lr_png("t"), LINE)
+    assert lr[:, 0].max() - lr[:, 0].min() > 0.3 * 360  # warm-up from a third to the full rate
+
+
+def test_eval_bars_are_to_scale_per_series():
+    import numpy as np
+
+    from medray.charts import SERIES, bars_png
+
+    png = bars_png({"closed": {"before": 0.25, "after": 0.75}, "open": {"before": None, "after": 0.5}}, title="t")
+    before, _ = _pixels_of(png, SERIES[0])
+    after, _ = _pixels_of(png, SERIES[1])
+    # A bar's height: the most pixels of its colour in one column (a legend patch is short).
+    h = lambda px: np.bincount(px[:, 1]).max()  # noqa: E731
+    assert len(before) and len(after)
+    assert 2.6 < h(after) / h(before) < 3.4  # 75 % against 25 %
 
 
 def test_only_complete_checkpoints_count_and_pruning_keeps_the_newest(tmp_path):

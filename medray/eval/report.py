@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 
@@ -83,28 +82,6 @@ def eval_provenance(predictions: str, answers: dict[str, str], references: str,
                       made_by=provenance.made_by(), started_at=provenance.now())
 
 
-def bar_chart(title: str, values: dict[str, float | None], size=(560, 320)) -> bytes:
-    """A labelled bar chart (percentages) drawn with PIL."""
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 6), title, fill="black")
-    items = [(k, v) for k, v in values.items() if v is not None]
-    if items:
-        slot = (w - 20) / len(items)
-        for i, (name, v) in enumerate(items):
-            x0 = 10 + i * slot + slot * 0.15
-            top = h - 40 - (h - 80) * max(0.0, min(1.0, v))
-            draw.rectangle([x0, top, x0 + slot * 0.7, h - 40], fill=(70, 110, 200))
-            draw.text((x0, top - 14), f"{100 * v:.1f}%", fill="black")
-            draw.text((x0, h - 34), name[:18], fill="black")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_report(report: dict, out: str) -> list[str]:
     written = [storage.join(out, "report.json")]
     text = json.dumps(report, indent=2)
@@ -115,16 +92,31 @@ def write_report(report: dict, out: str) -> list[str]:
         record.output = Artifact(role="report", uri=written[0], digest=provenance.hash_bytes(text.encode()))
         record.finished_at = provenance.now()
         written.append(provenance.write(out, record))
-    vqa = report.get("vqa")
-    if vqa:
-        for kind, keys in (("closed", ["closed_accuracy"]), ("open", ["open_recall", "exact_match"])):
-            values = {f"{variant}:{k}": vqa[variant].get(k) for variant in ("llava_med", "corrected") for k in keys}
-            uri = storage.join(out, f"{kind}.png")
-            storage.write_bytes(uri, bar_chart(f"{kind} questions (n={vqa['counts'][kind]})", values))
-            written.append(uri)
-    if report.get("mcqa"):
-        uri = storage.join(out, "mcqa.png")
-        storage.write_bytes(uri, bar_chart(f"multiple choice (n={report['mcqa']['count']})",
-                                           {"accuracy": report["mcqa"]["accuracy"]}))
+    for name, png in charts(report).items():
+        uri = storage.join(out, name)
+        storage.write_bytes(uri, png)
         written.append(uri)
     return written
+
+
+# The figures a chart shows per answer type: (label, key) in each variant's scores.
+CHART_METRICS = {"closed": [("accuracy", "closed_accuracy")],
+                 "open": [("recall", "open_recall"), ("exact match", "exact_match")]}
+
+
+def charts(report: dict) -> dict[str, bytes]:
+    """The report's charts as PNG bytes by file name: per answer type, LLaVA-Med's figures and
+    the corrected ones side by side; multiple-choice accuracy."""
+    from medray.charts import bars_png
+
+    out = {}
+    vqa = report.get("vqa")
+    if vqa:
+        for kind, metrics in CHART_METRICS.items():
+            groups = {label: {variant: vqa[variant].get(key) for variant in ("llava_med", "corrected")}
+                      for label, key in metrics}
+            out[f"{kind}.png"] = bars_png(groups, title=f"{kind} questions (n={vqa['counts'][kind]})")
+    if report.get("mcqa"):
+        out["mcqa.png"] = bars_png({"accuracy": {"answers": report["mcqa"]["accuracy"]}},
+                                   title=f"multiple choice (n={report['mcqa']['count']})")
+    return out

@@ -16,6 +16,8 @@ app from one class); schemas and image intake live in openai_api.py and images.p
 # importable (openai_api.py, images.py) or defined above the class.
 import asyncio
 import hashlib
+import io
+import json
 import logging
 import time
 import uuid
@@ -37,7 +39,7 @@ from medray.infer import Request as EngineRequest  # FastAPI's Request is the HT
 
 from .config import ServeConfig
 from .jobs import JobRequest, JobStore, ensure_runner, new_record, recover, view
-from .images import read_image
+from .images import PreviewRequest, read_image
 from .metrics import Metrics
 from .model import ModelServer, VLLMModelServer, check_adapters
 from .openai_api import ApiError, ChatRequest, ContentPart, error_response, sse_chunks, usage_of
@@ -337,6 +339,45 @@ class Api:
         store.put(record)
         record = self._ensure_runner(record)
         return view(record)
+
+    @app.get("/v1/jobs/health")
+    async def jobs_health(self) -> dict:
+        """Whether batch jobs can run here, and if not, what to configure: the web page asks
+        this first, so a server without a usable job store says why instead of failing."""
+        if self.jobs is None:
+            return {"available": False, "store": None,
+                    "problem": "batch jobs are not configured on this server (set `jobs` in the Serve config)"}
+        problem = await asyncio.to_thread(self.jobs.problem)
+        return {"available": problem is None, "store": self.jobs.prefix, "problem": problem}
+
+    @app.get("/v1/jobs/{job_id}/answers")
+    async def job_answers(self, job_id: str):
+        """The job's output rows as JSON lines (a download: a person opens it, a script reads it)."""
+        from medray.data.shards import read_shards
+
+        record = self._job(job_id)
+        rows = await asyncio.to_thread(read_shards, record["output"])
+        body = "".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: str(r["id"])))
+        return Response(body, media_type="application/x-ndjson",
+                        headers={"Content-Disposition": f'attachment; filename="{job_id}-answers.jsonl"'})
+
+    @app.get("/v1/jobs/{job_id}/report")
+    async def job_report(self, job_id: str):
+        """The job's output as a page: each row's image, question and answer, and its lineage."""
+        from medray.report import answers_page
+
+        record = self._job(job_id)
+        page = await asyncio.to_thread(answers_page, record["output"], f"medray job {job_id}")
+        return HTMLResponse(page)
+
+    @app.post("/v1/images/preview")
+    async def preview(self, body: PreviewRequest):
+        """The image as the server decodes it for the model (a DICOM windowed, a TIFF read), as
+        PNG: what a browser cannot draw itself, the page shows from here."""
+        image = read_image(body.url, "url", self.config)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png")
 
     @app.get("/v1/jobs")
     async def list_jobs(self) -> dict:

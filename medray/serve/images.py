@@ -8,10 +8,18 @@ import base64
 import binascii
 
 from medray import storage
+from medray.config import StrictModel
 from medray.data import ImageDecodeError, ImageOptions, load_image
 
 from .config import ServeConfig
 from .openai_api import ApiError
+
+
+class PreviewRequest(StrictModel):
+    """The body of POST /v1/images/preview."""
+
+    url: str
+    """The image as a chat request sends it: a data: URL, or s3:// inside the allowed prefixes."""
 
 
 def read_image(url: str, param: str, config: ServeConfig):

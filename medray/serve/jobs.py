@@ -89,6 +89,20 @@ class JobStore:
                 records.append(record)
         return sorted(records, key=lambda r: r["created_at"], reverse=True)
 
+    def problem(self) -> str | None:
+        """Why this store cannot keep job records, in words that say what to configure; None
+        when it can (a listing of the prefix works)."""
+        try:
+            storage.list_files(self.prefix, include="job-*.json")
+            return None
+        except Exception as e:  # no credentials, no endpoint, no bucket: the server's set-up
+            where = ("S3 credentials and endpoint (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for a "
+                     "store other than AWS) in the environment where the server runs, for a bucket that exists"
+                     if storage.is_s3(self.prefix) else "a directory every replica and job runner can write")
+            return (f"batch jobs keep their records in {self.prefix}, which this server cannot use "
+                    f"({type(e).__name__}). Configure {where}, or set jobs.store in the Serve config to "
+                    "a store it can reach (on one machine, a local directory such as /tmp/medray/jobs)")
+
     def request_cancel(self, job_id: str) -> None:
         storage.write_text(self._uri(job_id, ".cancel"), str(time.time()))
 

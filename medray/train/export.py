@@ -68,7 +68,8 @@ def export_stage(start_uri: str, stage: StageConfig, seed: int, trainable: dict[
             write_digest(adapter_dir)  # the adapter is served and named by its own digest too
         digest = write_digest(out)  # medray_digest.json: the driver reads it, not the model
         (out / "metrics.jsonl").write_text(metrics.jsonl())
-        (out / "loss.png").write_bytes(metrics.loss_png(f"{stage.name}: training loss"))
+        (out / "loss.png").write_bytes(metrics.loss_png(f"stage {stage.name}: training loss"))
+        (out / "lr.png").write_bytes(metrics.lr_png(f"stage {stage.name}: learning rate"))
         _publish(out, dest)
     log.info("stage %s: wrote %s (%s)", stage.name, dest, digest)
     return digest
