@@ -130,9 +130,11 @@ def test_the_readme_cluster_quickstart_runs_as_written(quickstart):
     assert json.loads(out.stdout)["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_medray_serve_passes_the_callers_keys_as_digests(quickstart):
+def test_medray_serve_passes_the_callers_keys_as_digests(quickstart, browser_page):
     """`medray serve --address HEAD:6379` with a key only the caller has: the cluster's app
-    accepts it, though no node's environment holds it."""
+    accepts it, though no node's environment holds it. Its web page, under the shipped tiny
+    config on a store without the `medray` bucket (a newcomer's laptop), loads with no console
+    error, says what jobs need, and previews a DICOM."""
     q = quickstart
     env = {**_client_env(q), "MEDRAY_API_KEYS": "sk-caller-only"}
     env.pop("RAY_ADDRESS")
@@ -155,6 +157,22 @@ def test_medray_serve_passes_the_callers_keys_as_digests(quickstart):
         wrong = httpx.post("http://127.0.0.1:8000/v1/chat/completions", json=body, timeout=30,
                            headers={"Authorization": "Bearer sk-wrong"})
         assert wrong.status_code == 401
+
+        from pydicom.data import get_testdata_file
+
+        page, errors = browser_page, []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto("http://127.0.0.1:8000/")
+        page.fill("#key", "sk-caller-only")
+        page.dispatch_event("#key", "change")
+        page.wait_for_function("document.getElementById('job-status').textContent.includes('unavailable')")
+        status = page.inner_text("#job-status")
+        assert "s3://medray/jobs" in status and "AWS_ENDPOINT_URL" in status and "jobs.store" in status, status
+        assert page.is_disabled("#job-submit")
+        page.set_input_files("#image", get_testdata_file("CT_small.dcm"))
+        page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+        page.wait_for_load_state("networkidle")
+        assert not errors, errors
     finally:
         proc.terminate()
         proc.wait(timeout=30)
