@@ -204,15 +204,10 @@ def digest_model(uri: str) -> str:
     from medray.raycluster import restore_cwd
 
     uri = str(uri)
-    if storage.is_s3(uri):
-        recorded = _recorded_if_listed(uri)
-        if recorded:
-            return recorded
-        return digest_dir(storage.sync_prefix(uri).path)
-    if uri.startswith("tiny://"):
-        restore_cwd()  # in a job's driver: building tiny:// imports transformers, which needs a cwd
-        return digest_dir(resolve_model_uri(uri))
-    return digest_dir(storage.local_path(uri))
+    if storage.is_s3(uri) and (recorded := _recorded_if_listed(uri)):
+        return recorded
+    restore_cwd()  # in a job's driver: building tiny:// imports transformers, which needs a cwd
+    return digest_dir(resolve_model_uri(uri))  # a missing directory: the loader's own error and hints
 
 
 def _recorded_if_listed(uri: str) -> str | None:
