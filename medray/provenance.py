@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -27,6 +28,8 @@ from pydantic import Field
 
 from medray import storage
 from medray.config import StrictModel
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "medray.provenance/1"
 # A stage directory's record (beside the model); batch outputs and eval reports keep theirs
@@ -207,7 +210,19 @@ def digest_model(uri: str) -> str:
     if storage.is_s3(uri) and (recorded := _recorded_if_listed(uri)):
         return recorded
     restore_cwd()  # in a job's driver: building tiny:// imports transformers, which needs a cwd
-    return digest_dir(resolve_model_uri(uri))  # a missing directory: the loader's own error and hints
+    path = resolve_model_uri(uri)  # a missing directory: the loader's own error and hints
+    if not storage.is_s3(uri):
+        return digest_dir(path)
+    # Fetched once to be digested: the digest is cached beside the prefix, so no reader
+    # fetches it for that again (a prefix medray may not write keeps costing a fetch).
+    files = _entries(path)
+    digest = hash_json(files)
+    try:
+        storage.write_text(storage.join(uri.rstrip("/"), DIGEST_FILE),
+                           json.dumps({"digest": digest, "files": files}, indent=1))
+    except Exception as e:  # read-only prefix, outside the allowed ones: the digest stands
+        log.info("could not record the digest beside %s (%s)", uri, type(e).__name__)
+    return digest
 
 
 def _recorded_if_listed(uri: str) -> str | None:

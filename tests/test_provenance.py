@@ -54,6 +54,12 @@ def test_a_directory_digest_names_its_content_and_only_that(tmp_path, s3_server,
     assert provenance.digest_dir(copy) == first
     storage.upload_dir(model, f"{bucket}/models/m")
     assert provenance.digest_model(f"{bucket}/models/m") == first
+    # Fetched once to be digested, then recorded beside the prefix: the next reader takes the
+    # record while the listing still matches it, and digests again when it does not.
+    recorded = json.loads(storage.read_text(f"{bucket}/models/m/medray_digest.json"))
+    assert recorded["digest"] == first
+    storage.write_bytes(f"{bucket}/models/m/extra.txt", b"one more file")
+    assert provenance.digest_model(f"{bucket}/models/m") not in (first, None)
     # medray's bookkeeping beside a model is not the model.
     (copy / "metrics.jsonl").write_text('{"loss": 1}\n')
     (copy / "medray_stage.json").write_text("{}")
