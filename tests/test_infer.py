@@ -323,6 +323,11 @@ def test_the_stages_run_without_ray(tmp_path):
     assert "bad.png" in rows[f"r{bad}"]["error"] and rows[f"r{bad}"]["answer"] == ""
     assert all(r["answer"] and r["question"] == "Is there an opacity?" for k, r in rows.items() if k != f"r{bad}")
 
+    # Allowed image prefixes (the job API's): an image outside them fails its row unread.
+    fenced = {**cfg, "allowed_image_prefixes": [str(tmp_path / "elsewhere")]}
+    out = preprocess(batch, cfg=fenced)
+    assert all("outside the allowed input prefixes" in e for e in out["error"])
+
 
 def test_experts_stages_run_without_ray_with_injected_engines(tmp_path):
     """The experts mode through preprocess -> Generator, no Ray: the radiology image's expert

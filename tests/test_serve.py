@@ -563,6 +563,10 @@ def test_a_job_answers_each_row_with_the_adapter_it_names(server):
         storage.write_bytes(f"{prefix}/img-{i}.png", data)
     rows = [{"id": f"{name or 'base'}-{i}", "image": f"img-{i}.png", "question": "Is there an opacity?",
              **({"adapter": name} if name else {})} for i in range(3) for name in (None, "a", "b")]
+    # A row naming an image the server may read but the job may not (outside the allowed
+    # input prefixes) fails alone, unread.
+    storage.write_bytes(f"{server['bucket']}/jobs/private.png", images[0])
+    rows.append({"id": "outside", "image": f"{server['bucket']}/jobs/private.png", "question": "Is there an opacity?"})
     rows.append({"id": "nope", "image": "img-0.png", "question": "Is there an opacity?", "adapter": "zzz"})
     storage.write_bytes(f"{prefix}/rows.jsonl", "\n".join(json.dumps(r) for r in rows).encode())
     submitted = _jobs(server, "POST", body={"model": "llava", "input": f"{prefix}/rows.jsonl", "task": "vqa",
@@ -573,9 +577,10 @@ def test_a_job_answers_each_row_with_the_adapter_it_names(server):
     got = {r["id"]: r for r in read_shards(done["output"])}
     assert sorted(got) == sorted(r["id"] for r in rows)  # every row exactly once
     assert "'zzz'" in got["nope"]["error"] and "['a', 'b']" in got["nope"]["error"]
+    assert "outside the allowed input prefixes" in got["outside"]["error"] and not got["outside"]["answer"]
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
     want = {}
-    for r in rows[:-1]:
+    for r in rows[:-2]:
         model = "llava" + (f":{r['adapter']}" if "adapter" in r else "")
         reply = client.chat.completions.create(model=model, max_tokens=8, messages=_image_message(
             _data_url(images[int(r["id"][-1])]), r["question"]))

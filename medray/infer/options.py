@@ -81,6 +81,10 @@ class InferConfig(StrictModel):
     """Larger images (width x height) fail their row."""
     max_image_bytes: int = Field(512 * 1024 * 1024, ge=1)
     """Larger files fail their row without being read."""
+    allowed_image_prefixes: list[str] | None = None
+    """When set, an image outside these prefixes fails its row unread. The job API sets its
+    allowed input prefixes here: a records file must not name images that the server may
+    read and its client may not."""
     experts: ExpertsConfig | None = None
     """Visual-experts mode: `model` is a text LLM; each image is routed to an expert whose
     text goes into the LLM's prompt."""

@@ -63,6 +63,8 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
             if conf.task == "vqa" and not question:
                 raise ValueError("no question: give --question or a question per row")
             images = []
+            if uri and conf.allowed_image_prefixes is not None and not storage.within(uri, conf.allowed_image_prefixes):
+                raise PermissionError(f"{uri} is outside the allowed input prefixes {conf.allowed_image_prefixes}")
             if uri:
                 size = storage.default_storage().size(uri)
                 if size > conf.max_image_bytes:

@@ -332,6 +332,7 @@ class Api:
             # may name any of the model's adapters (an `adapter` field), as requests do.
             infer = InferConfig(model=spec.uri, adapter=spec.adapters[adapter] if adapter else None,
                                 adapters=spec.adapters if records else {}, engine=spec.engine, vllm=spec.vllm,
+                                allowed_image_prefixes=jobs.allowed_input_prefixes,
                                 **body.model_dump(exclude={"model"}), **jobs.pipeline_resources())
         except ValidationError as e:
             raise ApiError(400, f"invalid job: {e.errors()[0]['msg']}") from None
