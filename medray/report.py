@@ -176,9 +176,13 @@ def _accuracy(evals: list[Evaluation]) -> str:
         "released run_eval.py figures.</p>")
 
 
-def _thumbnail(uri: str) -> str:
+def _thumbnail(uri: str, prefixes: list[str] | None = None) -> str:
+    """The image at `uri` as an inline thumbnail; outside `prefixes` (when given) it is not
+    read: a served job's page must not show what its client may not read."""
     from medray.data import load_image
 
+    if prefixes is not None and not storage.within(uri, prefixes):
+        return '<div class="noimg">not shown</div>'
     try:
         image = load_image(storage.read_bytes(uri), uri).convert("RGB")  # DICOM: windowed, as the model sees it
     except Exception as e:  # a sample that cannot be shown says so; the page still renders
@@ -234,9 +238,10 @@ def _samples(evals: list[Evaluation], n: int) -> str:
     return f'<div class="grid">{"".join(cells)}</div>'
 
 
-def answers_page(output: str, title: str, limit: int = 200) -> str:
+def answers_page(output: str, title: str, limit: int = 200, image_prefixes: list[str] | None = None) -> str:
     """One batch-inference output as a page (a served job's "report" link): every row (up to
-    `limit`) with its image, question, answer or error and reference, and the output's lineage."""
+    `limit`) with its image (only inside `image_prefixes`, when given), question, answer or
+    error and reference, and the output's lineage."""
     from medray.data.shards import read_shards
 
     rows = sorted(read_shards(output), key=lambda r: str(r["id"]))
@@ -245,7 +250,7 @@ def answers_page(output: str, title: str, limit: int = 200) -> str:
         answer = (f'<div class="error">error: {html.escape(row["error"])}</div>' if row.get("error")
                   else f"<div><b>answer:</b> {html.escape(row.get('answer') or '')}</div>")
         reference = _reference(row)
-        cells.append(f'<figure>{_thumbnail(row["image"]) if row.get("image") else ""}<figcaption>'
+        cells.append(f'<figure>{_thumbnail(row["image"], image_prefixes) if row.get("image") else ""}<figcaption>'
                      f'<div class=q>{html.escape(row.get("question") or "")}</div>{answer}'
                      + (f"<div><b>reference:</b> {html.escape(reference)}</div>" if reference else "")
                      + f'<div class=meta>{html.escape(str(row["id"]))}</div></figcaption></figure>')

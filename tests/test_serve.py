@@ -578,6 +578,11 @@ def test_a_job_answers_each_row_with_the_adapter_it_names(server):
     assert sorted(got) == sorted(r["id"] for r in rows)  # every row exactly once
     assert "'zzz'" in got["nope"]["error"] and "['a', 'b']" in got["nope"]["error"]
     assert "outside the allowed input prefixes" in got["outside"]["error"] and not got["outside"]["answer"]
+    # Its report shows every row's image but that one, and its answers download holds every row.
+    page = _jobs(server, path=f"/{done['id']}/report")
+    assert page.status_code == 200 and page.text.count("<img ") == len(rows) - 1 and "not shown" in page.text
+    lines = _jobs(server, path=f"/{done['id']}/answers").text.splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == sorted(r["id"] for r in rows)
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
     want = {}
     for r in rows[:-2]:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-
 from pathlib import PurePosixPath
 
 from medray import provenance, storage
 from medray.data import MCQARecord, RecordError, VQARecord, read_records
 from medray.data.shards import read_answers
-
 from medray.provenance import Artifact, Provenance
 
 from .metrics import mcqa_accuracy, vqa_metrics

@@ -368,7 +368,8 @@ class Api:
         from medray.report import answers_page
 
         record = self._job(job_id)
-        page = await asyncio.to_thread(answers_page, record["output"], f"medray job {job_id}")
+        page = await asyncio.to_thread(answers_page, record["output"], f"medray job {job_id}",
+                                       image_prefixes=self.config.jobs.allowed_input_prefixes)
         return HTMLResponse(page)
 
     @app.post("/v1/images/preview")
