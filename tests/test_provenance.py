@@ -152,6 +152,7 @@ def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_diges
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     scored = Provenance.model_validate(report["provenance"])
     assert scored.input("predictions").digest == made.output.digest
+    assert report["predictions_provenance"] == made.dump()  # what answered travels with the score
     assert scored.input("references").digest == "sha256:" + hashlib.sha256(questions.read_bytes()).hexdigest()
 
     # eval report -> answers -> stage `second` -> stage `first` -> base model, digests at each step.

@@ -53,6 +53,9 @@ def evaluate(predictions: str, references: str, candidates: str | None = None) -
                     "matched": len(vqa) + len(mcqa), "missing_predictions": len(missing),
                     "unreadable_references": len(errors), "unscored_references": len(unscored)}
     report["provenance"] = eval_provenance(predictions, preds, references, candidates).dump()
+    made = provenance.read(predictions)  # what answered, kept with the score: outputs move
+    if made is not None:
+        report["predictions_provenance"] = made.dump()
     if vqa:
         report["vqa"] = vqa_metrics(vqa, read_candidates(candidates) if candidates else None)
     if mcqa:
