@@ -688,7 +688,9 @@ def test_a_full_queue_answers_503_and_a_request_over_its_time_limit_504(server):
     # Surge: a redeploy starts new replicas before it stops the old (the cluster has room).
     args = {"models": [{"name": "queue", "uri": "tiny://llama", "max_batch_size": 1, "max_ongoing_requests": 1,
                         "max_queued_requests": 2, "cpus_per_replica": 0.1, "max_surge_percent": 100},
-                       {"name": "slow", "uri": "tiny://llama", "max_batch_size": 1, "request_timeout_s": 2.0,
+                       # The redeploy check's model: a limit far above any answer's time, since
+                       # a replica loading beside it can hold a 2-token request past 2 s on 2 CPUs.
+                       {"name": "slow", "uri": "tiny://llama", "max_batch_size": 1, "request_timeout_s": 60.0,
                         "cpus_per_replica": 0.1, "max_surge_percent": 100},
                        # 1,900 tokens take this model ~1.7 s in-process on an idle 2-core machine
                        # (more under load): a 2 s limit was not always passed. 0.5 s always is.
