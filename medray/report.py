@@ -21,13 +21,11 @@ import base64
 import html
 import io
 import json
-import logging
 from dataclasses import dataclass, field
 
 from medray import provenance, storage
 from medray.provenance import Provenance
 
-log = logging.getLogger(__name__)
 
 SAMPLES = 12
 THUMBNAIL = 160
@@ -256,9 +254,7 @@ def answers_page(output: str, title: str, limit: int = 200, image_prefixes: list
                      + f'<div class=meta>{html.escape(str(row["id"]))}</div></figcaption></figure>')
     errors = sum(1 for r in rows if r.get("error"))
     more = f" (the first {limit} shown)" if len(rows) > limit else ""
-    tree = provenance.lineage(output)
-    lineage = (f"<pre>{html.escape(chr(10).join(provenance.render_tree(tree)))}</pre>" if tree.get("kind")
-               else "<p>No provenance record beside this output.</p>")
+    lineage = _tree_html(output)
     return "\n".join([
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">',
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
@@ -271,7 +267,14 @@ def _lineage(run: Run) -> str:
     target = run.evals[-1].uri if run.evals else (run.stages[-1].uri if run.stages else None)
     if target is None:
         return "<p>No medray provenance under this URI.</p>"
-    tree = provenance.lineage(target)
+    return _tree_html(target)
+
+
+def _tree_html(uri: str) -> str:
+    """`medray show URI` as a <pre> block, or a line saying there is no record."""
+    tree = provenance.lineage(uri)
+    if not tree.get("kind"):
+        return "<p>No medray provenance record at this URI.</p>"
     return f"<pre>{html.escape(chr(10).join(provenance.render_tree(tree)))}</pre>"
 
 
