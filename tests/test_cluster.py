@@ -27,6 +27,17 @@ def test_launcher_config_validates_against_rays_schema():
     assert all("IamInstanceProfile" in t["node_config"] for t in types.values())  # S3 without keys on disk
 
 
+def test_every_launched_node_runs_with_token_auth_and_the_launchers_token():
+    """Under token auth a node without the token cannot start or join: the containers run with
+    RAY_AUTH_MODE=token, `ray up` copies the token it was run with, and the README makes it."""
+    config = yaml.safe_load((REPO / "cluster" / "aws-gpu.yaml").read_text())
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    readme = (REPO / "cluster" / "README.md").read_text()
+    assert readme.index("ray get-auth-token --generate") < readme.index("\nray up cluster/aws-gpu.yaml")  # the command, not the list
+    assert "RAY_AUTH_MODE=token" in readme
+
+
 def test_runtime_env_files_are_accepted_by_ray_and_ship_the_entrypoints():
     from ray.runtime_env import RuntimeEnv
 

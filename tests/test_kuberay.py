@@ -69,6 +69,22 @@ def test_the_test_renderer_matches_kubectl_kustomize(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_every_ray_cluster_runs_with_token_authentication(overlay):
+    """Ray 2.60 starts a head under token auth: the operator must make the token and hand it
+    to every container (authOptions), and no container may set its own mode or token over it."""
+    for r in render(overlay):
+        spec = {"RayCluster": r["spec"], "RayJob": r["spec"].get("rayClusterSpec"),
+                "RayService": r["spec"].get("rayClusterConfig")}[r["kind"]]
+        assert spec["authOptions"] == {"mode": "token"}, (r["kind"], r["metadata"]["name"])
+        assert tuple(int(x) for x in spec["rayVersion"].split(".")[:2]) >= (2, 52)  # authOptions needs it
+        groups = [spec["headGroupSpec"]] + spec.get("workerGroupSpecs", [])
+        for group in groups:
+            for container in group["template"]["spec"]["containers"]:
+                names = {e["name"] for e in container.get("env", [])}
+                assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}, container["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_entrypoints_and_configs_name_files_in_the_repo(overlay):
     for r in render(overlay):
         if r["kind"] == "RayJob":
