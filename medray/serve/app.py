@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError
 from ray.serve.exceptions import BackPressureError, RayServeException
+from starlette.datastructures import Headers
 
 from medray import storage
 from medray.infer import GenerationSettings
@@ -54,32 +55,55 @@ app = FastAPI(title="medray", description="OpenAI-compatible chat/VQA and batch 
 PAGE = Path(__file__).with_name("static") / "index.html"
 
 
-@app.middleware("http")
-async def _limits_and_metrics(request: Request, call_next):
-    from medray.serve._replica import STATE  # imported here: see _replica's docstring
+class _Gate:
+    """Keys, body size and request metrics, in front of every route.
 
-    started = time.perf_counter()
-    config: ServeConfig | None = STATE.get("config")
-    size = request.headers.get("content-length")
-    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
-    path = path[len(root):] if root and path.startswith(root) else path  # under a route_prefix
-    if path.startswith("/v1/") and not _key_ok(request.headers.get("authorization", ""),
-                                                            STATE.get("keys", set())):
-        # Every /v1/ route needs a key, checked here, before the body is read or validated:
-        # a client without a key learns nothing about the API's schema, and costs nothing.
-        response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                  kind="authentication_error", code="invalid_api_key")
-    elif config and size and size.isdigit() and int(size) > config.limits.max_body_bytes:
-        # Refused before the body is read: an oversized upload costs nothing.
-        response = error_response(413, f"request body over {config.limits.max_body_bytes} bytes; send smaller images")
-    else:
-        response = await call_next(request)
-    route = request.scope.get("route")
-    metrics = STATE.get("metrics")
-    if metrics is not None:  # buffered; sent once a second
-        metrics.request(getattr(route, "path", "unmatched"), request.method, response.status_code,
-                        time.perf_counter() - started)
-    return response
+    A plain ASGI middleware, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs
+    the route in a task of its own and passes the response, every chunk of a stream included,
+    through a memory channel between the two tasks. This one only wraps `send`.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from medray.serve._replica import STATE  # imported here: see _replica's docstring
+
+        started = time.perf_counter()
+        config: ServeConfig | None = STATE.get("config")
+        headers = Headers(scope=scope)
+        size = headers.get("content-length")
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path  # under a route_prefix
+        refusal = None
+        if path.startswith("/v1/") and not _key_ok(headers.get("authorization", ""), STATE.get("keys", set())):
+            # Every /v1/ route needs a key, checked here, before the body is read or validated:
+            # a client without a key learns nothing about the API's schema, and costs nothing.
+            refusal = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                     kind="authentication_error", code="invalid_api_key")
+        elif config and size and size.isdigit() and int(size) > config.limits.max_body_bytes:
+            # Refused before the body is read: an oversized upload costs nothing.
+            refusal = error_response(413, f"request body over {config.limits.max_body_bytes} bytes; "
+                                          "send smaller images")
+
+        async def send_and_count(message):
+            if message["type"] == "http.response.start":
+                # Counted when the response starts (a stream's first byte), as the route is known.
+                metrics = STATE.get("metrics")
+                if metrics is not None:  # buffered; sent once a second
+                    route = scope.get("route")
+                    metrics.request(getattr(route, "path", "unmatched"), scope.get("method", ""),
+                                    message["status"], time.perf_counter() - started)
+            await send(message)
+
+        if refusal is not None:
+            return await refusal(scope, receive, send_and_count)
+        await self.app(scope, receive, send_and_count)
+
+
+app.add_middleware(_Gate)
 
 
 def _key_ok(header: str, keys: set[str]) -> bool:
