@@ -675,6 +675,42 @@ def test_jobs_can_be_cancelled_and_bad_jobs_get_4xx(server):
             assert text.lower() in response.json()["error"]["message"].lower(), (name, response.text)
 
 
+def test_a_job_whose_runner_no_node_can_host_says_so(server):
+    """A runner_resources that no node offers would leave jobs queued without a word (Ray keeps
+    the runner pending): the job says why it waits and what to set."""
+    import ray
+    from ray import serve
+
+    from medray.serve.jobs import NAMESPACE, no_node_offers
+
+    bucket = server["bucket"]
+    args = {"models": [{"name": "alpaca", "uri": "tiny://llama", "cpus_per_replica": 0.05}],
+            "api_keys": server["args"]["api_keys"],
+            "jobs": {"store": f"{bucket}/jobs-waiting", "allowed_input_prefixes": [f"{bucket}/corpus"],
+                     "allowed_output_prefixes": [f"{bucket}/results"], "runner_resources": {"medray_test_nowhere": 1},
+                     "cpus_per_actor": 0.25, "cpus_per_task": 0.25}}
+    serve.run(build_app(args), name="waiting", route_prefix="/waiting")
+    try:
+        _write_corpus(f"{bucket}/corpus/waiting", 2)
+        body = {"model": "alpaca", "input": f"{bucket}/corpus/waiting", "output": f"{bucket}/results/waiting",
+                "task": "caption", "max_new_tokens": 2}
+        waiting = {"url": server["url"] + "/waiting"}
+        submitted = _jobs(waiting, "POST", body=body)
+        assert submitted.status_code == 202, submitted.text
+        job = submitted.json()
+        [listed] = _jobs(waiting).json()["data"]
+        for seen in (job, _jobs(waiting, path=f"/{job['id']}").json(), listed):
+            assert seen["status"] == "queued", seen
+            assert "medray_test_nowhere" in seen["waiting"] and "jobs.runner_resources" in seen["waiting"], seen
+        assert no_node_offers({"CPU": 0.01}) is None  # what a node has is no reason to wait
+    finally:
+        try:  # the pending runner would otherwise wait for ever in the session's cluster
+            ray.kill(ray.get_actor(f"medray-job-{job['id']}", namespace=NAMESPACE))
+        except (ValueError, NameError):
+            pass
+        serve.delete("waiting")
+
+
 def test_a_full_queue_answers_503_and_a_request_over_its_time_limit_504(server):
     """Each model has a bounded queue: past it a request gets 503 with Retry-After at once (the
     openai SDK retries it), never a wait without end. A request over its time limit gets a

@@ -39,7 +39,7 @@ from medray.infer import GenerationSettings
 from medray.infer import Request as EngineRequest  # FastAPI's Request is the HTTP request
 
 from .config import ServeConfig
-from .jobs import JobRequest, JobStore, ensure_runner, new_record, recover, view
+from .jobs import JobRequest, JobStore, ensure_runner, new_record, no_node_offers, recover, runner_waits, view
 from .images import PreviewRequest, read_image
 from .metrics import Metrics
 from .model import ModelServer, VLLMModelServer, check_adapters
@@ -363,7 +363,7 @@ class Api:
         record = new_record(store.new_id(), body, infer.model_dump(mode="json"))
         store.put(record)
         record = self._ensure_runner(record)
-        return view(record)
+        return view(record, waiting=runner_waits(record, jobs.runner_resources))
 
     @app.get("/v1/jobs/health")
     async def jobs_health(self) -> dict:
@@ -407,13 +407,18 @@ class Api:
 
     @app.get("/v1/jobs")
     async def list_jobs(self) -> dict:
-        return {"object": "list", "data": [view(r) for r in self._job_store().list()]}
+        records = self._job_store().list()
+        resources = self.config.jobs.runner_resources
+        waiting = no_node_offers(resources) if resources and any(r["status"] == "queued" for r in records) else None
+        return {"object": "list", "data": [view(r, waiting=waiting if r["status"] == "queued" else None)
+                                           for r in records]}
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(self, job_id: str) -> dict:
         store = self._job_store()
         record = self._ensure_runner(self._job(job_id))  # a job whose runner was lost goes on
-        return view(record, cancel_requested=store.cancel_requested(job_id))
+        return view(record, cancel_requested=store.cancel_requested(job_id),
+                    waiting=runner_waits(record, self.config.jobs.runner_resources))
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel_job(self, job_id: str) -> dict:

@@ -117,15 +117,33 @@ def new_record(job_id: str, request: JobRequest, infer: dict) -> dict:
             "summary": None, "provenance": None}
 
 
-def view(record: dict, *, cancel_requested: bool = False) -> dict:
-    """The client's view of a record (the internal pipeline config stays inside)."""
+def runner_waits(record: dict, resources: dict[str, float] | None) -> str | None:
+    """Why a queued job has not started, when the reason is that no node offers the custom
+    resources its runner asks for (JobsConfig.runner_resources); None otherwise. Ray would
+    keep such a runner pending without a word, so the job's status says it."""
+    return no_node_offers(resources) if record["status"] == "queued" and resources else None
+
+
+def no_node_offers(resources: dict[str, float]) -> str | None:
+    """What to do when no live node of the cluster has `resources`; None when one has."""
+    for node in ray.nodes():
+        have = node.get("Resources", {})
+        if node.get("Alive") and all(have.get(k, 0) >= v for k, v in resources.items()):
+            return None
+    return (f"no node in the cluster has the resources the job runner asks for ({resources}); the job starts "
+            "when one joins (an autoscaler can add it), or set jobs.runner_resources to resources your nodes have")
+
+
+def view(record: dict, *, cancel_requested: bool = False, waiting: str | None = None) -> dict:
+    """The client's view of a record (the internal pipeline config stays inside). `waiting`:
+    why a queued job has not started (runner_waits)."""
     return {"id": record["id"], "object": "job", "status": record["status"], "model": record["request"]["model"],
             "created_at": record["created_at"], "started_at": record["started_at"],
             "finished_at": record["finished_at"], "request": record["request"],
             "progress": {"rows_done": record["rows_done"], "rows_total": record["rows_total"],
                          "rows_error": record["rows_error"]},
             "output": record["output"], "error": record["error"], "summary": record["summary"],
-            "provenance": record.get("provenance"), "cancel_requested": cancel_requested}
+            "provenance": record.get("provenance"), "cancel_requested": cancel_requested, "waiting": waiting}
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
