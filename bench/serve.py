@@ -6,7 +6,8 @@ Measured in one run, on one model, one replica, the same image request:
    and the same requests streamed (`stream: true`, every chunk read) against non-streamed,
    both batched. Target: >= 0.9x;
 2. the latency HTTP and Serve add over a direct in-process model call (decode the image,
-   generate), sequential requests, p50 and p99. Target: <= 10 ms at p50. Measured on the
+   generate), sequential requests taken in turn with the direct calls, p50 and p99.
+   Target: <= 10 ms at p50. Measured on the
    unbatched deployment: with batching, a lone request also waits up to batch_wait_timeout_s
    for company, which is a setting, not overhead. Printed beside it: Ray Serve's own cost for
    the same two hops with nothing in them, the floor under the figure on this machine;
@@ -123,19 +124,7 @@ async def short_latencies(url: str, short: dict, long: dict | None, clients: int
     return statistics.median(lat), (statistics.mean(long_tokens) if long_tokens else 0.0)
 
 
-def sequential_latencies(url: str, request: dict, n: int) -> list[float]:
-    headers = {"Authorization": f"Bearer {KEY}"}
-    out = []
-    with httpx.Client(timeout=120) as client:
-        for i in range(n + 3):
-            t0 = time.perf_counter()
-            client.post(url, json=request, headers=headers).raise_for_status()
-            if i >= 3:  # the first few warm up
-                out.append(time.perf_counter() - t0)
-    return out
-
-
-def serve_floor_latencies(port: int, n: int) -> list[float]:
+def deploy_floor(port: int) -> str:
     """The same two hops with no medray in them: a FastAPI ingress that awaits one handle call
     to a second deployment, which returns at once. What Ray Serve itself costs on this machine
     for medray's shape (proxy -> ingress -> model replica), the floor under the added latency."""
@@ -159,40 +148,35 @@ def serve_floor_latencies(port: int, n: int) -> list[float]:
             return {"x": await self.inner.call.remote(1)}
 
     serve.run(Outer.bind(Inner.bind()), name="floor", route_prefix="/floor")
-    out = []
-    with httpx.Client(timeout=60) as client:
-        for i in range(n + 3):
-            t0 = time.perf_counter()
-            client.post(f"http://127.0.0.1:{port}/floor/call", json={}).raise_for_status()
-            if i >= 3:
-                out.append(time.perf_counter() - t0)
-    serve.delete("floor")
-    return out
+    return f"http://127.0.0.1:{port}/floor/call"
 
 
-def health_latencies(url: str, n: int) -> list[float]:
-    """GET /healthz: the proxy and ingress hop alone, no model work (a floor for the overhead)."""
-    out = []
-    with httpx.Client(timeout=60) as client:
-        for i in range(n + 3):
-            t0 = time.perf_counter()
-            client.get(url.replace("/v1/chat/completions", "/healthz")).raise_for_status()
-            if i >= 3:
-                out.append(time.perf_counter() - t0)
-    return out
-
-
-def direct_latencies(model: str, image: bytes, max_tokens: int, n: int) -> list[float]:
+def latencies(url: str, floor_url: str, model: str, image: bytes, max_tokens: int, n: int) -> dict[str, list[float]]:
+    """Sequential requests, taken in turn so that all four see the same machine: a chat request
+    over HTTP (`http`), the same generation called in this process (`direct`: decode the
+    image, generate), GET /healthz (`health`: the proxy and ingress hop alone), and the floor
+    app (`floor`). One run of each before the others would let a busy moment of this shared
+    machine fall on one of them only."""
     torch.set_num_threads(1)  # what a 1-CPU replica gets (Ray sets OMP_NUM_THREADS=1)
     engine = GenerationEngine(load_model(model))
     settings = GenerationSettings(max_new_tokens=max_tokens)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    out = []
-    for i in range(n + 3):
-        t0 = time.perf_counter()
-        engine.generate([Request(messages, [load_image(image)])], settings)
-        if i >= 3:
-            out.append(time.perf_counter() - t0)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    request = body(image, max_tokens)
+    calls = {
+        "http": lambda c: c.post(url, json=request, headers=headers).raise_for_status(),
+        "direct": lambda c: engine.generate([Request(messages, [load_image(image)])], settings),
+        "health": lambda c: c.get(url.replace("/v1/chat/completions", "/healthz")).raise_for_status(),
+        "floor": lambda c: c.post(floor_url, json={}).raise_for_status(),
+    }
+    out: dict[str, list[float]] = {k: [] for k in calls}
+    with httpx.Client(timeout=120) as client:
+        for i in range(n + 3):
+            for name, call in calls.items():
+                t0 = time.perf_counter()
+                call(client)
+                if i >= 3:  # the first few warm up
+                    out[name].append(time.perf_counter() - t0)
     return out
 
 
@@ -212,6 +196,8 @@ def main() -> None:
                         help="vllm: MEDRAY_VLLM_PYTHON names vLLM's interpreter where it is not in this environment")
     parser.add_argument("--stream-interval", type=float, default=None,
                         help="the model's stream_interval_s (default: ModelSpec's)")
+    parser.add_argument("--only", choices=["streamed", "latency"], default=None,
+                        help="measure only the streamed ratio of 1, or 2 (hf); prints, records nothing")
     add_repeat(parser)
     args = parser.parse_args()
 
@@ -224,6 +210,24 @@ def main() -> None:
     runs: dict[str, list[float]] = {k: [] for k in ("batched", "streamed", "stream_ratio", "unbatched", "speedup",
                                                     "p50", "p99", "health50", "floor50", "mixed", "long_tokens")}
     vllm = args.engine == "vllm"
+    if args.only == "streamed":
+        for r in range(args.repeat):
+            url = deploy(args.model, 32, port, args.engine, args.stream_interval)
+            batched = asyncio.run(throughput(url, request, args.clients, args.requests))
+            streamed = asyncio.run(throughput(url, {**request, "stream": True}, args.clients, args.requests))
+            print(f"run {r + 1}: {batched:.1f} req/s batched, {streamed:.1f} streamed: {streamed / batched:.2f}x",
+                  flush=True)
+            serve.delete("bench")
+        return
+    if args.only == "latency":
+        for r in range(args.repeat):
+            url = deploy(args.model, 1, port)
+            lat = latencies(url, deploy_floor(port), args.model, image, args.max_tokens, args.latency_requests)
+            print(f"run {r + 1}: added p50 {(pct(lat['http'], 50) - pct(lat['direct'], 50)) * 1e3:.1f} ms; p50s: "
+                  + ", ".join(f"{k} {pct(v, 50) * 1e3:.1f} ms" for k, v in lat.items()), flush=True)
+            serve.delete("floor")
+            serve.delete("bench")
+        return
     for r in range(args.repeat):
         url = deploy(args.model, 32, port, args.engine, args.stream_interval)
         batched = asyncio.run(throughput(url, request, args.clients, args.requests))
@@ -240,16 +244,14 @@ def main() -> None:
         if not vllm:
             url = deploy(args.model, 1, port)  # replaces the batched app
             unbatched = asyncio.run(throughput(url, request, args.clients, args.requests))
-            http = sequential_latencies(url, {**body(image, args.max_tokens)}, args.latency_requests)
-            health = health_latencies(url, args.latency_requests)
-            floor = serve_floor_latencies(port, args.latency_requests)
-            direct = direct_latencies(args.model, image, args.max_tokens, args.latency_requests)
+            lat = latencies(url, deploy_floor(port), args.model, image, args.max_tokens, args.latency_requests)
+            serve.delete("floor")
             runs["unbatched"].append(unbatched)
             runs["speedup"].append(batched / unbatched)
-            runs["p50"].append((pct(http, 50) - pct(direct, 50)) * 1e3)
-            runs["p99"].append((pct(http, 99) - pct(direct, 99)) * 1e3)
-            runs["health50"].append(pct(health, 50) * 1e3)
-            runs["floor50"].append(pct(floor, 50) * 1e3)
+            runs["p50"].append((pct(lat["http"], 50) - pct(lat["direct"], 50)) * 1e3)
+            runs["p99"].append((pct(lat["http"], 99) - pct(lat["direct"], 99)) * 1e3)
+            runs["health50"].append(pct(lat["health"], 50) * 1e3)
+            runs["floor50"].append(pct(lat["floor"], 50) * 1e3)
             line += f", {unbatched:.1f} unbatched, added p50 {runs['p50'][-1]:.1f} ms"
         serve.delete("bench")
         print(line)
