@@ -17,6 +17,7 @@ import torch
 from medray.models import write_tiny_model
 from medray.storage.local_s3 import LocalS3Server
 
+REPO = Path(__file__).resolve().parents[1]
 FAMILY_NAMES = ["llava-mistral", "llava-llama", "llama", "mixtral", "git"]
 
 
@@ -80,6 +81,18 @@ def ray_cluster(s3_server, tmp_path_factory):
             runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llava_med_run(ray_cluster, tmp_path_factory):
+    """`manifests/tiny/llava-med.yaml` as it is (the quickstart's curriculum), trained once on
+    the session's Ray: (output root, stage results). Training it is ~30 s here, and two
+    modules check what it made; tests only read the root."""
+    from medray.train import load_manifest, run_curriculum
+
+    root = tmp_path_factory.mktemp("llava-med-run")
+    results = run_curriculum(load_manifest(REPO / "manifests/tiny/llava-med.yaml", [f"output={root}"]))
+    return root, results
 
 
 @pytest.fixture(scope="session")

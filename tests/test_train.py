@@ -55,9 +55,9 @@ def test_each_strategy_trains_and_the_loss_goes_down(strategy, ray_cluster, tmp_
     _assert_trained(result, tmp_path / "s", strategy)
 
 
-def test_tiny_llava_med_curriculum_freezes_exactly_what_each_stage_says(ray_cluster, tmp_path):
+def test_tiny_llava_med_curriculum_freezes_exactly_what_each_stage_says(llava_med_run):
+    tmp_path, results = llava_med_run  # the manifest as it is, trained once for the session
     cur = load_manifest(REPO / "manifests/tiny/llava-med.yaml", [f"output={tmp_path}"])
-    results = run_curriculum(cur)
     assert [r.skipped for r in results] == [False, False]
 
     base = _weights(resolve_model_uri(cur.base_model))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from medray.data.synthetic import chest_image
 from medray.models.tiny import write_tiny_model
-from medray.train import Curriculum, load_manifest, run_curriculum
+from medray.train import Curriculum, run_curriculum
 
 from test_seed_fidelity import square_image, write_llava_med_v1, write_llava_med_v15
 
@@ -102,7 +102,7 @@ def _vllm_greedy(tmp_path: Path, models: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory, ray_cluster):
+def written(tmp_path_factory, ray_cluster, llava_med_run):
     """Model directories as medray writes them, by each of its writers."""
     root = tmp_path_factory.mktemp("vllm")
     models = {"tiny llava-mistral": write_tiny_model("llava-mistral", root / "tiny-mistral", seed=0)}
@@ -112,8 +112,7 @@ def written(tmp_path_factory, ray_cluster):
     models["converted v1.5"] = convert_llava(ckpt, root / "v15-hf")
     ckpt, _ = write_llava_med_v1(root / "v1", legacy=False)
     models["converted v1"] = convert_llava(ckpt, root / "v1-hf")
-    # The quickstart's manifest as it is; a LoRA stage.
-    run_curriculum(load_manifest(REPO / "manifests/tiny/llava-med.yaml", [f"output={root / 'run'}"]))
+    # A LoRA stage (the quickstart's manifest as it is comes from the session's llava_med_run).
     lora = {"name": "lora", "data": {"synthetic": {"kind": "chest-conversations", "n": 32, "seed": 1}}, "train": [],
             "lr": 2e-2, "micro_batch_size": 4, "global_batch_size": 8, "max_steps": 4, "max_length": 160,
             "checkpoint_every": 100, "log_every": 2, "workers": 1, "cpus_per_worker": 1,
@@ -122,7 +121,7 @@ def written(tmp_path_factory, ray_cluster):
     # On the random tiny model, whose answers any adapter moves: so the adapter's effect shows.
     run_curriculum(Curriculum.model_validate({"base_model": "tiny://llava-mistral",
                                               "output": str(root / "lora"), "stages": [lora]}))
-    models["trained (manifests/tiny/llava-med.yaml)"] = root / "run" / "instruct"
+    models["trained (manifests/tiny/llava-med.yaml)"] = llava_med_run[0] / "instruct"
     models["merged LoRA"] = root / "lora" / "lora"
     return root, models
 
