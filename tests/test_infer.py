@@ -176,12 +176,18 @@ def test_infer_cli_and_config_errors(ray_cluster, tmp_path, capsys):
     assert "4 rows (0 errors" in capsys.readouterr().out
     assert cli_main(["infer", "--model", "tiny://llava-mistral", "--input", str(tmp_path / "c" / "images"),
                      "--output", str(tmp_path / "chat"), "--task", "chat", "--question", "Describe the findings.",
-                     "--temperature", "0.7", "--seed", "3", "--max-new-tokens", "4"]) == 0
+                     "--temperature", "0.7", "--seed", "3", "--max-new-tokens", "4",
+                     "--preprocess-tasks", "1"]) == 0  # one preprocess task at a time: still every row
     chat = _rows(str(tmp_path / "chat"))
     assert len(chat) == 4 and all(r["question"] == "Describe the findings." and r["answer"] for r in chat)
     assert json.loads(chat[0]["generation"])["temperature"] == 0.7
     with pytest.raises(ValueError, match="chat needs --question"):
         InferConfig(model="tiny://llama", input="x", output="y", task="chat")
+    # Preprocess tasks are capped by default, 2 per generation actor (see InferConfig.preprocess_tasks).
+    assert InferConfig(model="m", input="x", output="y", max_actors=3).preprocess_concurrency() == 6
+    assert InferConfig(model="m", input="x", output="y", preprocess_tasks=5).preprocess_concurrency() == 5
+    with pytest.raises(ValueError, match="preprocess_tasks"):
+        InferConfig(model="m", input="x", output="y", preprocess_tasks=0)
 
 
 def _plot_png() -> bytes:

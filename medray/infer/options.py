@@ -75,6 +75,11 @@ class InferConfig(StrictModel):
     """Fractional by default: on a 2-CPU machine whole-CPU actors starve the read tasks."""
     cpus_per_task: float = Field(0.5, gt=0)
     """CPUs each read/decode/preprocess task reserves."""
+    preprocess_tasks: int | None = Field(None, ge=1)
+    """Read/decode/preprocess tasks that may run at once. Default: 2 per generation actor
+    (max_actors). Uncapped, Ray Data starts one task per free CPU slice as soon as the job
+    starts, before the actors are placed; the actors then wait for those CPUs until the
+    tasks drain (measured on a 3-node CPU cluster: first shard at 57 s uncapped, 34 s capped)."""
     rows_per_shard: int = Field(256, ge=1)
     """Rows each generation actor writes as one shard."""
     max_pixels: int = Field(64_000_000, ge=1)
@@ -99,6 +104,10 @@ class InferConfig(StrictModel):
         if bad:
             raise ValueError(f"adapter names must be non-empty, without ':', and not {DEFAULT_ADAPTER!r}: {bad}")
         return self
+
+    def preprocess_concurrency(self) -> int:
+        """How many preprocess tasks Ray Data may run at once (see preprocess_tasks)."""
+        return self.preprocess_tasks or 2 * self.max_actors
 
     def all_adapters(self) -> dict[str, str]:
         """Every adapter of the run by name: the named ones, and `adapter` as DEFAULT_ADAPTER."""

@@ -121,7 +121,7 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
     conf = cfg.model_dump(mode="json")
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 200)))
     ds = ds.map_batches(preprocess, fn_kwargs={"cfg": conf}, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task,
-                        batch_format="numpy")
+                        batch_format="numpy", concurrency=cfg.preprocess_concurrency())
     ds = ds.map_batches(
         Generator, fn_constructor_kwargs={"cfg": conf, "record": record.dump()}, batch_size=cfg.rows_per_shard,
         batch_format="numpy",

@@ -113,6 +113,8 @@ class JobsConfig(StrictModel):
     room for both, or the pipeline waits for CPUs that replicas hold."""
     cpus_per_task: float = Field(0.5, gt=0)
     """CPUs per read/decode task."""
+    preprocess_tasks: int | None = Field(None, ge=1)
+    """Read/decode tasks at once per job; default 2 per generation actor (as in `medray infer`)."""
     gpus_per_actor: float = Field(0, ge=0)
     max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     """Upper bound a job may ask for."""
@@ -125,7 +127,7 @@ class JobsConfig(StrictModel):
     def pipeline_resources(self) -> dict:
         """The InferConfig fields the server, not the client, decides for every job."""
         return self.model_dump(include={"batch_size", "rows_per_shard", "max_actors", "cpus_per_actor",
-                                        "cpus_per_task", "gpus_per_actor"})
+                                        "cpus_per_task", "preprocess_tasks", "gpus_per_actor"})
 
 
 class Limits(StrictModel):
