@@ -10,7 +10,6 @@ beside each other and beside the session's Ray.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -127,12 +126,20 @@ class NodeCluster:
         log.close()  # the child holds its own copy
 
     def alive(self) -> int:
-        """Alive nodes, as the GCS sees them."""
-        out = subprocess.run([sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False);"
-                              " print('alive=%d' % sum(n['Alive'] for n in ray.nodes()))", self.gcs],
-                             env=self.env, capture_output=True, text=True, timeout=60)
-        found = re.findall(r"^alive=(\d+)$", out.stdout, re.M)  # Ray may print warnings around it
-        return int(found[-1]) if out.returncode == 0 and found else 0
+        """Alive nodes, as the GCS sees them, from the dashboard's state API: an HTTP GET
+        (~0.1 s) instead of a Python that imports Ray and connects (~2 s of the 2 cores, per
+        poll, while the nodes being waited for start)."""
+        import httpx
+
+        headers = {}
+        if self.env.get("RAY_AUTH_MODE") == "token":
+            headers["Authorization"] = f"Bearer {Path.home().joinpath('.ray', 'auth_token').read_text().strip()}"
+        try:
+            r = httpx.get(f"{self.dashboard}/api/v0/nodes?limit=10000", headers=headers, timeout=30)
+            nodes = r.json()["data"]["result"]["result"] if r.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return 0  # the dashboard is not up (yet, or any more)
+        return sum(n.get("state") == "ALIVE" for n in nodes)
 
     def wait_alive(self, n: int, timeout: float = 120) -> None:
         seen = []
