@@ -41,6 +41,15 @@ class NodeCluster:
         self.temp_dir = os.path.join(self.root, "ray")
         self.env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
         self.env.setdefault("RAY_AUTH_MODE", "token")
+        # A lost node is declared dead after 3 failed 1 s health checks (~3 s), not Ray's 5
+        # failed 3 s ones (~15 s): a killed raylet refuses the connection at once, so this only
+        # shortens the waits (Train, Serve and the tests all wait for the GCS to see the loss).
+        # A raylet that is alive but stalled still has 3 x the 10 s check timeout.
+        self.env.setdefault("RAY_health_check_period_ms", "1000")
+        self.env.setdefault("RAY_health_check_failure_threshold", "3")
+        # Ray Train's controller polls its workers every 2 s by default; every stage's end
+        # (and a lost worker) waits for the next poll.
+        self.env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         self.env["PATH"] = f"{BIN}:{self.env.get('PATH', '')}"
         self.nodes: list[subprocess.Popen] = []
         self.workers: list[int] = []  # indexes of the worker nodes alive
