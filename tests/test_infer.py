@@ -255,11 +255,12 @@ def test_visual_experts_mode_end_to_end(ray_cluster, tmp_path):
     assert all(r["completion_tokens"] > 0 and r["model"] == "tiny://llama" for r in rows.values())
 
 
-def test_job_entrypoint_takes_the_cli_flags(tmp_path):
-    """jobs/infer.py (for `ray job submit`) runs the same pipeline with the same flags."""
+def test_job_entrypoint_takes_the_cli_flags(ray_cluster, tmp_path):
+    """jobs/infer.py (for `ray job submit`) runs the same pipeline with the same flags, on the
+    cluster that RAY_ADDRESS names, as under `ray job submit`."""
     repo = Path(__file__).resolve().parents[1]
     write_synthetic("chest-vqa", str(tmp_path / "c"), n=3, seed=10)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     out = subprocess.run([sys.executable, str(repo / "jobs" / "infer.py"), "--model", "tiny://llava-mistral",
                           "--input", str(tmp_path / "c" / "images"), "--output", str(tmp_path / "out"),
                           "--task", "caption", "--max-new-tokens", "3", "--format", "jsonl"],
