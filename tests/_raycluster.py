@@ -134,20 +134,27 @@ class NodeCluster:
                                            start_new_session=True))
         log.close()  # the child holds its own copy
 
-    def alive(self) -> int:
-        """Alive nodes, as the GCS sees them, from the dashboard's state API: an HTTP GET
-        (~0.1 s) instead of a Python that imports Ray and connects (~2 s of the 2 cores, per
-        poll, while the nodes being waited for start)."""
+    def api(self, path: str):
+        """GET a dashboard REST path as JSON, or None while the dashboard does not answer: an
+        HTTP request (~0.1 s) instead of a Python that imports Ray and connects (~2 s of the 2
+        cores, per poll, while what is being waited for starts)."""
         import httpx
 
         headers = {}
         if self.env.get("RAY_AUTH_MODE") == "token":
             headers["Authorization"] = f"Bearer {Path.home().joinpath('.ray', 'auth_token').read_text().strip()}"
         try:
-            r = httpx.get(f"{self.dashboard}/api/v0/nodes?limit=10000", headers=headers, timeout=30)
-            nodes = r.json()["data"]["result"]["result"] if r.status_code == 200 else []
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            return 0  # the dashboard is not up (yet, or any more)
+            r = httpx.get(f"{self.dashboard}{path}", headers=headers, timeout=30)
+            return r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None  # the dashboard is not up (yet, or any more)
+
+    def alive(self) -> int:
+        """Alive nodes, as the GCS sees them, from the dashboard's state API."""
+        try:
+            nodes = self.api("/api/v0/nodes?limit=10000")["data"]["result"]["result"]
+        except (KeyError, TypeError):
+            return 0
         return sum(n.get("state") == "ALIVE" for n in nodes)
 
     def wait_alive(self, n: int, timeout: float = 120) -> None:

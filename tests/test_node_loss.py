@@ -194,13 +194,10 @@ def _serve_config(path: Path) -> None:
 
 
 def _replicas(cluster) -> list[str]:
-    out = subprocess.run([str(BIN / "serve"), "status", "--address", cluster.dashboard], env=cluster.env,
-                         capture_output=True, text=True, timeout=60)
-    status = yaml.safe_load(out.stdout) if out.returncode == 0 else {}
-    apps = (status or {}).get("applications") or {}
-    deployments = (apps.get("medray") or {}).get("deployments") or {}
-    return [s for s in ((deployments.get("model-tiny") or {}).get("replica_states") or {})
-            for _ in range(deployments["model-tiny"]["replica_states"][s])]
+    """The model deployment's replica states, from the dashboard's Serve API."""
+    apps = (cluster.api("/api/serve/applications/") or {}).get("applications") or {}
+    deployment = ((apps.get("medray") or {}).get("deployments") or {}).get("model-tiny") or {}
+    return [r["state"] for r in deployment.get("replicas") or []]
 
 
 URL = "http://127.0.0.1:8000"
