@@ -17,14 +17,14 @@ import torch
 from medray.models import write_tiny_model
 from medray.storage.local_s3 import LocalS3Server
 
+from _raycluster import TEST_RAY_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 FAMILY_NAMES = ["llava-mistral", "llava-llama", "llama", "mixtral", "git"]
 
-# Ray Train's controller polls its workers every 2 s by default, so each of the suite's
-# dozens of stages ended up to 2 s after its workers had (measured: 3.3 s from the last
-# worker's exit to fit()'s return, 0.6-1.3 s at 0.5 s). The controller reads it from the
-# driver's environment; commands the tests start inherit it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Commands the tests start inherit these (see tests/_raycluster.py for why).
+for _key, _value in TEST_RAY_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 def pytest_collection_modifyitems(config, items):
