@@ -4,6 +4,9 @@ those inside functions): what each package must not import."""
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,38 @@ def test_package_imports_follow_the_layering(package):
 def test_jobs_depend_on_the_library_not_on_the_cli():
     for f in (ROOT / "jobs").glob("*.py"):
         assert "cli" not in _medray_imports(f), f
+
+
+# What a command that builds or checks configs uses, and the Serve ingress's module: none of
+# it may load torch or transformers (medray._lazy). Run in a fresh interpreter, since this
+# one has them loaded already.
+LIGHT = """
+import sys
+from medray.cli import build_parser
+build_parser().parse_args(["tiny-model", "--family", "llava-mistral", "--out", "x"])
+from medray.train import load_manifest
+load_manifest("manifests/tiny/llava-med.yaml", ["output=/tmp/unused"])
+from medray.infer import GenerationSettings, InferConfig
+InferConfig(model="tiny://llava-mistral", input="s3://b/in/", output="s3://b/out/")
+from medray.serve import ServeConfig
+import medray.serve.app  # the ingress deployment's module
+from medray.data import load_image, read_records
+heavy = sorted(m for m in ("torch", "transformers", "peft", "vllm", "ray.train", "ray.data") if m in sys.modules)
+assert not heavy, heavy
+"""
+
+
+def test_config_parsing_and_the_ingress_load_no_torch():
+    run = subprocess.run([sys.executable, "-c", LIGHT], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("package", ["medray.data", "medray.infer", "medray.models", "medray.serve", "medray.train"])
+def test_every_lazily_exported_name_resolves(package):
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        value = getattr(module, name)
+        assert value is getattr(module, name)  # kept in the package after the first look-up
+        assert name in dir(module)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        module.nonexistent  # noqa: B018

@@ -7,13 +7,11 @@
 
 Owns: record readers (one alias map), image decoding, the chat collator, the result-shard
 format. Must not import: medray.infer, medray.train, medray.eval, medray.serve.
+
+Names are imported on first use (medray._lazy): records and images load no torch.
 """
 
-from .collate import IGNORE_INDEX, ChatCollator, Example, SampleTooLongError, assistant_spans
-from .images import (ImageDecodeError, ImageOptions, ImageTooLargeError, dicom_grey_to_uint8,
-                     is_dicom, load_image, window_linear)
-from .records import (CAPTION_PROMPT, CaptionRecord, ConversationRecord, ImageRecord, MCQARecord, Record,
-                      RecordError, VQARecord, detect_kind, read_records, read_rows, user_message)
+from medray._lazy import lazy_exports
 
 __all__ = [
     "IGNORE_INDEX", "ChatCollator", "Example", "SampleTooLongError", "assistant_spans",
@@ -21,3 +19,11 @@ __all__ = [
     "load_image", "window_linear", "CAPTION_PROMPT", "CaptionRecord", "ImageRecord", "ConversationRecord", "MCQARecord", "Record",
     "RecordError", "VQARecord", "detect_kind", "read_records", "read_rows", "user_message",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".collate": ["IGNORE_INDEX", "ChatCollator", "Example", "SampleTooLongError", "assistant_spans"],
+    ".images": ["ImageDecodeError", "ImageOptions", "ImageTooLargeError", "dicom_grey_to_uint8", "is_dicom",
+                "load_image", "window_linear"],
+    ".records": ["CAPTION_PROMPT", "CaptionRecord", "ConversationRecord", "ImageRecord", "MCQARecord", "Record",
+                 "RecordError", "VQARecord", "detect_kind", "read_records", "read_rows", "user_message"],
+})

@@ -7,14 +7,20 @@ batch pipeline.
 
 Owns: the engine (encode on CPU, generate batched), the pipeline and its options and flags,
 visual experts. Must not import: medray.serve, medray.train, medray.cli.
+
+Names are imported on first use (medray._lazy): the request types and options load no torch.
 """
 
-from .ask import ask
-from .engine import (MAX_NEW_TOKENS, MAX_TEMPERATURE, Answer, Encoded, GenerationEngine, GenerationSettings,
-                     Request, encode_request)
-from .options import AllRowsFailed, InferConfig, Summary, add_infer_arguments, infer_config_from_args
-from .pipeline import OutputConflict, run_inference
+from medray._lazy import lazy_exports
 
 __all__ = ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "GenerationEngine", "GenerationSettings",
            "Request", "encode_request", "AllRowsFailed", "InferConfig", "Summary", "add_infer_arguments",
            "infer_config_from_args", "run_inference", "ask", "OutputConflict"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".ask": ["ask"],
+    ".engine": ["GenerationEngine", "encode_request"],
+    ".types": ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "GenerationSettings", "Request"],
+    ".options": ["AllRowsFailed", "InferConfig", "Summary", "add_infer_arguments", "infer_config_from_args"],
+    ".pipeline": ["OutputConflict", "run_inference"],
+})

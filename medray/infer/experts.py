@@ -17,7 +17,7 @@ The whole mode lives here; the pipeline's stages call two seams:
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import Field
@@ -25,8 +25,11 @@ from pydantic import Field
 from medray.config import StrictModel
 from medray.data import user_message
 
-from .engine import Encoded, GenerationEngine, GenerationSettings, Request, encode_request
 from .prompts import messages_for
+from .types import Encoded, GenerationSettings, Request
+
+if TYPE_CHECKING:  # the engine loads torch; ExpertsConfig is read by flag parsers too
+    from .engine import GenerationEngine
 
 ImageType = Literal["radiology", "plot", "other"]
 
@@ -85,6 +88,8 @@ def encode_for_expert(image, cfg: ExpertsConfig, processor_for: Callable) -> tup
     expert = cfg.expert_for(kind)
     if not expert:
         return kind, None
+    from .engine import encode_request
+
     processor, family = processor_for(expert)
     return kind, encode_request(processor, Request(messages_for("caption", family.kind, "", True), [image]))
 

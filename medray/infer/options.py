@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from medray.config import StrictModel, add_arguments, values_from_args
 
-from .engine import DEFAULT_ADAPTER, MAX_NEW_TOKENS, MAX_TEMPERATURE, GenerationSettings
+from .types import DEFAULT_ADAPTER, MAX_NEW_TOKENS, MAX_TEMPERATURE, GenerationSettings
 from .experts import ExpertsConfig
 from .vllm_engine import EngineName, VLLMOptions
 

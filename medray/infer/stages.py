@@ -15,7 +15,8 @@ import numpy as np
 from medray import storage
 from medray.data import shards
 
-from .engine import Encoded, GenerationEngine, Request, encode_request
+from .engine import GenerationEngine, encode_request
+from .types import Encoded, Request
 from .experts import Experts, encode_for_expert
 from .options import InferConfig, adapter_role
 from .prompts import messages_for

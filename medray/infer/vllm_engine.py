@@ -27,7 +27,7 @@ from pydantic import Field
 
 from medray.config import StrictModel
 
-from .engine import DEFAULT_ADAPTER, Answer, Encoded, GenerationSettings
+from .types import DEFAULT_ADAPTER, Answer, Encoded, GenerationSettings
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import os
 from pydantic import Field, model_validator
 
 from medray.config import StrictModel
-from medray.infer.engine import MAX_NEW_TOKENS
+from medray.infer.types import MAX_NEW_TOKENS
 from medray.infer.vllm_engine import EngineName, VLLMOptions
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from medray.infer.engine import MAX_TEMPERATURE, Answer
+from medray.infer.types import MAX_TEMPERATURE, Answer
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,16 @@
 
 Owns: manifests, the Ray Train driver, the train loop, strategies, freezing and LoRA, export.
 Must not import: medray.infer, medray.serve, medray.cli.
+
+Names are imported on first use (medray._lazy): manifests and their models load no torch.
 """
 
-from .config import Curriculum, DataConfig, LoraSpec, ManifestError, StageConfig, TrainArgs, load_manifest
-from .curriculum import StageConflict, StageResult, run_curriculum
+from medray._lazy import lazy_exports
 
 __all__ = ["Curriculum", "DataConfig", "LoraSpec", "ManifestError", "StageConfig", "TrainArgs", "load_manifest",
            "StageConflict", "StageResult", "run_curriculum"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    ".config": ["Curriculum", "DataConfig", "LoraSpec", "ManifestError", "StageConfig", "TrainArgs", "load_manifest"],
+    ".curriculum": ["StageConflict", "StageResult", "run_curriculum"],
+})
