@@ -675,6 +675,49 @@ def test_jobs_can_be_cancelled_and_bad_jobs_get_4xx(server):
             assert text.lower() in response.json()["error"]["message"].lower(), (name, response.text)
 
 
+def test_the_job_list_pages_newest_first_and_each_job_once(server):
+    """GET /v1/jobs pages as OpenAI's list routes do (limit, after=last_id, has_more), newest
+    first, reading one page of the store rather than every record."""
+    import json
+    import time
+
+    from medray import storage
+    from medray.serve.jobs import JobStore
+
+    store = f"{server['bucket']}/jobs"
+    mine = []
+    for i in range(7):  # finished jobs, as a runner leaves them
+        job_id = JobStore.new_id()
+        storage.write_text(f"{store}/{job_id}.json", json.dumps({
+            "id": job_id, "status": "succeeded", "request": {"model": "llava", "input": "x", "output": "y"},
+            "infer": {}, "created_at": time.time(), "started_at": None, "finished_at": time.time(), "attempts": 1,
+            "rows_done": i, "rows_total": i, "rows_error": 0, "output": "y", "error": None, "summary": None}))
+        mine.append(job_id)
+        time.sleep(0.002)  # ids count milliseconds
+    storage.write_text(f"{store}/{mine[3]}.cancel", "1")  # a marker beside a record is not a job
+
+    pages, after = [], None
+    while True:
+        page = _jobs(server, path="?limit=3" + (f"&after={after}" if after else "")).json()
+        assert page["object"] == "list" and len(page["data"]) <= 3, page
+        pages.append(page)
+        if not page["has_more"]:
+            break
+        assert page["last_id"] == page["data"][-1]["id"]
+        after = page["last_id"]
+    listed = [job["id"] for page in pages for job in page["data"]]
+    assert len(listed) == len(set(listed)), listed  # no job twice
+    assert [i for i in listed if i in mine] == mine[::-1]  # every one of them, the newest first
+    assert pages[0]["data"][0]["id"] == mine[-1] and pages[0]["first_id"] == mine[-1]
+    assert len(pages[0]["data"]) == 3 and pages[0]["has_more"]
+    whole = _jobs(server, path="?limit=100").json()
+    assert [j["id"] for j in whole["data"]] == listed and not whole["has_more"]
+
+    for query, param in (("?limit=0", "limit"), ("?limit=101", "limit"), ("?after=..%2Fsecret", "after")):
+        bad = _jobs(server, path=query)
+        assert bad.status_code == 400 and param in bad.json()["error"]["message"], (query, bad.text)
+
+
 def test_a_job_whose_runner_no_node_can_host_says_so(server):
     """A runner_resources that no node offers would leave jobs queued without a word (Ray keeps
     the runner pending): the job says why it waits and what to set."""

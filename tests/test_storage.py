@@ -34,6 +34,46 @@ def test_write_read_list_exists(where, bucket, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_listing_page_starts_after_a_uri_and_stops_at_its_limit(where, bucket, tmp_path):
+    root = bucket + "/paged" if where == "s3" else str(tmp_path / "paged")
+    for name in ("a.json", "b.cancel", "c.json", "d.json", "e.json"):
+        storage.write_text(storage.join(root, name), "{}")
+
+    def names(**kwargs):
+        return [f.uri.rsplit("/", 1)[1] for f in storage.list_files(root, include="*.json", **kwargs)]
+
+    assert names(limit=2) == ["a.json", "c.json"]  # the filter applies before the limit
+    assert names(start_after=storage.join(root, "a.json"), limit=2) == ["c.json", "d.json"]
+    assert names(start_after=storage.join(root, "b.zzz")) == ["c.json", "d.json", "e.json"]  # any URI, not a file
+    assert names(start_after=storage.join(root, "e.json")) == []
+    assert names(limit=0) == []
+
+
+def test_a_listing_page_of_a_large_prefix_costs_one_request(bucket):
+    """S3 returns at most 1,000 keys per list request: a page of five from a prefix of 1,100
+    objects must not walk the whole prefix."""
+    st = storage.default_storage()
+    loc = storage.parse_s3(f"{bucket}/many")
+    for i in range(1100):
+        st.client.put_object(Bucket=loc.bucket, Key=f"{loc.key}/obj-{i:05d}", Body=b"x")
+    calls = []
+
+    def count(params, **kwargs):  # botocore's own event hook: the requests still go out
+        calls.append(params)
+
+    st.client.meta.events.register("before-call.s3.ListObjectsV2", count)
+    try:
+        page = st.list_files(f"{bucket}/many", start_after=f"{bucket}/many/obj-00997", limit=5)
+        assert [f.uri.rsplit("/", 1)[1] for f in page] == [f"obj-{i:05d}" for i in range(998, 1003)]
+        assert len(calls) == 1, calls
+        calls.clear()
+        assert len(st.list_files(f"{bucket}/many")) == 1100  # without a limit: every page
+        assert len(calls) == 2
+    finally:
+        st.client.meta.events.unregister("before-call.s3.ListObjectsV2", count)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_atomic_writer_leaves_nothing_on_failure(where, bucket, tmp_path):
     uri = f"{bucket}/out/shard-0.parquet" if where == "s3" else str(tmp_path / "out" / "shard-0.parquet")
     with pytest.raises(RuntimeError, match="worker died"):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -406,12 +406,21 @@ class Api:
         return Response(buf.getvalue(), media_type="image/png")
 
     @app.get("/v1/jobs")
-    async def list_jobs(self) -> dict:
-        records = self._job_store().list()
+    async def list_jobs(self, limit: int = Query(20, ge=1, le=100), after: str | None = None) -> dict:
+        """The newest jobs first, a page at a time, as OpenAI's list routes page: `limit`, and
+        `after` the last id of the page before (`last_id`) while `has_more`."""
+        store = self._job_store()
+        if after is not None and not store.valid_id(after):
+            raise ApiError(400, f"after must be a job id from an earlier page's last_id, not {after[:40]!r}",
+                           param="after")
+        # Off the event loop: S3 reads here would hold up every chat request on this replica.
+        records, more = await asyncio.to_thread(store.list, limit, after)
         resources = self.config.jobs.runner_resources
         waiting = no_node_offers(resources) if resources and any(r["status"] == "queued" for r in records) else None
         return {"object": "list", "data": [view(r, waiting=waiting if r["status"] == "queued" else None)
-                                           for r in records]}
+                                           for r in records],
+                "first_id": records[0]["id"] if records else None,
+                "last_id": records[-1]["id"] if records else None, "has_more": more}
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(self, job_id: str) -> dict:

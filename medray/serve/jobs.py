@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
 
 import ray
 from pydantic import Field, create_model
@@ -59,7 +59,11 @@ class JobStore:
 
     @staticmethod
     def new_id() -> str:
-        return "job-" + uuid.uuid4().hex[:16]
+        """16 hex digits that sort newest first: 11 count milliseconds down from 2^44 (the
+        year 2527), 5 are random. S3 lists keys in ascending order only, so this is what lets
+        GET /v1/jobs read one page of the newest jobs (`list`) instead of every record."""
+        countdown = (1 << 44) - 1 - int(time.time() * 1000)
+        return f"job-{countdown:011x}{secrets.randbits(20):05x}"
 
     @staticmethod
     def valid_id(job_id: str) -> bool:
@@ -81,19 +85,34 @@ class JobStore:
         except (KeyError, FileNotFoundError):
             return None
 
-    def list(self) -> list[dict]:
-        records = []
-        for f in storage.list_files(self.prefix, include="job-*.json"):
-            record = self.get(f.uri.rsplit("/", 1)[-1][: -len(".json")])
-            if record:
-                records.append(record)
-        return sorted(records, key=lambda r: r["created_at"], reverse=True)
+    def _ids(self, limit: int, after: str | None) -> tuple[list[str], bool]:
+        files = storage.list_files(self.prefix, include="job-*.json", limit=limit + 1,
+                                   start_after=self._uri(after) if after else None)
+        return [f.uri.rsplit("/", 1)[-1][: -len(".json")] for f in files[:limit]], len(files) > limit
+
+    def list(self, limit: int = 20, after: str | None = None) -> tuple[list[dict], bool]:
+        """One page of records, newest first (ids sort so: `new_id`): the `limit` jobs after
+        the job `after`, and whether more follow. Reads one listing page and those records,
+        however many jobs the store holds. (Ids made by medray before 2026-12 are random: they
+        list in id order among the others.)"""
+        ids, more = self._ids(limit, after)
+        return [r for job_id in ids if (r := self.get(job_id))], more
+
+    def every(self):
+        """Every record, page by page (an ingress replica's start-up looks at them all once)."""
+        after = None
+        while True:
+            ids, more = self._ids(500, after)
+            yield from (r for job_id in ids if (r := self.get(job_id)))
+            if not more:
+                return
+            after = ids[-1]
 
     def problem(self) -> str | None:
         """Why this store cannot keep job records, in words that say what to configure; None
         when it can (a listing of the prefix works)."""
         try:
-            storage.list_files(self.prefix, include="job-*.json")
+            storage.list_files(self.prefix, include="job-*.json", limit=1)
             return None
         except Exception as e:  # no credentials, no endpoint, no bucket: the server's set-up
             where = ("S3 credentials and endpoint (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for a "
@@ -224,7 +243,7 @@ def ensure_runner(store: JobStore, record: dict, resources: dict[str, float] | N
 
 def recover(store: JobStore, resources: dict[str, float] | None = None) -> int:
     """Start runners for every unfinished job without one; returns how many were looked at."""
-    unfinished = [r for r in store.list() if r["status"] not in TERMINAL]
+    unfinished = [r for r in store.every() if r["status"] not in TERMINAL]
     for record in unfinished:
         try:
             ensure_runner(store, record, resources)

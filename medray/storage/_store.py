@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import itertools
 import logging
 import os
 import shutil
@@ -238,23 +239,29 @@ class Storage:
                 raise StorageError(f"checking {uri}: {e}") from e
         return local_path(uri).stat().st_size
 
-    def list_files(self, prefix: str, *, recursive: bool = True,
-                   include: str | None = None, exclude: str | None = None) -> list[FileInfo]:
+    def list_files(self, prefix: str, *, recursive: bool = True, include: str | None = None,
+                   exclude: str | None = None, start_after: str | None = None,
+                   limit: int | None = None) -> list[FileInfo]:
         """Files under a directory or s3:// prefix, sorted by URI; none for a prefix that does
         not exist (yet), local or S3 alike.
 
         `include` / `exclude` are globs matched against the path relative to `prefix`.
+        `start_after` (a URI) and `limit` give one page: the first `limit` files whose URI sorts
+        after `start_after`. On S3 the listing starts there (StartAfter) and stops once the page
+        is full, so a page costs a request or two however many objects the prefix holds.
         """
         if is_s3(prefix):
-            out = self._list_s3(prefix, recursive)
             base = prefix.rstrip("/") + "/"
+            found = self._list_s3(prefix, recursive, start_after)  # already in key order
         else:
             root = local_path(prefix)
             if root.is_file():
                 return [FileInfo(str(root), root.stat().st_size)]
             it = root.rglob("*") if recursive else root.glob("*")
-            out = [FileInfo(str(p), p.stat().st_size) for p in it if p.is_file()]
             base = str(root).rstrip("/") + "/"
+            found = sorted((FileInfo(str(p), p.stat().st_size) for p in it if p.is_file()), key=lambda i: i.uri)
+            if start_after is not None:
+                found = [i for i in found if i.uri > str(local_path(start_after))]
 
         def keep(info: FileInfo) -> bool:
             rel = info.uri[len(base):] if info.uri.startswith(base) else info.uri
@@ -262,25 +269,25 @@ class Storage:
                 return False
             return not (exclude and fnmatch.fnmatch(rel, exclude))
 
-        return sorted((i for i in out if keep(i)), key=lambda i: i.uri)
+        return list(itertools.islice((i for i in found if keep(i)), limit))
 
-    def _list_s3(self, prefix: str, recursive: bool) -> list[FileInfo]:
+    def _list_s3(self, prefix: str, recursive: bool, start_after: str | None = None) -> Iterator[FileInfo]:
+        """Lazily, page by page: a caller that stops early sends no further list requests."""
         loc = self._s3(prefix)
         key_prefix = loc.key.rstrip("/") + "/" if loc.key else ""
         kwargs = {"Bucket": loc.bucket, "Prefix": key_prefix}
         if not recursive:
             kwargs["Delimiter"] = "/"
-        out = []
+        if start_after is not None:
+            kwargs["StartAfter"] = self._s3(start_after).key
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith("/"):
                         continue  # console-made "folder" markers
-                    out.append(FileInfo(f"s3://{loc.bucket}/{obj['Key']}", obj["Size"],
-                                        obj.get("ETag", "").strip('"') or None))
+                    yield FileInfo(f"s3://{loc.bucket}/{obj['Key']}", obj["Size"], obj.get("ETag", "").strip('"') or None)
         except Exception as e:
             raise StorageError(f"listing {prefix}: {e}") from e
-        return out
 
     # ---------------------------------------------------------------- writes
     @contextlib.contextmanager
