@@ -296,8 +296,17 @@ class AsyncVLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(**_engine_kwargs(path, options, list(lora_paths.values()), max_loras)))
+        kwargs = _engine_kwargs(path, options, list(lora_paths.values()), max_loras)
+        if "gpu_memory_utilization" not in kwargs:  # CPU
+            # The async engine always runs its engine core in a process of its own. On one GPU
+            # the model runs inside that process (vLLM's "uni" executor); on CPU, vLLM puts it
+            # in a third process unless multiprocessing is off in this one, and that worker
+            # busy-waits (sched_yield) for each step. Here the GPU layout: measured with 32
+            # requests of 64 tokens, the engine started in 7.5 s instead of 14.8 s and
+            # generated in 0.14-0.20 s instead of 0.18-0.28 s.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            kwargs["distributed_executor_backend"] = "uni"
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self.loras = lora_requests(lora_paths)
         self.model_stop = model_stop(path)
 
