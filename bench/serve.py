@@ -10,7 +10,8 @@ Measured in one run, on one model, one replica, the same image request:
    Target: <= 10 ms at p50. Measured on the
    unbatched deployment: with batching, a lone request also waits up to batch_wait_timeout_s
    for company, which is a setting, not overhead. Printed beside it: Ray Serve's own cost for
-   the same two hops with nothing in them, the floor under the figure on this machine;
+   the same two hops with nothing in them, the floor under the figure on this machine, and
+   the CPU time each Serve process (proxy, ingress, replica) spends per request, from /proc;
 3. mixed lengths: the p50 latency of 4-token requests from 16 clients while 16 others send
    64-token requests, against their p50 alone. Target on vLLM: <= 1.25x (continuous batching:
    a short request leaves at its own last step); static batches on hf wait for the longest row.
@@ -24,8 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import os
 import statistics
 import time
+from pathlib import Path
 
 import httpx
 import ray
@@ -184,6 +187,49 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
+# The Serve processes a request crosses, by the title Ray gives each (`ray::<name>`).
+HOPS = {"proxy": "ray::ProxyActor", "ingress": "ray::ServeReplica:bench:Api",
+        "model replica": "ray::ServeReplica:bench:model-m", "floor ingress": "ray::ServeReplica:floor:Outer",
+        "floor deployment": "ray::ServeReplica:floor:Inner"}
+
+
+def process_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) so far of each process in HOPS, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        for name, prefix in HOPS.items():
+            if title == prefix:
+                out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_per_request(url: str, floor_url: str, image: bytes, max_tokens: int, n: int) -> dict[str, float]:
+    """CPU milliseconds each Serve process spends per request, over `n` sequential chat
+    requests and then `n` to the floor app: what the hops cost, whatever the wall clock
+    shows on a shared machine."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    request = body(image, max_tokens)
+    out: dict[str, float] = {}
+    with httpx.Client(timeout=120) as client:
+        for label, call in (("chat", lambda: client.post(url, json=request, headers=headers)),
+                            ("floor", lambda: client.post(floor_url, json={}))):
+            call().raise_for_status()
+            before = process_cpu()
+            for _ in range(n):
+                call().raise_for_status()
+            after = process_cpu()
+            for name in after:  # the proxy serves both; the rest belong to one app each
+                if name == "proxy" or name.startswith("floor") == (label == "floor"):
+                    out[f"{label}: {name}"] = (after[name] - before.get(name, 0.0)) * 1e3 / n
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny://llava-mistral")
@@ -209,6 +255,7 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs: dict[str, list[float]] = {k: [] for k in ("batched", "streamed", "stream_ratio", "unbatched", "speedup",
                                                     "p50", "p99", "health50", "floor50", "mixed", "long_tokens")}
+    cpu: dict[str, list[float]] = {}  # "chat: ingress" -> CPU ms per request, per run
     vllm = args.engine == "vllm"
     if args.only == "streamed":
         for r in range(args.repeat):
@@ -222,9 +269,12 @@ def main() -> None:
     if args.only == "latency":
         for r in range(args.repeat):
             url = deploy(args.model, 1, port)
-            lat = latencies(url, deploy_floor(port), args.model, image, args.max_tokens, args.latency_requests)
+            floor_url = deploy_floor(port)
+            lat = latencies(url, floor_url, args.model, image, args.max_tokens, args.latency_requests)
             print(f"run {r + 1}: added p50 {(pct(lat['http'], 50) - pct(lat['direct'], 50)) * 1e3:.1f} ms; p50s: "
                   + ", ".join(f"{k} {pct(v, 50) * 1e3:.1f} ms" for k, v in lat.items()), flush=True)
+            print("  CPU ms per request: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in cpu_per_request(url, floor_url, image, args.max_tokens, 100).items()))
             serve.delete("floor")
             serve.delete("bench")
         return
@@ -244,14 +294,17 @@ def main() -> None:
         if not vllm:
             url = deploy(args.model, 1, port)  # replaces the batched app
             unbatched = asyncio.run(throughput(url, request, args.clients, args.requests))
-            lat = latencies(url, deploy_floor(port), args.model, image, args.max_tokens, args.latency_requests)
-            serve.delete("floor")
+            floor_url = deploy_floor(port)
+            lat = latencies(url, floor_url, args.model, image, args.max_tokens, args.latency_requests)
             runs["unbatched"].append(unbatched)
             runs["speedup"].append(batched / unbatched)
             runs["p50"].append((pct(lat["http"], 50) - pct(lat["direct"], 50)) * 1e3)
             runs["p99"].append((pct(lat["http"], 99) - pct(lat["direct"], 99)) * 1e3)
             runs["health50"].append(pct(lat["health"], 50) * 1e3)
             runs["floor50"].append(pct(lat["floor"], 50) * 1e3)
+            for hop, ms in cpu_per_request(url, floor_url, image, args.max_tokens, 100).items():
+                cpu.setdefault(hop, []).append(ms)
+            serve.delete("floor")
             line += f", {unbatched:.1f} unbatched, added p50 {runs['p50'][-1]:.1f} ms"
         serve.delete("bench")
         print(line)
@@ -274,6 +327,8 @@ def main() -> None:
             f"of which the proxy + ingress hop alone (GET /healthz), p50: {spread(runs['health50'], '{:.1f}')} ms",
             (f"Ray Serve's own floor for these two hops (an empty FastAPI ingress awaiting an empty deployment), "
             f"p50: {spread(runs['floor50'], '{:.1f}')} ms"),
+            ("CPU each process spends per sequential request (ms; the wall clock's floor on 2 cores): "
+             + "; ".join(f"{hop} {spread(v, '{:.2f}')}" for hop, v in cpu.items())),
         ]
     print("\n".join(lines))
     if not args.no_record:
