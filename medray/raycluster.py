@@ -14,6 +14,7 @@ Owns: address resolution and the reachability check. Must not import other medra
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 
@@ -65,6 +66,14 @@ def connect(address: str | None = None, *, local: dict | None = None, **init_kwa
 
     if ray.is_initialized():
         return
+    # torch first, before Ray attaches: under `ray job submit`, Ray's runtime-env agent may
+    # delete and extract the job's working_dir again under this driver after ray.init (see
+    # restore_cwd), and torch loaded for the first time while the cwd is gone aborts the
+    # process (its MKL: "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"). The
+    # commands that attach to Ray all load it later anyway.
+    if importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401
+
     target = resolve_address(address)
     if target is None:
         ray.init(address="local", **(local or {}), **init_kwargs)

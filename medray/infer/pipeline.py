@@ -128,9 +128,9 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_gpus=cfg.gpus_per_actor or None, num_cpus=cfg.cpus_per_actor,
         # vLLM may live in another Python environment on the nodes (MEDRAY_VLLM_PYTHON).
-        **({"runtime_env": actor_runtime_env()} if engine == "vllm" else {}),
-        # A dead actor is replaced and the rows it held are sent again.
-        max_restarts=-1, max_task_retries=-1)
+        # A dead actor is replaced and the rows it held are sent again: Ray Data's own default
+        # for actor pools (max_restarts and max_task_retries -1), which medray relies on.
+        runtime_env=actor_runtime_env() if engine == "vllm" else None)
 
     written = errors = tokens = 0
     first_s, first_rows = 0.0, 0
