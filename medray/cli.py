@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C is how `medray serve` is stopped: no traceback for it
+        return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Errors the user can act on get one clear line, not a traceback.
         print(f"medray: error: {e}", file=sys.stderr)
