@@ -141,6 +141,12 @@ def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path],
     cpu = not torch.cuda.is_available()
     if cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gib or 4))))
+        # The model runs in the engine's own process (vLLM's "uni" executor), as vLLM runs it on
+        # one GPU. The async engine (Serve) always has an engine-core process; on CPU vLLM adds a
+        # third for the model unless multiprocessing is off in this one, and that worker
+        # busy-waits (sched_yield) for each step. Measured, 32 requests of 64 tokens: start-up
+        # 7.5 s instead of 14.8 s, generation 0.14-0.20 s instead of 0.18-0.28 s.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     kwargs = dict(model=str(path), dtype=options.dtype, max_model_len=options.max_model_len,
                   max_num_seqs=options.max_num_seqs, enforce_eager=options.enforce_eager or cpu,
                   trust_remote_code=False, seed=0)
@@ -151,6 +157,8 @@ def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path],
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
         if options.kv_cache_gib:
             kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
+    else:
+        kwargs["distributed_executor_backend"] = "uni"  # see the environment above
     if "vision_config" in config:
         kwargs["limit_mm_per_prompt"] = {"image": 1}
     if lora_paths:
@@ -296,17 +304,8 @@ class AsyncVLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = _engine_kwargs(path, options, list(lora_paths.values()), max_loras)
-        if "gpu_memory_utilization" not in kwargs:  # CPU
-            # The async engine always runs its engine core in a process of its own. On one GPU
-            # the model runs inside that process (vLLM's "uni" executor); on CPU, vLLM puts it
-            # in a third process unless multiprocessing is off in this one, and that worker
-            # busy-waits (sched_yield) for each step. Here the GPU layout: measured with 32
-            # requests of 64 tokens, the engine started in 7.5 s instead of 14.8 s and
-            # generated in 0.14-0.20 s instead of 0.18-0.28 s.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            kwargs["distributed_executor_backend"] = "uni"
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**_engine_kwargs(path, options, list(lora_paths.values()), max_loras)))
         self.loras = lora_requests(lora_paths)
         self.model_stop = model_stop(path)
 
