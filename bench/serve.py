@@ -31,10 +31,20 @@ import time
 from pathlib import Path
 
 import httpx
-import ray
-import torch
-from _stats import add_repeat, record, spread
-from ray import serve
+
+from medray.raycluster import SERVE_FAST_PATH_ENV
+
+# What medray's own local instances run (raycluster.connect), set before Serve is imported here:
+# Serve reads its mode at import, in this driver as in the cluster's processes. Run with
+# RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to measure Serve's Python proxy.
+for _key, _value in SERVE_FAST_PATH_ENV.items():
+    os.environ.setdefault(_key, _value)
+HAPROXY = os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from _stats import add_repeat, record, spread  # noqa: E402
+from ray import serve  # noqa: E402
 
 from medray.data import load_image
 from medray.data.synthetic import chest_image, png_bytes
@@ -188,7 +198,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 # The Serve processes a request crosses, by the title Ray gives each (`ray::<name>`).
-HOPS = {"proxy": "ray::ProxyActor", "ingress": "ray::ServeReplica:bench:Api",
+HOPS = {"proxy": "ray::ProxyActor", "haproxy": "haproxy", "ingress": "ray::ServeReplica:bench:Api",
         "model replica": "ray::ServeReplica:bench:model-m", "floor ingress": "ray::ServeReplica:floor:Outer",
         "floor deployment": "ray::ServeReplica:floor:Inner"}
 
@@ -204,7 +214,7 @@ def process_cpu() -> dict[str, float]:
         except OSError:
             continue
         for name, prefix in HOPS.items():
-            if title == prefix:
+            if title == prefix or (prefix == "haproxy" and title.endswith("/haproxy")):
                 out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
@@ -224,8 +234,8 @@ def cpu_per_request(url: str, floor_url: str, image: bytes, max_tokens: int, n: 
             for _ in range(n):
                 call().raise_for_status()
             after = process_cpu()
-            for name in after:  # the proxy serves both; the rest belong to one app each
-                if name == "proxy" or name.startswith("floor") == (label == "floor"):
+            for name in after:  # the proxies serve both; the rest belong to one app each
+                if name in ("proxy", "haproxy") or name.startswith("floor") == (label == "floor"):
                     out[f"{label}: {name}"] = (after[name] - before.get(name, 0.0)) * 1e3 / n
     return out
 
@@ -308,9 +318,12 @@ def main() -> None:
             line += f", {unbatched:.1f} unbatched, added p50 {runs['p50'][-1]:.1f} ms"
         serve.delete("bench")
         print(line)
+    mode = ("HAProxy ingress" if HAPROXY else "Serve's Python proxy") + \
+        f" (RAY_SERVE_ENABLE_HA_PROXY={os.environ['RAY_SERVE_ENABLE_HA_PROXY']}, " \
+        f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ['RAY_SERVE_THROUGHPUT_OPTIMIZED']})"
     lines = [(f"engine {args.engine}, model {args.model}, {args.max_tokens} new tokens, {args.clients} clients, "
              f"{args.requests} requests, stream_interval_s "
-             f"{'default' if args.stream_interval is None else args.stream_interval}")]
+             f"{'default' if args.stream_interval is None else args.stream_interval}; Serve: {mode}")]
     lines.append(f"throughput {spread(runs['batched'], '{:.1f}')} req/s"
                  + ("" if vllm else f" with batching, without {spread(runs['unbatched'], '{:.1f}')} req/s"))
     if not vllm:
@@ -332,7 +345,7 @@ def main() -> None:
         ]
     print("\n".join(lines))
     if not args.no_record:
-        record("serve" if not vllm else "serve (engine vllm)", lines)
+        record(("serve" if not vllm else "serve (engine vllm)") + ("" if HAPROXY else " (python proxy)"), lines)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from medray.raycluster import HAPROXY_PORT_VARS
 from medray.storage.local_s3 import free_port
 
 BIN = Path(sys.executable).parent
@@ -25,7 +26,12 @@ BIN = Path(sys.executable).parent
 # dozens of stages ended up to 2 s after its workers had (measured: 3.3 s from the last
 # worker's exit to fit()'s return, 0.6-1.3 s at 0.5 s). The controller reads it from the
 # driver's environment: conftest.py sets it for the session, NodeCluster for its nodes.
-TEST_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Under Serve's HAProxy ingress (medray.raycluster.SERVE_FAST_PATH_ENV) an ingress replica that
+# stops (serve.delete, a redeploy) keeps answering for at least 30 s, so that load balancers
+# in front see it go first; each app the suite deletes waited that long. HAProxy on the same
+# node learns of it within 0.1 s, so 2 s is plenty here (the redeploy test still checks that
+# no request is refused while it drains).
+TEST_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
               "runtime-env-agent-port", "node-manager-port", "object-manager-port")
 
@@ -134,7 +140,10 @@ class NodeCluster:
         if resources:
             cmd.append(f"--resources={resources}")
         log = open(os.path.join(self.root, f"node-{len(self.nodes)}.log"), "w")  # noqa: SIM115
-        self.nodes.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        # A node's HAProxy (where the env turns it on) listens on a stats and a metrics port
+        # too, fixed unless set: nodes that share this machine need their own, as for NODE_PORTS.
+        env = {**self.env, **{k: str(free_port()) for k in HAPROXY_PORT_VARS}}
+        self.nodes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True))
         log.close()  # the child holds its own copy
 

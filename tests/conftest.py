@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from medray.models import write_tiny_model
+from medray.raycluster import SERVE_FAST_PATH_ENV
 from medray.storage.local_s3 import LocalS3Server
 
 from _raycluster import TEST_RAY_ENV
@@ -22,8 +23,10 @@ from _raycluster import TEST_RAY_ENV
 REPO = Path(__file__).resolve().parents[1]
 FAMILY_NAMES = ["llava-mistral", "llava-llama", "llama", "mixtral", "git"]
 
-# Commands the tests start inherit these (see tests/_raycluster.py for why).
-for _key, _value in TEST_RAY_ENV.items():
+# Commands the tests start inherit these (see tests/_raycluster.py for why). Serve's mode is set
+# here too, before any test module imports ray.serve, which reads it at import: the session's
+# Ray (medray.raycluster.connect) and this process, its driver, then agree on it.
+for _key, _value in {**TEST_RAY_ENV, **SERVE_FAST_PATH_ENV}.items():
     os.environ.setdefault(_key, _value)
 
 

@@ -32,6 +32,9 @@ def test_every_launched_node_runs_with_token_auth_and_the_launchers_token():
     RAY_AUTH_MODE=token, `ray up` copies the token it was run with, and the README makes it."""
     config = yaml.safe_load((REPO / "cluster" / "aws-gpu.yaml").read_text())
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    from medray.raycluster import SERVE_FAST_PATH_ENV  # and Serve's fast path, as KubeRay's pods
+
+    assert all(f"--env {k}={v}" in config["docker"]["run_options"] for k, v in SERVE_FAST_PATH_ENV.items())
     assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
     readme = (REPO / "cluster" / "README.md").read_text()
     assert readme.index("ray get-auth-token --generate") < readme.index("\nray up cluster/aws-gpu.yaml")  # the command, not the list

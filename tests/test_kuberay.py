@@ -85,6 +85,23 @@ def test_every_ray_cluster_runs_with_token_authentication(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_every_ray_container_runs_serve_s_fast_path(overlay):
+    """Serve's HAProxy ingress is chosen per node when its Ray starts: every container of every
+    cluster (the RayService's, where it serves, and the RayJobs') sets what medray's own local
+    instances set (medray.raycluster.SERVE_FAST_PATH_ENV)."""
+    from medray.raycluster import SERVE_FAST_PATH_ENV
+
+    for r in render(overlay):
+        spec = {"RayCluster": r["spec"], "RayJob": r["spec"].get("rayClusterSpec"),
+                "RayService": r["spec"].get("rayClusterConfig")}[r["kind"]]
+        for group in [spec["headGroupSpec"]] + spec.get("workerGroupSpecs", []):
+            for container in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                assert {k: env.get(k) for k in SERVE_FAST_PATH_ENV} == SERVE_FAST_PATH_ENV, \
+                    (r["kind"], r["metadata"]["name"], container["name"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_entrypoints_and_configs_name_files_in_the_repo(overlay):
     for r in render(overlay):
         if r["kind"] == "RayJob":

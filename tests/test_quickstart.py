@@ -209,15 +209,21 @@ def test_an_unreachable_or_dashboard_address_fails_fast_naming_it(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "dashboard address" in out.stderr and "HEAD:6379" in out.stderr, out.stderr
 
-    # A dead cluster's address file: no address given, so a private local Ray starts.
-    snippet = ("from medray.raycluster import connect; import ray; "
-               "connect(local={'num_cpus': 1, 'include_dashboard': False}); print(ray.cluster_resources()['CPU'])")
+    # A dead cluster's address file: no address given, so a private local Ray starts. Its
+    # processes run Serve's fast path (raycluster.SERVE_FAST_PATH_ENV) unless the caller chose
+    # otherwise: here the HAProxy ingress is turned off, and stays off.
+    snippet = ("import os; from medray.raycluster import connect; import ray; "
+               "connect(local={'num_cpus': 1, 'include_dashboard': False}); "
+               "seen = ray.remote(lambda: [os.environ.get(k) for k in "
+               "('RAY_SERVE_ENABLE_HA_PROXY', 'RAY_SERVE_THROUGHPUT_OPTIMIZED')]); "
+               "print(*ray.get(seen.remote()), ray.cluster_resources()['CPU'])")
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_SERVE_")}
     tmp = tempfile.mkdtemp(prefix="mqd", dir="/tmp")
     try:
         (Path(tmp) / "ray").mkdir()
         (Path(tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
-        out = subprocess.run([sys.executable, "-c", snippet], env={**env, "RAY_TMPDIR": tmp}, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 0 and out.stdout.split()[-1] == "1.0", out.stderr[-2000:]
+        out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120,
+                             env={**env, "RAY_TMPDIR": tmp, "RAY_SERVE_ENABLE_HA_PROXY": "0"})
+        assert out.returncode == 0 and out.stdout.split()[-3:] == ["0", "1", "1.0"], out.stdout + out.stderr[-2000:]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

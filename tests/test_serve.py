@@ -15,6 +15,8 @@ from medray.data.synthetic import chest_image, png_bytes
 from medray.serve import ServeConfig, build_app
 from medray.serve.run import build, load_applications
 
+from _handles import replica_call
+
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-medray-test"
 
@@ -142,10 +144,21 @@ def test_streamed_text_is_gathered_over_the_stream_interval(server):
     assert 1 <= len(deltas) <= 2 + int(elapsed / 1.0), (len(deltas), elapsed)
 
 
+def test_the_serve_port_is_haproxy_s(server):
+    """The session's Ray runs Serve's fast path as medray's local instances do
+    (raycluster.SERVE_FAST_PATH_ENV): HAProxy, not Serve's Python proxy, owns the HTTP port, and
+    every other test here talks to the app through it."""
+    import psutil
+
+    port = int(server["url"].rsplit(":", 1)[1])
+    owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+              if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid}
+    assert owners == {"haproxy"}, owners
+
+
 def test_a_client_that_leaves_mid_stream_leaves_the_replica_clean(server):
     import time
 
-    from ray import serve
 
     body = {"model": "alpaca", "stream": True, "max_tokens": 64,
             "messages": [{"role": "user", "content": "Tell me everything."}]}
@@ -155,18 +168,16 @@ def test_a_client_that_leaves_mid_stream_leaves_the_replica_clean(server):
         assert response.headers["content-type"].startswith("text/event-stream")
         first = next(response.iter_lines())
         assert first.startswith("data: ")
-    handle = serve.get_deployment_handle("model-alpaca", app_name="medray")
     deadline = time.time() + 20
-    while handle.info.remote().result()["ongoing"] and time.time() < deadline:
+    while replica_call("model-alpaca", "medray", "info")["ongoing"] and time.time() < deadline:
         time.sleep(0.2)
-    assert handle.info.remote().result()["ongoing"] == 0
+    assert replica_call("model-alpaca", "medray", "info")["ongoing"] == 0
     after = _post(server, {"model": "alpaca", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert after.status_code == 200
 
 
 def test_multi_lora_routes_to_adapters_with_a_bounded_cache(server):
     import openai
-    from ray import serve
 
     from medray.infer import GenerationEngine, GenerationSettings, Request
     from medray.models import load_model
@@ -194,8 +205,7 @@ def test_multi_lora_routes_to_adapters_with_a_bounded_cache(server):
     # Alternating adapters with room for one: each answer is right, the cache stays at one.
     for model in ["llava:a", "llava:b", "llava:a", "llava", "llava:b"]:
         assert ask(model) == expected[model], model
-    handle = serve.get_deployment_handle("model-llava", app_name="medray")
-    info = handle.info.remote().result()
+    info = replica_call("model-llava", "medray", "info")
     assert len(info["adapters"]["resident"]) == 1 and info["adapters"]["loads"] >= 4
 
     # Every answer names the weights that made it, by content: the model's digest, and the
@@ -223,7 +233,6 @@ def test_multi_lora_routes_to_adapters_with_a_bounded_cache(server):
 
 
 def test_concurrent_requests_are_batched(server):
-    from ray import serve
 
     url = _data_url(png_bytes(chest_image("right")))
 
@@ -236,8 +245,7 @@ def test_concurrent_requests_are_batched(server):
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         codes = list(pool.map(one, range(32)))
     assert codes == [200] * 32
-    handle = serve.get_deployment_handle("model-llava", app_name="medray")
-    sizes = handle.recent_batch_sizes.remote().result()
+    sizes = replica_call("model-llava", "medray", "recent_batch_sizes")
     assert max(sizes) > 1
 
 
@@ -245,13 +253,11 @@ def test_concurrent_streams_share_generate_calls(server):
     """Streamed requests are batched as the others are (each with its own max_tokens), and
     every streamed answer equals its non-streamed twin."""
     import openai
-    from ray import serve
 
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
     url = _data_url(png_bytes(chest_image("left")))
     asks = [(_image_message(url, f"Question {i}?"), 3 + (i % 3) * 4) for i in range(16)]
-    handle = serve.get_deployment_handle("model-llava", app_name="medray")
-    before = len(handle.recent_batch_sizes.remote().result())
+    before = len(replica_call("model-llava", "medray", "recent_batch_sizes"))
 
     def streamed(ask):
         chunks = list(client.chat.completions.create(model="llava", messages=ask[0], max_tokens=ask[1], stream=True,
@@ -261,7 +267,7 @@ def test_concurrent_streams_share_generate_calls(server):
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         got = list(pool.map(streamed, asks))
-    sizes = handle.recent_batch_sizes.remote().result()[before:]
+    sizes = replica_call("model-llava", "medray", "recent_batch_sizes")[before:]
     assert max(sizes) > 1, sizes  # only streams ran since `before`
     for (messages, max_tokens), (text, tokens) in zip(asks, got):
         whole = client.chat.completions.create(model="llava", messages=messages, max_tokens=max_tokens)
@@ -795,13 +801,11 @@ def test_a_full_queue_answers_503_and_a_request_over_its_time_limit_504(server):
                                                                              max_tokens=16), range(6)))
         assert all(a.usage.completion_tokens > 0 for a in answers)  # every one answered, after retries
 
-        handle = serve.get_deployment_handle("model-timed", app_name="limits")
-
         def freed_within(seconds: float) -> bool:
             end = time.monotonic() + seconds
-            while handle.info.remote().result()["ongoing"] and time.monotonic() < end:
+            while replica_call("model-timed", "limits", "info")["ongoing"] and time.monotonic() < end:
                 time.sleep(0.1)
-            return handle.info.remote().result()["ongoing"] == 0
+            return replica_call("model-timed", "limits", "info")["ongoing"] == 0
 
         # 1,900 tokens take far longer than the 0.5 s limit.
         slow = httpx.post(url, headers=auth, timeout=60, json={"model": "timed", "messages": msg, "max_tokens": 1900})

@@ -24,6 +24,7 @@ from medray.data.synthetic import chest_image
 from medray.models.tiny import write_tiny_model
 from medray.train import Curriculum, run_curriculum
 
+from _handles import replica_call
 from test_seed_fidelity import square_image, write_llava_med_v1, write_llava_med_v15
 
 REPO = Path(__file__).resolve().parents[1]
@@ -352,7 +353,6 @@ def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
         assert not differ, differ[:5]
         r = httpx.post(url, json=body(kinds[0]), headers=headers, timeout=60)  # healthy afterwards
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == twins[kinds[0]]
-        handle = serve.get_deployment_handle("model-llava", app_name="vllm")
-        assert handle.info.remote().result()["ongoing"] == 0  # the ones that left were aborted, not held
+        assert replica_call("model-llava", "vllm", "info")["ongoing"] == 0  # the ones that left were aborted, not held
     finally:
         serve.delete("vllm")

@@ -53,12 +53,12 @@ def build(app: dict):
 
 
 def run_config(path: str, *, address: str | None = None, blocking: bool = True) -> None:
-    from ray import serve
-
     from medray.raycluster import connect
 
     config = load_config(path)
     connect(address)
+    from ray import serve  # after connect: Serve reads its mode (SERVE_FAST_PATH_ENV) at import
+
     serve.start(http_options=config.get("http_options") or {}, proxy_location=config.get("proxy_location"))
     apps = config["applications"]
     for app in map(with_caller_keys, apps):
