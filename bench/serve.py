@@ -36,7 +36,8 @@ from medray.raycluster import SERVE_FAST_PATH_ENV
 
 # What medray's own local instances run (raycluster.connect), set before Serve is imported here:
 # Serve reads its mode at import, in this driver as in the cluster's processes. Run with
-# RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to measure Serve's Python proxy.
+# RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to measure Serve's Python proxy
+# (recorded apart, as "serve (python proxy)").
 for _key, _value in SERVE_FAST_PATH_ENV.items():
     os.environ.setdefault(_key, _value)
 HAPROXY = os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
@@ -319,8 +320,7 @@ def main() -> None:
         serve.delete("bench")
         print(line)
     mode = ("HAProxy ingress" if HAPROXY else "Serve's Python proxy") + \
-        f" (RAY_SERVE_ENABLE_HA_PROXY={os.environ['RAY_SERVE_ENABLE_HA_PROXY']}, " \
-        f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ['RAY_SERVE_THROUGHPUT_OPTIMIZED']})"
+        " (" + ", ".join(f"{k}={os.environ[k]}" for k in SERVE_FAST_PATH_ENV) + ")"
     lines = [(f"engine {args.engine}, model {args.model}, {args.max_tokens} new tokens, {args.clients} clients, "
              f"{args.requests} requests, stream_interval_s "
              f"{'default' if args.stream_interval is None else args.stream_interval}; Serve: {mode}")]

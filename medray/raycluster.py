@@ -27,8 +27,14 @@ CONNECT_TIMEOUT_S = 5.0
 # 19.7 to 7.8 ms at p50, and the proxy's CPU per request from 7.2 to 0.4 ms. Ray reads these
 # when its processes start, so they are set for the local instances medray starts; a cluster
 # started with `ray start` or KubeRay takes them from its nodes' environment (README,
-# kuberay/base/raycluster.yaml). Set either to 0 to run Serve's Python proxy instead.
-SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# kuberay/base/raycluster.yaml). Set them to 0 to run Serve's Python proxy instead.
+# One setting of that mode is taken back: it runs a replica's user code on the event loop
+# that also moves Serve's own requests and stream items, and the hf engine's replica blocks
+# its loop while a batch step computes (model.py says why), so chunks waited for the steps:
+# streamed req/s fell to 0.66-0.74x the non-streamed, against 0.81-0.83x with user code on
+# its own thread (hf, 32 clients, 2 CPUs).
+SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                       "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
 # Each HAProxy also listens on a stats and a metrics port, fixed by default (8404, 9101): a
 # second Ray on the machine (`medray demo` beside `medray serve`) failed to start its HAProxy
 # ("cannot bind socket (Address already in use)"). A local instance gets free ones.
