@@ -9,7 +9,8 @@ One rule for all drivers (`medray train|infer|serve|demo`, `jobs/*.py`):
   "Failed to connect to GCS". A local instance beside a running cluster also takes no orders
   meant for that cluster (num_cpus=... is refused when attaching).
 
-Owns: address resolution and the reachability check. Must not import other medray packages.
+Owns: address resolution, the reachability check, and the Serve mode a local instance starts
+in (SERVE_FAST_PATH_ENV). Must not import other medray packages.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ CONNECT_TIMEOUT_S = 5.0
 # Ray Serve's high-throughput mode (Ray's KubeRay guide "Enable High Throughput on Ray Serve"):
 # HAProxy takes HTTP on the Serve port and hands each request straight to an ingress replica's
 # own HTTP server, in place of Serve's Python proxy, and replicas call each other over gRPC.
-# Measured on 2 CPUs (bench/serve.py): the latency HTTP + Serve add to a chat request went from
-# 19.7 to 7.8 ms at p50, and the proxy's CPU per request from 7.2 to 0.4 ms. Ray reads these
+# Measured on 2 CPUs (bench/serve.py, median of 3): the latency HTTP + Serve add to a chat
+# request went from 15.4 to 10.6 ms at p50, the proxying CPU per request from 6.4 ms (Serve's
+# proxy) to 0.7 ms (HAProxy and its manager actor), and vLLM's streamed req/s from 0.87x to
+# 0.96x the non-streamed. Ray reads these
 # when its processes start, so they are set for the local instances medray starts; a cluster
 # started with `ray start` or KubeRay takes them from its nodes' environment (README,
 # kuberay/base/raycluster.yaml). Set them to 0 to run Serve's Python proxy instead.
