@@ -32,14 +32,13 @@ from pathlib import Path
 
 import httpx
 
-from medray.raycluster import SERVE_FAST_PATH_ENV
+from medray.raycluster import SERVE_FAST_PATH_ENV, use_serve_fast_path
 
 # What medray's own local instances run (raycluster.connect), set before Serve is imported here:
 # Serve reads its mode at import, in this driver as in the cluster's processes. Run with
 # RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to measure Serve's Python proxy
 # (recorded apart, as "serve (python proxy)").
-for _key, _value in SERVE_FAST_PATH_ENV.items():
-    os.environ.setdefault(_key, _value)
+use_serve_fast_path()
 HAPROXY = os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 import ray  # noqa: E402

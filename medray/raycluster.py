@@ -44,6 +44,13 @@ SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_O
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
+def use_serve_fast_path() -> None:
+    """Put SERVE_FAST_PATH_ENV into this process's environment where the caller has not set
+    them: Ray processes started from here inherit them, and Serve, imported after, reads them."""
+    for key, value in SERVE_FAST_PATH_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 class ClusterUnreachable(RuntimeError):
     """The Ray address given cannot be used; the message says which and why."""
 
@@ -99,8 +106,7 @@ def connect(address: str | None = None, *, local: dict | None = None, **init_kwa
 
     target = resolve_address(address)
     if target is None:
-        for key, value in SERVE_FAST_PATH_ENV.items():  # the local raylet and its workers inherit them
-            os.environ.setdefault(key, value)
+        use_serve_fast_path()  # the local raylet and its workers inherit it
         # The ports only while the raylet starts (it keeps its copy): commands this process
         # starts later, with Ray instances of their own, must pick their own.
         ports = {key: str(_free_port()) for key in HAPROXY_PORT_VARS if key not in os.environ}
@@ -114,7 +120,7 @@ def connect(address: str | None = None, *, local: dict | None = None, **init_kwa
         ray.init(address=target, **init_kwargs)
 
 
-def _free_port() -> int:
+def _free_port() -> int:  # storage.local_s3 has one too; this module imports no medray package
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from medray.models import write_tiny_model
-from medray.raycluster import SERVE_FAST_PATH_ENV
+from medray.raycluster import use_serve_fast_path
 from medray.storage.local_s3 import LocalS3Server
 
 from _raycluster import TEST_RAY_ENV
@@ -26,8 +26,9 @@ FAMILY_NAMES = ["llava-mistral", "llava-llama", "llama", "mixtral", "git"]
 # Commands the tests start inherit these (see tests/_raycluster.py for why). Serve's mode is set
 # here too, before any test module imports ray.serve, which reads it at import: the session's
 # Ray (medray.raycluster.connect) and this process, its driver, then agree on it.
-for _key, _value in {**TEST_RAY_ENV, **SERVE_FAST_PATH_ENV}.items():
+for _key, _value in TEST_RAY_ENV.items():
     os.environ.setdefault(_key, _value)
+use_serve_fast_path()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from medray.raycluster import SERVE_FAST_PATH_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,8 +34,7 @@ def test_every_launched_node_runs_with_token_auth_and_the_launchers_token():
     RAY_AUTH_MODE=token, `ray up` copies the token it was run with, and the README makes it."""
     config = yaml.safe_load((REPO / "cluster" / "aws-gpu.yaml").read_text())
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
-    from medray.raycluster import SERVE_FAST_PATH_ENV  # and Serve's fast path, as KubeRay's pods
-
+    # and Serve's fast path, as KubeRay's pods
     assert all(f"--env {k}={v}" in config["docker"]["run_options"] for k, v in SERVE_FAST_PATH_ENV.items())
     assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
     readme = (REPO / "cluster" / "README.md").read_text()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from _kuberay import errors, render, validators
+from medray.raycluster import SERVE_FAST_PATH_ENV
 from medray.serve import ServeConfig
 from medray.train import load_manifest
 
@@ -89,8 +90,6 @@ def test_every_ray_container_runs_serve_s_fast_path(overlay):
     """Serve's HAProxy ingress is chosen per node when its Ray starts: every container of every
     cluster (the RayService's, where it serves, and the RayJobs') sets what medray's own local
     instances set (medray.raycluster.SERVE_FAST_PATH_ENV)."""
-    from medray.raycluster import SERVE_FAST_PATH_ENV
-
     for r in render(overlay):
         spec = {"RayCluster": r["spec"], "RayJob": r["spec"].get("rayClusterSpec"),
                 "RayService": r["spec"].get("rayClusterConfig")}[r["kind"]]

@@ -21,6 +21,7 @@ import pytest
 from medray import storage
 from medray.data.shards import read_shards
 from medray.data.synthetic import write_synthetic
+from medray.raycluster import SERVE_FAST_PATH_ENV
 from medray.storage.local_s3 import free_port
 
 from _raycluster import BIN, NodeCluster
@@ -45,6 +46,13 @@ def readme_block(heading: str) -> list[str]:
             commands.append(current.strip())
             current = ""
     return commands
+
+
+def test_the_readme_nodes_start_in_serve_s_fast_path():
+    """The block's node environment line sets the Serve mode medray's own local instances use."""
+    exports = [c for c in readme_block("## Quickstart on a cluster") if c.startswith("export ")]
+    env = dict(word.partition("=")[::2] for word in shlex.split(exports[0])[1:])
+    assert {k: env.get(k) for k in SERVE_FAST_PATH_ENV} == SERVE_FAST_PATH_ENV, exports[0]
 
 
 @pytest.fixture(scope="module")
