@@ -27,17 +27,12 @@ CONNECT_TIMEOUT_S = 5.0
 # Measured on 2 CPUs (bench/serve.py, median of 3): the latency HTTP + Serve add to a chat
 # request went from 15.4 to 10.6 ms at p50, the proxying CPU per request from 6.4 ms (Serve's
 # proxy) to 0.7 ms (HAProxy and its manager actor), and vLLM's streamed req/s from 0.87x to
-# 0.96x the non-streamed. Ray reads these
-# when its processes start, so they are set for the local instances medray starts; a cluster
-# started with `ray start` or KubeRay takes them from its nodes' environment (README,
-# kuberay/base/raycluster.yaml). Set them to 0 to run Serve's Python proxy instead.
-# One setting of that mode is taken back: it runs a replica's user code on the event loop
-# that also moves Serve's own requests and stream items, and the hf engine's replica blocks
-# its loop while a batch step computes (model.py says why), so chunks waited for the steps:
-# streamed req/s fell to 0.66-0.74x the non-streamed, against 0.81-0.83x with user code on
-# its own thread (hf, 32 clients, 2 CPUs).
-SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                       "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
+# 0.96x the non-streamed. Ray reads these when its processes start, so they are set for the
+# local instances medray starts; a cluster started with `ray start` or KubeRay takes them from
+# its nodes' environment (README, kuberay/base/raycluster.yaml). Set them to 0 to run Serve's
+# Python proxy instead. Where each of medray's replicas runs its code, which the same mode
+# would also decide, is set per deployment (medray.serve.app.USER_CODE_THREAD).
+SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # Each HAProxy also listens on a stats and a metrics port, fixed by default (8404, 9101): a
 # second Ray on the machine (`medray demo` beside `medray serve`) failed to start its HAProxy
 # ("cannot bind socket (Address already in use)"). A local instance gets free ones.

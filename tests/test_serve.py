@@ -156,6 +156,23 @@ def test_the_serve_port_is_haproxy_s(server):
     assert owners == {"haproxy"}, owners
 
 
+def test_each_replica_runs_its_code_where_build_app_puts_it(server):
+    """The ingress runs on Serve's own event loop, the model replicas on a thread of their own
+    (medray.serve.app.USER_CODE_THREAD), whatever the nodes' environment says: Serve reads the
+    setting from each replica process's environment when the process starts."""
+    import psutil
+
+    from medray.serve.app import USER_CODE_THREAD
+
+    seen: dict[str, set] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        title = (proc.info["cmdline"] or [""])[0].strip()
+        for name in ("Api", "model-alpaca"):
+            if title == f"ray::ServeReplica:medray:{name}":
+                seen.setdefault(name, set()).add(proc.environ().get(USER_CODE_THREAD))
+    assert seen == {"Api": {"0"}, "model-alpaca": {"1"}}, seen
+
+
 def test_a_client_that_leaves_mid_stream_leaves_the_replica_clean(server):
     import time
 

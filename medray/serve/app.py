@@ -273,7 +273,14 @@ class Api:
         if spec.name not in self.info:  # asked of a replica once; it queues like any call
             info = handle.info.remote()
             self.info[spec.name] = await self._answer(info, info, spec, deadline)
-        messages, images = self._convert(body, self.info[spec.name]["kind"])
+        kind = self.info[spec.name]["kind"]
+        if any(not p.image_url.url.startswith("data:") for m in body.messages if not isinstance(m.content, str)
+               for p in m.content if p.image_url is not None):
+            # An image from S3 or http(s): read off the event loop, which moves every request
+            # of this replica (USER_CODE_THREAD). data: URLs decode in place.
+            messages, images = await asyncio.to_thread(self._convert, body, kind)
+        else:
+            messages, images = self._convert(body, kind)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
@@ -347,7 +354,7 @@ class Api:
         if body.max_new_tokens > jobs.max_new_tokens:
             raise ApiError(400, f"max_new_tokens may be at most {jobs.max_new_tokens}", param="max_new_tokens")
         records = body.input.lower().endswith((".jsonl", ".json", ".parquet"))
-        if records and not storage.exists(body.input):
+        if records and not await asyncio.to_thread(storage.exists, body.input):
             raise ApiError(404, f"input manifest {body.input} does not exist", param="input")
         from medray.infer import InferConfig
 
@@ -361,9 +368,13 @@ class Api:
         except ValidationError as e:
             raise ApiError(400, f"invalid job: {e.errors()[0]['msg']}") from None
         record = new_record(store.new_id(), body, infer.model_dump(mode="json"))
-        store.put(record)
-        record = self._ensure_runner(record)
-        return view(record, waiting=runner_waits(record, jobs.runner_resources))
+
+        def submit() -> dict:  # S3 and the GCS: off the event loop, as every job route's store calls
+            store.put(record)
+            started = self._ensure_runner(record)
+            return view(started, waiting=runner_waits(started, jobs.runner_resources))
+
+        return await asyncio.to_thread(submit)
 
     @app.get("/v1/jobs/health")
     async def jobs_health(self) -> dict:
@@ -380,7 +391,7 @@ class Api:
         """The job's output rows as JSON lines (a download: a person opens it, a script reads it)."""
         from medray.data.shards import read_shards
 
-        record = self._job(job_id)
+        record = await asyncio.to_thread(self._job, job_id)
         rows = await asyncio.to_thread(read_shards, record["output"])
         body = "".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: str(r["id"])))
         return Response(body, media_type="application/x-ndjson",
@@ -391,7 +402,7 @@ class Api:
         """The job's output as a page: each row's image, question and answer, and its lineage."""
         from medray.report import answers_page
 
-        record = self._job(job_id)
+        record = await asyncio.to_thread(self._job, job_id)
         page = await asyncio.to_thread(answers_page, record["output"], f"medray job {job_id}",
                                        image_prefixes=self.config.jobs.allowed_input_prefixes)
         return HTMLResponse(page)
@@ -400,7 +411,7 @@ class Api:
     async def preview(self, body: PreviewRequest):
         """The image as the server decodes it for the model (a DICOM windowed, a TIFF read), as
         PNG: what a browser cannot draw itself, the page shows from here."""
-        image = read_image(body.url, "url", self.config)
+        image = await asyncio.to_thread(read_image, body.url, "url", self.config)
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")
@@ -425,20 +436,48 @@ class Api:
     @app.get("/v1/jobs/{job_id}")
     async def get_job(self, job_id: str) -> dict:
         store = self._job_store()
-        record = self._ensure_runner(self._job(job_id))  # a job whose runner was lost goes on
-        return view(record, cancel_requested=store.cancel_requested(job_id),
-                    waiting=runner_waits(record, self.config.jobs.runner_resources))
+
+        def read() -> dict:
+            record = self._ensure_runner(self._job(job_id))  # a job whose runner was lost goes on
+            return view(record, cancel_requested=store.cancel_requested(job_id),
+                        waiting=runner_waits(record, self.config.jobs.runner_resources))
+
+        return await asyncio.to_thread(read)
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel_job(self, job_id: str) -> dict:
         store = self._job_store()
-        record = self._job(job_id)
-        if record["status"] in ("succeeded", "failed", "cancelled"):
-            raise ApiError(409, f"job {job_id} has already finished ({record['status']}); nothing to cancel",
-                           code="job_finished")
-        store.request_cancel(job_id)
-        record = self._ensure_runner(record)  # without a live runner, this marks it cancelled
-        return view(record, cancel_requested=True)
+
+        def cancel() -> dict:
+            record = self._job(job_id)
+            if record["status"] in ("succeeded", "failed", "cancelled"):
+                raise ApiError(409, f"job {job_id} has already finished ({record['status']}); nothing to cancel",
+                               code="job_finished")
+            store.request_cancel(job_id)
+            record = self._ensure_runner(record)  # without a live runner, this marks it cancelled
+            return view(record, cancel_requested=True)
+
+        return await asyncio.to_thread(cancel)
+
+
+# Where a replica runs its code, read by Serve when the replica's process starts, so it is
+# set per deployment, whatever the nodes' environment says (Ray's throughput preset,
+# raycluster.SERVE_FAST_PATH_ENV, would put every replica on Serve's loop):
+# - the ingress on the event loop that also moves Serve's own requests and stream items: it
+#   only awaits, and each hop between two loops cost latency (bench/serve.py, 2 CPUs, median
+#   of 3: HTTP + Serve added 7.9 ms at p50 against 9.3 ms with a thread of its own);
+# - model replicas on a thread of their own (Serve's default): the hf replica blocks its loop
+#   while a batch step computes (model.py says why), and on Serve's loop streamed chunks waited
+#   for the steps: streamed req/s fell to 0.61-0.83x the non-streamed, against 0.76-0.94x. The
+#   vLLM replica measured no better on Serve's loop (125 against 134 req/s).
+USER_CODE_THREAD = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+
+
+def _user_code(own_thread: bool, runtime_env: dict | None = None) -> dict:
+    """A deployment's runtime_env with its user-code placement (USER_CODE_THREAD) added."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**env.get("env_vars", {}), USER_CODE_THREAD: "1" if own_thread else "0"}
+    return env
 
 
 def build_app(args: dict[str, Any]):
@@ -455,9 +494,9 @@ def build_app(args: dict[str, Any]):
         a = spec.autoscaling
         # vllm where vLLM is not installed: refused here, at deploy time.
         engine, _ = choose_engine(spec.engine, model=spec.uri)
-        actor_options = {"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica}
-        if engine == "vllm":  # in vLLM's environment when it has its own (MEDRAY_VLLM_PYTHON)
-            actor_options["runtime_env"] = actor_runtime_env()
+        # vLLM's in its own environment when it has one (MEDRAY_VLLM_PYTHON).
+        actor_options = {"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica,
+                         "runtime_env": _user_code(True, actor_runtime_env() if engine == "vllm" else None)}
         models[spec.name] = (VLLMModelServer if engine == "vllm" else ModelServer).options(
             name=f"model-{spec.name}",
             autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
@@ -476,7 +515,8 @@ def build_app(args: dict[str, Any]):
         ).bind(spec.model_dump(), metrics)
     ingress = config.ingress
     return Api.options(
-        ray_actor_options={"num_cpus": ingress.cpus_per_replica, "resources": ingress.resources},
+        ray_actor_options={"num_cpus": ingress.cpus_per_replica, "resources": ingress.resources,
+                           "runtime_env": _user_code(False)},
         max_surge_percent=ingress.max_surge_percent,
         max_ongoing_requests=ingress.max_ongoing_requests,
         autoscaling_config={"min_replicas": ingress.min_replicas, "max_replicas": ingress.max_replicas,
