@@ -4,7 +4,8 @@ Measured in one run, on one model, one replica, the same image request:
 1. at 32 concurrent clients, requests/s with dynamic batching (max_batch_size 32) against
    requests/s without (max_batch_size 1). Target: >= 4x;
    and the same requests streamed (`stream: true`, every chunk read) against non-streamed,
-   both batched. Target: >= 0.9x;
+   both batched. Target: >= 0.9x. Beside it, the CPU each process (the client too) spent
+   per request of each kind: on 2 cores the run is CPU-bound, so that sum sets the req/s;
 2. the latency HTTP and Serve add over a direct in-process model call (decode the image,
    generate), sequential requests taken in turn with the direct calls, p50 and p99.
    Target: <= 10 ms at p50. Measured on the
@@ -200,7 +201,7 @@ def pct(values: list[float], q: float) -> float:
 # The Serve processes a request crosses, by the title Ray gives each (`ray::<name>`).
 HOPS = {"proxy": "ray::ProxyActor", "haproxy": "haproxy", "ingress": "ray::ServeReplica:bench:Api",
         "model replica": "ray::ServeReplica:bench:model-m", "floor ingress": "ray::ServeReplica:floor:Outer",
-        "floor deployment": "ray::ServeReplica:floor:Inner"}
+        "floor deployment": "ray::ServeReplica:floor:Inner", "vllm engine core": "VLLM::EngineCore"}
 
 
 def process_cpu() -> dict[str, float]:
@@ -217,6 +218,20 @@ def process_cpu() -> dict[str, float]:
             if title == prefix or (prefix == "haproxy" and title.endswith("/haproxy")):
                 out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+def throughput_and_cpu(url: str, request: dict, clients: int, total: int) -> tuple[float, dict[str, float]]:
+    """`throughput`, and the CPU milliseconds per request that each process spent meanwhile:
+    the Serve processes of this app (HOPS) and the client (this process). On 2 cores the run
+    is CPU-bound, so what one kind of request costs in CPU, summed over the processes, sets
+    its req/s; this says where a streamed request's extra cost goes."""
+    before, client = process_cpu(), time.process_time()
+    rate = asyncio.run(throughput(url, request, clients, total))
+    after, client = process_cpu(), time.process_time() - client
+    n = total + 2  # the warm-up requests too
+    cpu = {"client": client * 1e3 / n}
+    cpu.update({k: (v - before.get(k, 0.0)) * 1e3 / n for k, v in after.items() if not k.startswith("floor")})
+    return rate, cpu
 
 
 def cpu_per_request(url: str, floor_url: str, image: bytes, max_tokens: int, n: int) -> dict[str, float]:
@@ -266,6 +281,7 @@ def main() -> None:
     runs: dict[str, list[float]] = {k: [] for k in ("batched", "streamed", "stream_ratio", "unbatched", "speedup",
                                                     "p50", "p99", "health50", "floor50", "mixed", "long_tokens")}
     cpu: dict[str, list[float]] = {}  # "chat: ingress" -> CPU ms per request, per run
+    stream_cpu: dict[str, list[float]] = {}  # "streamed: ingress" -> CPU ms per request, per run
     vllm = args.engine == "vllm"
     if args.only == "streamed":
         for r in range(args.repeat):
@@ -290,8 +306,12 @@ def main() -> None:
         return
     for r in range(args.repeat):
         url = deploy(args.model, 32, port, args.engine, args.stream_interval)
-        batched = asyncio.run(throughput(url, request, args.clients, args.requests))
-        streamed = asyncio.run(throughput(url, {**request, "stream": True}, args.clients, args.requests))
+        batched, batched_cpu = throughput_and_cpu(url, request, args.clients, args.requests)
+        streamed, streamed_cpu = throughput_and_cpu(url, {**request, "stream": True}, args.clients, args.requests)
+        for label, costs in (("non-streamed", batched_cpu), ("streamed", streamed_cpu)):
+            for hop, ms in costs.items():
+                stream_cpu.setdefault(f"{label}: {hop}", []).append(ms)
+            stream_cpu.setdefault(f"{label}: all", []).append(sum(costs.values()))
         alone, _ = asyncio.run(short_latencies(url, short, None, args.clients, args.mixed_requests))
         mixed, tokens = asyncio.run(short_latencies(url, short, long, args.clients, args.mixed_requests))
         runs["batched"].append(batched)
@@ -329,6 +349,8 @@ def main() -> None:
         lines.append(f"batching speed-up {spread(runs['speedup'])}x (target >= 4x)")
     lines.append(f"streamed: {spread(runs['streamed'], '{:.1f}')} req/s, {spread(runs['stream_ratio'])}x the "
                  f"non-streamed (target >= 0.9x)")
+    lines.append("CPU per request at 32 clients (ms, the client included): "
+                 + "; ".join(f"{k} {spread(v, '{:.2f}')}" for k, v in sorted(stream_cpu.items())))
     lines.append(f"mixed lengths (half the clients 4 tokens, half 64: {spread(runs['long_tokens'], '{:.0f}')} "
                  f"generated): the short requests' p50 is {spread(runs['mixed'])}x their p50 alone"
                  + (" (target <= 1.25x)" if vllm else " (static batches wait for their longest row)"))

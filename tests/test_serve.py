@@ -741,6 +741,47 @@ def test_the_job_list_pages_newest_first_and_each_job_once(server):
         assert bad.status_code == 400 and param in bad.json()["error"]["message"], (query, bad.text)
 
 
+def test_start_up_reads_the_records_of_unfinished_jobs_only(bucket):
+    """An ingress replica's start-up (jobs.recover) looks at unfinished jobs through their
+    open/ markers, not at every record. A store written before the markers (records only, as
+    earlier medray wrote them) is scanned in full once."""
+    import json
+    import time
+
+    from medray import storage
+    from medray.serve.jobs import JobStore
+
+    store = JobStore(f"{bucket}/jobs")
+
+    def record(job_id: str, status: str) -> dict:  # a record as a runner leaves it
+        return {"id": job_id, "status": status, "request": {"model": "llava", "input": "x", "output": "y"},
+                "infer": {}, "created_at": time.time(), "started_at": None, "finished_at": None, "attempts": 1,
+                "rows_done": 0, "rows_total": None, "rows_error": 0, "output": "y", "error": None, "summary": None}
+
+    finished = [JobStore.new_id() for _ in range(6)]
+    running = [JobStore.new_id() for _ in range(2)]
+    for job_id, status in zip(finished + running, ["succeeded", "failed", "cancelled"] * 2 + ["running", "queued"]):
+        storage.write_text(f"{bucket}/jobs/{job_id}.json", json.dumps(record(job_id, status)))
+    assert sorted(r["id"] for r in store.unfinished()) == sorted(running)  # the one full scan
+
+    for job_id in finished:  # unreadable now: a start-up that read them would fail
+        storage.write_text(f"{bucket}/jobs/{job_id}.json", "{not json")
+    assert sorted(r["id"] for r in store.unfinished()) == sorted(running)
+
+    new = JobStore.new_id()  # a submitted job (POST /v1/jobs writes it queued)
+    store.put({**record(new, "queued"), "attempts": 0})
+    ended = store.get(running[0])
+    store.put({**ended, "status": "succeeded"})  # its runner's last write
+    assert sorted(r["id"] for r in store.unfinished()) == sorted([running[1], new])
+    markers = [f.uri.rsplit("/", 1)[-1] for f in storage.list_files(store.open_prefix, include="job-*")]
+    assert sorted(markers) == sorted([running[1], new])
+
+    # A runner that died between its last record and clearing the marker: cleared at start-up.
+    storage.write_text(f"{store.open_prefix}/{running[0]}", "")
+    assert sorted(r["id"] for r in store.unfinished()) == sorted([running[1], new])
+    assert not storage.exists(f"{store.open_prefix}/{running[0]}")
+
+
 def test_a_job_whose_runner_no_node_can_host_says_so(server):
     """A runner_resources that no node offers would leave jobs queued without a word (Ray keeps
     the runner pending): the job says why it waits and what to set."""

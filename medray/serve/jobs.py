@@ -9,6 +9,8 @@ writer of the record while it lives. Whoever finds a job unfinished with no runn
 the shards already written.
 
 Cancellation is a marker object beside the record; the runner checks it after every shard.
+An unfinished job also has a marker under `open/`, so that a replica's start-up reads the
+records of unfinished jobs only, however many finished ones the store holds.
 """
 
 from __future__ import annotations
@@ -52,10 +54,15 @@ class JobCancelled(Exception):
 
 
 class JobStore:
-    """Job records: `<prefix>/<id>.json`, and `<prefix>/<id>.cancel` once cancelling is asked."""
+    """Job records: `<prefix>/<id>.json`, `<prefix>/<id>.cancel` once cancelling is asked, and
+    `<prefix>/open/<id>` while the job is unfinished (`unfinished`)."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix.rstrip("/")
+        self.open_prefix = storage.join(self.prefix, "open")
+        # Written once every unfinished job of the store has its open/ marker: stores written
+        # before the markers existed are scanned in full once (`unfinished`).
+        self._indexed = storage.join(self.open_prefix, "INDEXED")
 
     @staticmethod
     def new_id() -> str:
@@ -74,10 +81,22 @@ class JobStore:
             raise KeyError(job_id)
         return storage.join(self.prefix, job_id + suffix)
 
+    def _marker(self, job_id: str) -> str:
+        self._uri(job_id)  # the same id check
+        return storage.join(self.open_prefix, job_id)
+
     def put(self, record: dict) -> None:
+        """Write a record. A queued one (a new job) gets its open/ marker first, so a job whose
+        record exists always has one until it ends; a finished one loses it after. A marker
+        left by a writer that died in between is cleared by `unfinished`."""
         record["updated_at"] = time.time()
+        marker = self._marker(record["id"])
+        if record["status"] == "queued":
+            storage.write_text(marker, "")
         with storage.atomic_writer(self._uri(record["id"]), "w") as f:
             f.write(json.dumps(record, indent=1))
+        if record["status"] in TERMINAL:
+            storage.delete(marker)
 
     def get(self, job_id: str) -> dict | None:
         try:
@@ -99,7 +118,7 @@ class JobStore:
         return [r for job_id in ids if (r := self.get(job_id))], more
 
     def every(self):
-        """Every record, page by page (an ingress replica's start-up looks at them all once)."""
+        """Every record, page by page."""
         after = None
         while True:
             ids, more = self._ids(500, after)
@@ -107,6 +126,30 @@ class JobStore:
             if not more:
                 return
             after = ids[-1]
+
+    def unfinished(self) -> list[dict]:
+        """The records of unfinished jobs, read through their open/ markers: what an ingress
+        replica looks at when it starts, which read every record before (seconds per thousand
+        jobs on S3, in the replica's constructor). A store without the INDEXED mark (written
+        before the markers) is scanned in full once, and its unfinished jobs get markers."""
+        if not storage.exists(self._indexed):
+            for record in self.every():
+                if record["status"] not in TERMINAL:
+                    storage.write_text(self._marker(record["id"]), "")
+            storage.write_text(self._indexed, str(time.time()))
+        found = []
+        for marker in storage.list_files(self.open_prefix, recursive=False, include="job-*"):
+            job_id = marker.uri.rsplit("/", 1)[-1]
+            if not self.valid_id(job_id):
+                continue
+            record = self.get(job_id)
+            if record is None:  # a submission under way (or one that died before its record)
+                continue
+            if record["status"] in TERMINAL:  # its last writer died before clearing the marker
+                storage.delete(marker.uri)
+                continue
+            found.append(record)
+        return found
 
     def problem(self) -> str | None:
         """Why this store cannot keep job records, in words that say what to configure; None
@@ -243,7 +286,7 @@ def ensure_runner(store: JobStore, record: dict, resources: dict[str, float] | N
 
 def recover(store: JobStore, resources: dict[str, float] | None = None) -> int:
     """Start runners for every unfinished job without one; returns how many were looked at."""
-    unfinished = [r for r in store.every() if r["status"] not in TERMINAL]
+    unfinished = store.unfinished()
     for record in unfinished:
         try:
             ensure_runner(store, record, resources)
