@@ -16,13 +16,29 @@ _loop: asyncio.AbstractEventLoop | None = None
 _lock = threading.Lock()
 
 
+_thread: threading.Thread | None = None
+
+
 def _running_loop() -> asyncio.AbstractEventLoop:
-    global _loop
+    global _loop, _thread
     with _lock:
         if _loop is None:
             _loop = asyncio.new_event_loop()
-            threading.Thread(target=_loop.run_forever, name="serve-handles", daemon=True).start()
+            _thread = threading.Thread(target=_loop.run_forever, name="serve-handles", daemon=True)
+            _thread.start()
         return _loop
+
+
+def close() -> None:
+    """Stop the loop, and with it the routers of the handles made on it, before Ray shuts
+    down: a router pushes metrics every few seconds, and one that ran after ray.shutdown()
+    called Ray, whose auto-init then started a new local Ray as pytest exited."""
+    global _loop, _thread
+    with _lock:
+        loop, thread, _loop, _thread = _loop, _thread, None, None
+    if loop is not None:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
 
 
 def replica_call(deployment: str, app: str, method: str, *args, timeout: float = 60):

@@ -90,6 +90,9 @@ def ray_cluster(s3_server, tmp_path_factory):
     connect("local", local={"num_cpus": 2, "include_dashboard": False}, log_to_driver=False,
             runtime_env={"env_vars": env})
     yield ray
+    import _handles  # the test process's handles go first (_handles.close says why)
+
+    _handles.close()
     ray.shutdown()
 
 
