@@ -13,10 +13,8 @@ import asyncio
 import threading
 
 _loop: asyncio.AbstractEventLoop | None = None
-_lock = threading.Lock()
-
-
 _thread: threading.Thread | None = None
+_lock = threading.Lock()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop:

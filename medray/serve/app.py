@@ -39,7 +39,8 @@ from medray.infer import GenerationSettings
 from medray.infer import Request as EngineRequest  # FastAPI's Request is the HTTP request
 
 from .config import ServeConfig
-from .jobs import JobRequest, JobStore, ensure_runner, new_record, no_node_offers, recover, runner_waits, view
+from .jobs import (TERMINAL, JobRequest, JobStore, ensure_runner, new_record, no_node_offers, recover,
+                   runner_waits, view)
 from .images import PreviewRequest, read_image
 from .metrics import Metrics
 from .model import ModelServer, VLLMModelServer, check_adapters
@@ -450,7 +451,7 @@ class Api:
 
         def cancel() -> dict:
             record = self._job(job_id)
-            if record["status"] in ("succeeded", "failed", "cancelled"):
+            if record["status"] in TERMINAL:
                 raise ApiError(409, f"job {job_id} has already finished ({record['status']}); nothing to cancel",
                                code="job_finished")
             store.request_cancel(job_id)
