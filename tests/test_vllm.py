@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,10 @@ def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
     [model] = args["models"]
     model.update(name="llava", adapters={"a": str(_lm_adapter(tmp_path / "a", seed=3)),
                                          "b": str(_lm_adapter(tmp_path / "b", seed=4))})
+    # A KV cache of 1 MiB: 1,024 tokens of this model, 8 blocks of 128, so 8 requests at most
+    # hold a place in it, fewer than the 16 of max_num_seqs and the 32 clients. Full, it must
+    # make requests wait, never refuse them.
+    model["vllm"]["kv_cache_gib"] = 2**-10
     args["api_keys"] = [key]
     serve.run(build_app(args), name="vllm", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -353,6 +359,17 @@ def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
         assert not differ, differ[:5]
         r = httpx.post(url, json=body(kinds[0]), headers=headers, timeout=60)  # healthy afterwards
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == twins[kinds[0]]
-        assert replica_call("model-llava", "vllm", "info")["ongoing"] == 0  # the ones that left were aborted, not held
+        info = replica_call("model-llava", "vllm", "info")
+        assert info["ongoing"] == 0  # the ones that left were aborted, not held
+        state = info["scheduler"]
+        print(f"vLLM scheduler: {state}")
+        assert state["kv_cache_tokens"] == 1024  # the budget, in bytes, as configured (not whole GiB)
+        assert state["peak_kv_cache_usage"] > 0.99 and state["peak_waiting"] > 0  # it was full, and requests waited
+        assert state["running"] == state["waiting"] == 0
+        # The operator sees it too: the latest step's KV cache use and engine queue, per replica.
+        time.sleep(1.5)  # replicas send their metrics once a second
+        metrics = httpx.get(url.replace("/v1/chat/completions", "/metrics"), headers=headers).text
+        assert re.search(r'^medray_kv_cache_usage\{model="llava",replica="[^"]+"\} ', metrics, re.M), metrics
+        assert re.search(r'^medray_engine_waiting\{model="llava",replica="[^"]+"\} 0\.0$', metrics, re.M), metrics
     finally:
         serve.delete("vllm")

@@ -37,6 +37,9 @@ models vLLM cannot (the GIT captioner of the visual-experts mode, adapters that 
 than LoRA on the LLM's linear layers). `vllm`: vLLM, for GPU deployments."""
 
 VLLM_PYTHON_ENV = "MEDRAY_VLLM_PYTHON"
+CPU_KV_CACHE_GIB = 4
+"""The KV cache's budget on CPU when neither the config nor VLLM_CPU_KVCACHE_SPACE sets one:
+without one, vLLM's CPU worker reserves gpu_memory_utilization (0.9) of the host's memory."""
 
 
 class VLLMOptions(StrictModel):
@@ -48,8 +51,9 @@ class VLLMOptions(StrictModel):
     max_num_seqs: int = Field(256, ge=1)
     """Sequences one engine step holds at most (the running batch)."""
     kv_cache_gib: float | None = Field(None, gt=0)
-    """The KV cache's budget in GiB. On CPU it is VLLM_CPU_KVCACHE_SPACE (default 4 there);
-    on GPU, None leaves it to gpu_memory_utilization."""
+    """The KV cache's budget in GiB (fractions too). None: on GPU, what gpu_memory_utilization
+    leaves; on CPU, VLLM_CPU_KVCACHE_SPACE where it is set, else 4 GiB. It must hold one
+    max_model_len sequence, or the engine refuses to start."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """GPU only: the share of the GPU's memory vLLM may take (weights, activations, KV cache)."""
     dtype: str = "auto"
@@ -140,7 +144,6 @@ def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path],
     config = read_config(path)
     cpu = not torch.cuda.is_available()
     if cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gib or 4))))
         # The model runs in the engine's own process (vLLM's "uni" executor), as vLLM runs it on
         # one GPU. The async engine (Serve) always has an engine-core process; on CPU vLLM adds a
         # third for the model unless multiprocessing is off in this one, and that worker
@@ -159,6 +162,13 @@ def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path],
             kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
     else:
         kwargs["distributed_executor_backend"] = "uni"  # see the environment above
+        # In bytes, as on GPU. vLLM's CPU variable VLLM_CPU_KVCACHE_SPACE takes whole GiB, so a
+        # budget below 1 GiB became 1 GiB (measured: 0.001 GiB gave 8,192 blocks of 128 tokens),
+        # and where it is set it replaces kv_cache_memory_bytes: the config's budget wins.
+        kwargs["kv_cache_memory_bytes"] = int((options.kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
+        if options.kv_cache_gib and os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+            log.warning("VLLM_CPU_KVCACHE_SPACE is set; the config's kv_cache_gib (%s) is used instead",
+                        options.kv_cache_gib)
     if "vision_config" in config:
         kwargs["limit_mm_per_prompt"] = {"image": 1}
     if lora_paths:
@@ -285,6 +295,44 @@ def load_vllm_engine(model: str, adapter: str | None = None, options: dict | Non
     return VLLMEngine(model, adapter, VLLMOptions.model_validate(options or {}), adapters)
 
 
+class SchedulerState:
+    """What vLLM's scheduler reported at its latest step: the requests running and waiting,
+    and the share of the KV cache in use; with the peaks since start. Requests wait when the
+    running batch is full (max_num_seqs) or the KV cache is (its budget, kv_cache_gib). Fed
+    by a vLLM stat logger on the replica's event loop."""
+
+    def __init__(self):
+        self.kv_cache_tokens = 0
+        self.running = self.waiting = self.peak_waiting = self.preempted = 0
+        self.kv_cache_usage = self.peak_kv_cache_usage = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def stat_logger_factory(self):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        state = self
+
+        class SchedulerStatLogger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    state.running, state.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+                    state.kv_cache_usage = scheduler_stats.kv_cache_usage
+                    state.peak_waiting = max(state.peak_waiting, state.waiting)
+                    state.peak_kv_cache_usage = max(state.peak_kv_cache_usage, state.kv_cache_usage)
+                if iteration_stats is not None:
+                    state.preempted += iteration_stats.num_preempted_reqs
+
+            def log_engine_initialized(self):
+                pass
+
+        return SchedulerStatLogger
+
+
 class AsyncVLLMEngine:
     """vLLM's async engine for a server: each request joins the running batch at the next
     step (continuous batching), streamed or not; several LoRA adapters at once (each request
@@ -304,8 +352,12 @@ class AsyncVLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        self.scheduler = SchedulerState()
         self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(**_engine_kwargs(path, options, list(lora_paths.values()), max_loras)))
+            AsyncEngineArgs(**_engine_kwargs(path, options, list(lora_paths.values()), max_loras)),
+            stat_loggers=[self.scheduler.stat_logger_factory()])
+        cache = self.engine.vllm_config.cache_config  # sized by the engine core as it started
+        self.scheduler.kv_cache_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
         self.loras = lora_requests(lora_paths)
         self.model_stop = model_stop(path)
 

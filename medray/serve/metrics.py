@@ -69,6 +69,11 @@ class Metrics:
                                ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.queue = Gauge("medray_queue_depth", "Requests waiting or generating, per model replica",
                            ["model", "replica"], registry=self.registry)
+        self.engine_waiting = Gauge("medray_engine_waiting", "Requests queued inside the engine for a place in "
+                                    "the running batch or room in the KV cache (vLLM), per model replica",
+                                    ["model", "replica"], registry=self.registry)
+        self.kv_cache = Gauge("medray_kv_cache_usage", "Share of the KV cache in use (vLLM), per model replica",
+                              ["model", "replica"], registry=self.registry)
         self.tokens = Counter("medray_generated_tokens", "Generated (completion) tokens",
                               ["model"], registry=self.registry)
 
@@ -79,6 +84,10 @@ class Metrics:
         for m in models:  # in the order observed, so the last queue depth wins
             if m.get("queue_depth") is not None:
                 self.queue.labels(m["model"], m["replica"]).set(m["queue_depth"])
+            if m.get("engine_waiting") is not None:
+                self.engine_waiting.labels(m["model"], m["replica"]).set(m["engine_waiting"])
+            if m.get("kv_cache_usage") is not None:
+                self.kv_cache.labels(m["model"], m["replica"]).set(m["kv_cache_usage"])
             if m.get("batch_size") is not None:
                 self.batch.labels(m["model"]).observe(m["batch_size"])
             if m.get("generated_tokens"):

@@ -411,14 +411,16 @@ class VLLMModelServer:
     def info(self) -> dict:
         return {"family": self.family.name, "kind": self.family.kind, "ongoing": self.ongoing, "engine": "vllm",
                 "adapters": {"configured": sorted(self.spec.adapters), "resident": sorted(self.spec.adapters),
-                             "loads": 0}, "digests": self.digests}
+                             "loads": 0}, "digests": self.digests, "scheduler": self.engine.scheduler.as_dict()}
 
     def recent_batch_sizes(self) -> list[int]:
         return []  # vLLM's batch changes every step; there are no batches to count
 
     def _report(self, **fields) -> None:
-        if self.metrics is not None:
-            self.metrics.model(model=self.spec.name, replica=self.replica, **fields)
+        if self.metrics is not None:  # with the scheduler's state at vLLM's latest step
+            state = self.engine.scheduler
+            self.metrics.model(model=self.spec.name, replica=self.replica, engine_waiting=state.waiting,
+                               kv_cache_usage=state.kv_cache_usage, **fields)
 
     async def generate(self, request: Request, settings: GenerationSettings, adapter: str | None,
                        time_limit_s: float | None = None) -> Answer:
