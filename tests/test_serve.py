@@ -375,6 +375,67 @@ def test_bad_requests_get_clear_4xx_and_the_service_stays_healthy(server):
     assert httpx.get(server["url"] + "/readyz").status_code == 200
 
 
+def test_a_prompt_the_model_cannot_take_fails_alone_in_its_batch(server):
+    """Text that spells out the image placeholder (`<image>`) renders a prompt with more
+    placeholders than images. It gets a 400 that says what to fix, streamed or not, with or
+    without an image, and the requests batched with it are answered."""
+    good_png = _data_url(png_bytes(chest_image("left")))
+    good = {"model": "llava", "messages": _image_message(good_png), "max_tokens": 4}
+    bad = [{"model": "llava", "messages": _image_message(good_png, "<image> Is there an opacity?"), "max_tokens": 4},
+           {"model": "llava", "messages": [{"role": "user", "content": "What is in <image>?"}], "max_tokens": 4}]
+    before = len(replica_call("model-llava", "medray", "recent_batch_sizes"))
+    for _ in range(2):
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda body: _post(server, body), [good] * 4 + bad + [good] * 4))
+        assert [r.status_code for r in answers] == [200] * 4 + [400, 400] + [200] * 4, [r.text for r in answers]
+        for r in answers[4:6]:
+            message = r.json()["error"]["message"]
+            assert "'<image>'" in message and "image_url" in message, message
+    sizes = replica_call("model-llava", "medray", "recent_batch_sizes")[before:]
+    assert max(sizes) > 1, sizes  # the bad requests shared generate calls with good ones
+    streamed = _post(server, {**bad[0], "stream": True})
+    assert streamed.status_code == 400 and "'<image>'" in streamed.json()["error"]["message"]
+
+
+def test_an_adapter_that_fails_on_the_server_fails_its_own_rows_with_a_500(server, tmp_path):
+    """An adapter whose files went bad after the start (deleted, a broken copy) fails on the
+    server, not in the request: its requests get a 500 that says so (the openai SDK retries
+    it), and the base model's and a sibling adapter's requests, batched with them, are
+    answered."""
+    from ray import serve
+
+    _write_adapter(tmp_path / "kept", seed=5)
+    _write_adapter(tmp_path / "gone", seed=6)
+    args = {"models": [{"name": "m", "uri": "tiny://llava-mistral", "cpus_per_replica": 0.05,
+                        "batch_wait_timeout_s": 0.1, "max_loaded_adapters": 2,
+                        "adapters": {"kept": str(tmp_path / "kept"), "gone": str(tmp_path / "gone")}}],
+            "api_keys": server["args"]["api_keys"]}
+    serve.run(build_app(args), name="faulty", route_prefix="/faulty")
+    try:
+        (tmp_path / "gone" / "adapter_model.safetensors").write_bytes(b"not safetensors")  # after the start
+        faulty = {"url": server["url"] + "/faulty"}
+
+        def ask(model: str, stream: bool = False):
+            return _post(faulty, {"model": model, "messages": [{"role": "user", "content": "Hello"}],
+                                  "max_tokens": 4, "stream": stream})
+
+        for _ in range(2):
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(ask, ["m", "m:kept", "m:gone", "m", "m:kept", "m:gone"]))
+            assert [r.status_code for r in answers] == [200, 200, 500] * 2, [r.text for r in answers]
+            for r in answers[2::3]:
+                error = r.json()["error"]
+                assert error["type"] == "server_error" and "failed on the server" in error["message"], error
+                assert "not at fault" in error["message"], error
+        streamed = ask("m:gone", stream=True)
+        assert streamed.status_code == 500 and streamed.json()["error"]["type"] == "server_error"
+        streamed = ask("m:kept", stream=True)
+        assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
+        assert replica_call("model-m", "faulty", "info")["ongoing"] == 0
+    finally:
+        serve.delete("faulty")
+
+
 def test_adapters_the_server_cannot_batch_are_refused_at_start(tmp_path, monkeypatch):
     """A LoRA adapter that also trains the projector in full (PEFT modules_to_save, as LLaVA's
     LoRA recipes and BabyDoctor's manifest do) or puts LoRA on fused MoE expert parameters

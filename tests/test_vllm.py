@@ -207,7 +207,11 @@ def test_medray_infer_on_vllm_answers_as_on_hf(ray_cluster, bucket, tmp_path, mo
              **({"adapter": name} if name else {})}
             for i, u in enumerate(good) for name in (None, "a", "b")]
     rows += [{"id": "broken", "image": f"{bucket}/corpus/images/broken.png", "question": "Is it?"},
-             {"id": "unknown", "image": good[0], "question": "Is it?", "adapter": "c"}]
+             {"id": "unknown", "image": good[0], "question": "Is it?", "adapter": "c"},
+             # Rows the model cannot take as asked: over vLLM's max_model_len (512 here), and a
+             # question that spells out the image placeholder. Each fails alone, in its shard.
+             {"id": "long", "image": good[1], "question": "lung " * 1000},
+             {"id": "placeholder", "image": good[2], "question": "<image> Is it?"}]
     storage.write_bytes(f"{bucket}/rows.jsonl", "\n".join(json.dumps(r) for r in rows).encode())
     common = dict(model="tiny://llava-mistral", task="vqa", input=f"{bucket}/rows.jsonl", adapters=adapters,
                   max_new_tokens=NEW_TOKENS, rows_per_shard=16, cpus_per_actor=1, format="jsonl")
@@ -215,19 +219,21 @@ def test_medray_infer_on_vllm_answers_as_on_hf(ray_cluster, bucket, tmp_path, mo
                        vllm={"max_model_len": 512, "max_num_seqs": 16, "kv_cache_gib": 1, "dtype": "float32"})
     hf = InferConfig(**common, output=f"{bucket}/hf")
     summary = run_inference(vllm, progress=False)
-    assert (summary.rows, summary.errors) == (38, 2)
+    assert (summary.rows, summary.errors) == (40, 4)
     run_inference(hf, progress=False)
     got = {r["id"]: r for r in read_shards(f"{bucket}/vllm")}
     want = {r["id"]: r for r in read_shards(f"{bucket}/hf")}
-    assert sorted(got) == sorted(r["id"] for r in rows) and len(read_shards(f"{bucket}/vllm")) == 38  # each once
+    assert sorted(got) == sorted(r["id"] for r in rows) and len(read_shards(f"{bucket}/vllm")) == 40  # each once
     assert "broken.png" in got["broken"]["error"]  # it failed alone
+    assert got["long"]["error"].startswith("RequestRejected") and "maximum context length is 512" in got["long"]["error"]
+    assert "'<image>'" in got["placeholder"]["error"] and "'<image>'" in want["placeholder"]["error"]
     assert "'c'" in got["unknown"]["error"] and "['a', 'b']" in got["unknown"]["error"]
     for engine, out in (("vllm", got), ("hf", want)):
         assert {json.loads(r["generation"])["engine"] for r in out.values()} == {engine}
         for r in out.values():  # each answer names the adapter that made it
             name = r["id"].split("/")[0]
             assert json.loads(r["generation"])["adapter"] == adapters.get(name), r
-    ok = [r["id"] for r in rows if r["id"] not in ("broken", "unknown")]
+    ok = [r["id"] for r in rows if r["id"] not in ("broken", "unknown", "long", "placeholder")]
     assert len(ok) == 36 and all(got[i]["answer"] for i in ok) and not any(got[i]["error"] for i in ok)
     for name in ("a", "b"):  # each adapter answered its own rows: not the base model's answers
         assert any(got[f"{name}/{i}"]["answer"] != got[f"base/{i}"]["answer"] for i in range(len(good)))
@@ -309,6 +315,10 @@ def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
             r = httpx.post(url, json=body(kind), headers=headers, timeout=120)
             assert r.status_code == 200, r.text
             twins[kind] = r.json()["choices"][0]["message"]["content"]
+        # What vLLM or the prompt's rendering refuses is the request's to fix: a 400 saying what.
+        for text, says in (("lung " * 1000, "maximum context length is 512"), ("<image> again?", "'<image>'")):
+            refused = httpx.post(url, json=body(("llava", 0, text, 4)), headers=headers, timeout=120)
+            assert refused.status_code == 400 and says in refused.json()["error"]["message"], refused.text
         for adapter in ("llava:a", "llava:b"):  # each adapter acts, and differently
             assert any(twins[(adapter, *k[1:])] != twins[k] for k in kinds if k[0] == "llava")
         assert any(twins[("llava:a", *k[1:])] != twins[("llava:b", *k[1:])] for k in kinds if k[0] == "llava")

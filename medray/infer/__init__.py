@@ -14,13 +14,14 @@ Names are imported on first use (medray._lazy): the request types and options lo
 from medray._lazy import lazy_exports
 
 __all__ = ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "GenerationEngine", "GenerationSettings",
-           "Request", "encode_request", "AllRowsFailed", "InferConfig", "Summary", "add_infer_arguments",
+           "Request", "RequestRejected", "encode_request", "AllRowsFailed", "InferConfig", "Summary", "add_infer_arguments",
            "infer_config_from_args", "run_inference", "ask", "OutputConflict"]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     ".ask": ["ask"],
     ".engine": ["GenerationEngine", "encode_request"],
-    ".types": ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "GenerationSettings", "Request"],
+    ".types": ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "GenerationSettings", "Request",
+               "RequestRejected"],
     ".options": ["AllRowsFailed", "InferConfig", "Summary", "add_infer_arguments", "infer_config_from_args"],
     ".pipeline": ["OutputConflict", "run_inference"],
 })

@@ -19,7 +19,7 @@ import torch
 from medray.models import LoadedModel, render_chat
 from medray.models.processing import encode_prompt
 
-from .types import Answer, Encoded, GenerationSettings, Request
+from .types import Answer, Encoded, GenerationSettings, Request, RequestRejected
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,13 @@ def encode_request(processor, request: Request, *, expand: bool = True) -> Encod
     (medray.models.processing), for both engines: `expand=False` is vLLM's form (see
     `encode_prompt`).
     """
-    prompt = render_chat(processor, request.messages, add_generation_prompt=True)
-    enc = encode_prompt(processor, prompt, request.images, expand=expand)
+    try:
+        prompt = render_chat(processor, request.messages, add_generation_prompt=True)
+        enc = encode_prompt(processor, prompt, request.images, expand=expand)
+    except RequestRejected:
+        raise
+    except Exception as e:  # a template's raise_exception, an image the processor refuses, ...
+        raise RequestRejected(str(e) or type(e).__name__) from e
     return Encoded(enc.input_ids, enc.pixel_values, enc.images, enc.image_kwargs)
 
 

@@ -184,7 +184,8 @@ class Generator:
         answers = [""] * n
         completion = np.zeros(n, dtype=np.int64)
         latency = np.zeros(n, dtype=np.float64)
-        ok = [i for i in range(n) if not batch["error"][i]]
+        errors = np.array(batch["error"], dtype=object)
+        ok = [i for i in range(n) if not errors[i]]
         expert_texts = [""] * n
         encoded_of = lambda i: self._encoded(batch, i)  # noqa: E731
         if self.experts is not None:
@@ -205,6 +206,9 @@ class Generator:
                                                       if self.cfg.adapters else {}))
             dt = time.perf_counter() - t0
             for i, r in zip(chunk, results):
+                if isinstance(r, Exception):  # a row the engine refused (RequestRejected): it fails alone
+                    errors[i] = f"{type(r).__name__}: {r}"
+                    continue
                 answers[i], completion[i], latency[i] = r.text, r.completion_tokens, dt
         return {
             "id": batch["id"], "image": batch["image"], "question": batch["question"],
@@ -212,7 +216,7 @@ class Generator:
             "model": np.array([self.cfg.model] * n, dtype=object),
             "generation": np.array([self.generation.get(name, self.generation[None]) for name in names],
                                    dtype=object),  # a row naming an unknown adapter failed alone
-            "latency_s": latency, "completion_tokens": completion, "error": batch["error"],
+            "latency_s": latency, "completion_tokens": completion, "error": errors,
             "image_type": batch["image_type"], "expert_text": np.array(expert_texts, dtype=object),
         }
 

@@ -15,6 +15,14 @@ MAX_NEW_TOKENS = 4096
 MAX_TEMPERATURE = 2.0
 
 
+class RequestRejected(ValueError):
+    """A request that cannot be answered as it is: its messages do not render into a prompt for
+    this model, or the prompt does not fit it. The caller's to fix (the Serve ingress answers
+    400, batch inference fails the row). Anything else an engine raises is the server's fault,
+    never blamed on the request. Raised where the request is encoded (`encode_request`) and
+    where an engine refuses a prompt (vLLM's client errors)."""
+
+
 DEFAULT_ADAPTER = "default"
 """The name of a run's default adapter (`adapter`) among its named ones: PEFT's own default
 name, the one `PeftModel.from_pretrained` gives it."""

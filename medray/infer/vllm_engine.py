@@ -27,7 +27,7 @@ from pydantic import Field
 
 from medray.config import StrictModel
 
-from .types import DEFAULT_ADAPTER, Answer, Encoded, GenerationSettings
+from .types import DEFAULT_ADAPTER, Answer, Encoded, GenerationSettings, RequestRejected
 
 log = logging.getLogger(__name__)
 
@@ -279,20 +279,47 @@ class VLLMEngine:
         self.model_stop = model_stop(path)
 
     def generate_encoded(self, encoded: Sequence[Encoded], settings: GenerationSettings = GenerationSettings(),
-                         adapters: Sequence[str | None] | None = None, deadlines=None) -> list[Answer]:
+                         adapters: Sequence[str | None] | None = None,
+                         deadlines=None) -> list[Answer | RequestRejected]:
         """`adapters`: the adapter of each row by name (None: the base model); without it,
-        every row gets the engine's `adapter`."""
-        if not encoded:
-            return []
-        lora = self.lora if adapters is None else [self.loras[a] if a else None for a in adapters]
-        outputs = self.llm.generate([vllm_prompt(e) for e in encoded], sampling_params(settings, self.model_stop),
-                                    lora_request=lora, use_tqdm=False)
-        return [answer_of(out) for out in outputs]
+        every row gets the engine's `adapter`. A row vLLM refuses (a prompt longer than
+        max_model_len, ...) gets a RequestRejected in its place, and the others their Answers:
+        each row is handed over alone (LLM.enqueue), since in one `generate` call the first
+        refused prompt fails them all, then all run together."""
+        from vllm.exceptions import VLLMClientError
+
+        params = sampling_params(settings, self.model_stop)
+        rejected: dict[int, RequestRejected] = {}
+        for i, e in enumerate(encoded):
+            lora = self.lora if adapters is None else self.loras[adapters[i]] if adapters[i] else None
+            try:
+                self.llm.enqueue(vllm_prompt(e), params, lora_request=lora, use_tqdm=False)
+            except VLLMClientError as err:
+                rejected[i] = RequestRejected(str(err))
+        # In the order they were queued: LLM sorts its outputs by its own request counter (the
+        # ids enqueue returns carry a suffix its outputs do not, so they cannot be matched).
+        outputs = iter(self.llm.wait_for_completion(use_tqdm=False) if len(rejected) < len(encoded) else ())
+        answers = [rejected[i] if i in rejected else answer_of(next(outputs)) for i in range(len(encoded))]
+        if next(outputs, None) is not None:
+            raise RuntimeError("vLLM returned more outputs than medray queued")
+        return answers
 
 
 def load_vllm_engine(model: str, adapter: str | None = None, options: dict | None = None,
                      adapters: dict[str, str] | None = None) -> VLLMEngine:
     return VLLMEngine(model, adapter, VLLMOptions.model_validate(options or {}), adapters)
+
+
+async def _client_errors_rejected(outputs):
+    """vLLM's outputs, with what vLLM blames on the request (VLLMClientError: a prompt longer
+    than max_model_len, ...) raised as RequestRejected, medray's word for the caller's fault."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        async for out in outputs:
+            yield out
+    except VLLMClientError as e:
+        raise RequestRejected(str(e)) from e
 
 
 class SchedulerState:
@@ -390,7 +417,7 @@ class AsyncVLLMEngine:
         # Closed explicitly when this generator is (a caller gone): vLLM then aborts the request
         # at once, not when the garbage collector gets to it.
         async with aclosing(self._outputs(request, settings, adapter, final_only=False)) as outputs:
-            async for out in outputs:
+            async for out in _client_errors_rejected(outputs):
                 last = out
                 safe = out.outputs[0].text.strip()
                 if not out.finished and len(safe) > len(sent) and safe.startswith(sent) \
@@ -406,7 +433,7 @@ class AsyncVLLMEngine:
 
     async def generate(self, request, settings: GenerationSettings, adapter: str | None = None) -> Answer:
         last = None
-        async for out in self._outputs(request, settings, adapter, final_only=True):
+        async for out in _client_errors_rejected(self._outputs(request, settings, adapter, final_only=True)):
             last = out
         return answer_of(last)
 

@@ -203,6 +203,16 @@ def encode_prompt(processor, text: str, images: list | None = None, *, expand: b
     for an engine that expands placeholders and runs the image processor itself (vLLM: given
     expanded ids, it expands them again)."""
     ids, offsets = prompt_ids(processor, text)
+    image_token = _image_token(processor)
+    if image_token is not None:
+        # One placeholder per image. A message's text that spells the placeholder out would add
+        # one: the model would then look for an image that is not there, and fail the whole
+        # batch it runs in (or, on vLLM, be refused), where this fails the request alone.
+        count = ids.count(_tokenizer(processor).convert_tokens_to_ids(image_token))
+        if count != len(images or ()):
+            raise ValueError(f"the prompt has {count} image placeholder(s) ({image_token!r}) for {len(images or ())} "
+                             f"image(s): remove {image_token!r} from the message text, and send each image as an "
+                             "image_url part")
     if not images:
         return EncodedPrompt(ids, offsets)
     if not hasattr(processor, "image_processor"):
@@ -212,13 +222,9 @@ def encode_prompt(processor, text: str, images: list | None = None, *, expand: b
         return EncodedPrompt(ids, offsets, images=[np.asarray(img.convert("RGB"), dtype=np.uint8) for img in prepared],
                              image_kwargs=kwargs)
     pixels = pixel_values(processor, images)
-    image_token = _image_token(processor)
     if image_token is None:  # GIT-style: the image enters through pixel_values alone
         return EncodedPrompt(ids, offsets, pixels)
     image_id = _tokenizer(processor).convert_tokens_to_ids(image_token)
-    count = ids.count(image_id)
-    if count != len(images):
-        raise ValueError(f"the prompt has {count} image placeholders for {len(images)} images")
     per_image = image_tokens_per_image(processor, pixels)
     out_ids, out_offsets = [], []
     for tok_id, span in zip(ids, offsets):

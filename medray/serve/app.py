@@ -35,7 +35,7 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.datastructures import Headers
 
 from medray import storage
-from medray.infer import GenerationSettings
+from medray.infer import GenerationSettings, RequestRejected
 from medray.infer import Request as EngineRequest  # FastAPI's Request is the HTTP request
 
 from .config import ServeConfig
@@ -44,7 +44,8 @@ from .jobs import (TERMINAL, JobRequest, JobStore, ensure_runner, new_record, no
 from .images import PreviewRequest, read_image
 from .metrics import Metrics
 from .model import ModelServer, VLLMModelServer, check_adapters
-from .openai_api import ApiError, ChatRequest, ContentPart, error_response, sse_chunks, usage_of
+from .openai_api import (ApiError, ChatRequest, ContentPart, error_response, last_line, server_fault, sse_chunks,
+                         usage_of)
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ class Api:
 
     async def _answer(self, awaitable, response, spec, deadline: float):
         """Await a model replica's answer (or first stream event) within the request's time
-        limit; the server's failures become 503/504, the request's 400."""
+        limit: the request's faults become 400, the server's 500 (503 when a replica went away or the
+        queue is full, 504 past the time limit)."""
         try:
             return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -228,9 +230,10 @@ class Api:
                                 "(Serve is replacing it)", kind="server_error", headers={"Retry-After": "1"}) from None
         except StopAsyncIteration:
             return None
-        except Exception as e:  # a template or model refusal: the request asked for something it cannot do
-            log.warning("generation failed: %s", type(e).__name__)
-            raise ApiError(400, f"the model could not answer this request: {str(e).splitlines()[-1][:300]}") from None
+        except RequestRejected as e:  # its messages do not render into a prompt for this model, or do not fit it
+            raise ApiError(400, f"the model could not answer this request: {last_line(e)}") from None
+        except Exception as e:  # failed in the replica's code, on a request it had accepted: the server's fault
+            raise server_fault(spec.name, e) from None
 
     # -- routes
     @app.get("/", include_in_schema=False)

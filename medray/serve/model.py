@@ -46,14 +46,22 @@ class AdapterCache:
 
     @asynccontextmanager
     async def use(self, names: list[str | None]):
-        """Make `names` resident and keep them so while the block runs (a generate call)."""
+        """Make `names` resident and keep them so while the block runs (a generate call).
+        Gives the adapters that failed to load, by name, with why: their rows fail alone, and
+        the base model's and the other adapters' rows go on."""
         wanted = sorted({n for n in names if n})
         for name in wanted:  # claimed first, so loading one cannot evict another we need
             self.in_use[name] = self.in_use.get(name, 0) + 1
+        failed: dict[str, Exception] = {}
         try:
             for name in wanted:
                 if name not in self.resident:
-                    await self._load(name)
+                    try:
+                        await self._load(name)
+                    except Exception as e:  # its files went missing or bad since the start: the server's fault
+                        log.error("adapter %s failed to load: %s", name, type(e).__name__)
+                        failed[name] = e
+                        continue
                 self.resident.move_to_end(name)
             while self._writer_waiting:
                 await asyncio.sleep(0.005)
@@ -62,7 +70,7 @@ class AdapterCache:
             raise
         self._readers += 1
         try:
-            yield
+            yield failed
         finally:
             self._readers -= 1
             self._release(wanted)
@@ -238,12 +246,25 @@ class ModelServer:
         groups: dict[GenerationSettings, list[int]] = {}
         for i, s in enumerate(settings):  # one generate call per distinct decoding setting
             groups.setdefault(s, []).append(i)
-        for group_settings, idx in groups.items():
-            names = [adapters[i] for i in idx]
+        for group_settings, rows in groups.items():
+            idx, encoded = [], []
+            for i in rows:
+                try:
+                    encoded.append(self.engine.encode(requests[i]))
+                    idx.append(i)
+                except Exception as e:  # RequestRejected: this request fails alone
+                    results[i] = e
+            if not idx:
+                continue
             try:
-                encoded = [self.engine.encode(requests[i]) for i in idx]
-                call = (encoded, group_settings, names, [deadlines[i] for i in idx])
-                async with self.adapters.use(names):
+                async with self.adapters.use([adapters[i] for i in idx]) as failed:
+                    for i in [i for i in idx if adapters[i] in failed]:
+                        results[i] = failed[adapters[i]]
+                    encoded = [e for i, e in zip(idx, encoded) if adapters[i] not in failed]
+                    idx = [i for i in idx if adapters[i] not in failed]
+                    if not idx:
+                        continue
+                    call = (encoded, group_settings, [adapters[i] for i in idx], [deadlines[i] for i in idx])
                     if self.engine.streams_running:
                         # A streamed batch is stepping on the generation thread, and its steps
                         # wait for this event loop to take them: wait without blocking it.
@@ -348,7 +369,13 @@ class ModelServer:
             if not rows:
                 continue
             try:
-                async with self.adapters.use([adapters[i] for i in rows]):
+                async with self.adapters.use([adapters[i] for i in rows]) as failed:
+                    for i in [i for i in rows if adapters[i] in failed]:
+                        pending[i] = [failed[adapters[i]]]
+                    encoded = [e for i, e in zip(rows, encoded) if adapters[i] not in failed]
+                    rows = [i for i in rows if adapters[i] not in failed]
+                    if not rows:
+                        continue
                     steps = self.engine.stream_batch(
                         encoded, replace(key, max_new_tokens=max(settings[i].max_new_tokens for i in rows)),
                         [adapters[i] for i in rows], [cancels[i] for i in rows], [deadlines[i] for i in rows],

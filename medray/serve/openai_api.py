@@ -12,7 +12,7 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from medray.infer.types import MAX_TEMPERATURE, Answer
+from medray.infer.types import MAX_TEMPERATURE, Answer, RequestRejected
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,24 @@ def error_response(status: int, message: str, *, param=None, code=None, kind="in
                    headers: dict | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, headers=headers,
                         content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def last_line(e: BaseException) -> str:
+    """An exception's own message, from a model replica too: without the traceback and type
+    Ray puts around it (a RayTaskError carries the replica's exception as `cause`)."""
+    lines = str(getattr(e, "cause", None) or e).strip().splitlines()
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def server_fault(model: str, e: BaseException) -> ApiError:
+    """A 500 for what failed in a model replica's code on a request it had accepted (the model
+    ran out of memory, a bug): the server's fault, said to be so, never the request's. The
+    openai SDK retries a 500 on its own. Logged with the exception's type only: its message
+    may quote the request."""
+    cause = getattr(e, "cause", None) or e  # Ray's RayTaskError carries the replica's exception
+    log.error("model %s failed on a request: %s", model, type(cause).__name__)
+    return ApiError(500, f"model {model!r} failed on the server ({type(cause).__name__}); the request was not at "
+                         "fault: retry it, and if it fails again, tell the operator", kind="server_error")
 
 
 # ----------------------------------------------------------------------------- request models
@@ -125,9 +143,11 @@ async def sse_chunks(events, completion_id: str, model: str, include_usage: bool
         events.cancel()
         log.warning("stream over its time limit; stopped")
         out += f"data: {json.dumps({'error': {'message': 'the request ran over its time limit', 'type': 'timeout'}})}\n\n"
-    except Exception as e:
+    except RequestRejected as e:
         # The status line is sent already: report in the stream, as OpenAI does.
-        log.warning("stream failed: %s", type(e).__name__)
-        message = f"the model could not answer this request: {str(e).splitlines()[-1][:300]}"
-        out += f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+        message = f"the model could not answer this request: {last_line(e)}"
+        out += f"data: {json.dumps({'error': {'message': message, 'type': 'invalid_request_error'}})}\n\n"
+    except Exception as e:
+        error = server_fault(model, e)
+        out += f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind}})}\n\n"
     yield out + "data: [DONE]\n\n"
