@@ -19,6 +19,7 @@ from medray import storage
 from medray.data.synthetic import chest_image, png_bytes, write_synthetic
 from medray.data.shards import read_shards
 from medray.infer import AllRowsFailed, InferConfig, run_inference
+from medray.models.tiny import write_tiny_model
 
 
 def _rows(output: str) -> list[dict]:
@@ -373,6 +374,45 @@ def test_experts_stages_run_without_ray_with_injected_engines(tmp_path):
     assert len(prompts) == 2
     assert f"Context: the radiology image shows: {scan_text}" in prompts[0] and "Is there an opacity?" in prompts[0]
     assert "Context:" not in prompts[1] and "Is there an opacity?" in prompts[1]
+
+
+def test_a_kv_budget_below_one_sequence_is_refused_at_start(tmp_path, monkeypatch):
+    """A KV cache budget that cannot hold one max_model_len sequence is the operator's to fix,
+    refused when the engine is built, saying what the budget holds: vLLM would refuse it in its
+    engine-core process, advising a setting the budget overrides. Per-token sizes are the
+    published ones: Llama-2-7B 0.5 MiB, Mistral-7B (8 KV heads) 128 KiB, in 16 bits."""
+    from transformers import LlamaConfig, LlavaConfig, MistralConfig
+
+    from medray.infer.vllm_engine import VLLMOptions, _engine_kwargs, kv_cache_floor
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # restored after (_engine_kwargs sets it)
+    llama = LlavaConfig(text_config=LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                                dtype="float16").to_dict())
+    mistral = MistralConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                            sliding_window=4096, dtype="bfloat16")
+    for name, config, per_token in (("llava-7b", llama, 2**19), ("mistral-7b", mistral, 2**17)):
+        model = tmp_path / name
+        model.mkdir()
+        (model / "config.json").write_text(config.to_json_string())
+        fits = VLLMOptions(max_model_len=4096, kv_cache_gib=4096 * per_token / 2**30)
+        assert kv_cache_floor(config.to_dict(), fits) == (4096 * per_token, per_token)
+        assert _engine_kwargs(model, fits, [])["kv_cache_memory_bytes"] == 4096 * per_token
+        short = fits.model_copy(update={"kv_cache_gib": fits.kv_cache_gib / 2})
+        with pytest.raises(ValueError, match=rf"max_model_len 4096 .*\({per_token} bytes per token\).* holds 2048 "
+                                             "tokens") as refused:
+            _engine_kwargs(model, short, [])
+        assert "Raise kv_cache_gib, or lower max_model_len" in str(refused.value)
+        _engine_kwargs(model, short.model_copy(update={"max_model_len": 2048}), [])  # what it holds fits
+    # float32 weights run in 16 bits under dtype auto (vLLM's CPU platform as its GPUs), unless
+    # float32 is asked for, as the shipped CPU config does: 1,024 bytes per token, the figure
+    # vLLM's own cache reports in test_vllm's load test (1 MiB, 1,024 tokens).
+    tiny = write_tiny_model("llava-mistral", tmp_path / "tiny")
+    config = json.loads((tiny / "config.json").read_text())
+    assert kv_cache_floor(config, VLLMOptions(max_model_len=512, dtype="float32")) == (512 * 1024, 1024)
+    assert kv_cache_floor(config, VLLMOptions(max_model_len=512)) == (512 * 512, 512)
+    # Attention this does not count (MLA) is left to vLLM's own check.
+    assert kv_cache_floor({"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 64, "kv_lora_rank": 16},
+                          VLLMOptions()) is None
 
 
 def test_the_engine_a_run_gets_and_why(tmp_path, monkeypatch):

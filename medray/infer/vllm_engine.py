@@ -53,7 +53,7 @@ class VLLMOptions(StrictModel):
     kv_cache_gib: float | None = Field(None, gt=0)
     """The KV cache's budget in GiB (fractions too). None: on GPU, what gpu_memory_utilization
     leaves; on CPU, VLLM_CPU_KVCACHE_SPACE where it is set, else 4 GiB. It must hold one
-    max_model_len sequence, or the engine refuses to start."""
+    max_model_len sequence: a smaller one is refused at start, saying what it holds."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """GPU only: the share of the GPU's memory vLLM may take (weights, activations, KV cache)."""
     dtype: str = "auto"
@@ -169,6 +169,8 @@ def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path],
         if options.kv_cache_gib and os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
             log.warning("VLLM_CPU_KVCACHE_SPACE is set; the config's kv_cache_gib (%s) is used instead",
                         options.kv_cache_gib)
+    if "kv_cache_memory_bytes" in kwargs:
+        _check_kv_budget(config, options, kwargs["kv_cache_memory_bytes"], path)
     if "vision_config" in config:
         kwargs["limit_mm_per_prompt"] = {"image": 1}
     if lora_paths:
@@ -184,6 +186,43 @@ def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path],
         kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(max(options.max_lora_rank, rank)),
                       max_loras=slots, max_cpu_loras=max(slots, len(lora_paths)))
     return kwargs
+
+
+def kv_cache_floor(config: dict, options: VLLMOptions) -> tuple[int, int] | None:
+    """(bytes, bytes per token): the least KV cache one max_model_len sequence of this model
+    takes in vLLM, or None where the model's attention is not one this counts (MLA, layers of
+    mixed kinds). A lower bound, so it never refuses what vLLM would run: vLLM also rounds up to
+    whole blocks, and gives a sliding window one block more. The cache is in the
+    engine's dtype, and `auto` runs float32 weights in 16 bits (vLLM's CPU platform as its GPUs)."""
+    text = config.get("text_config") or config
+    if text.get("kv_lora_rank") or len(set(text.get("layer_types") or ["full_attention"])) > 1:
+        return None
+    try:
+        layers, heads = int(text["num_hidden_layers"]), int(text["num_attention_heads"])
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError):
+        return None
+    width = 4 if options.dtype in ("float32", "float") else 2
+    per_token = 2 * layers * kv_heads * head_dim * width  # K and V, every layer
+    window = text.get("sliding_window")
+    tokens = min(options.max_model_len, int(window)) if window else options.max_model_len
+    return tokens * per_token, per_token
+
+
+def _check_kv_budget(config: dict, options: VLLMOptions, budget: int, path: Path) -> None:
+    """Refuse at start a KV budget that cannot hold one max_model_len sequence. vLLM refuses it
+    too, but on the engine core's process (Serve shows "Engine core initialization failed")
+    and with advice to raise gpu_memory_utilization, which a set budget overrides."""
+    floor = kv_cache_floor(config, options)
+    if floor is not None and floor[0] > budget:
+        need, per_token = floor
+        raise ValueError(
+            f"the KV cache budget ({budget / 2**30:.4g} GiB{'' if options.kv_cache_gib else ', the CPU default'}; "
+            "kv_cache_gib) cannot hold one sequence of "
+            f"max_model_len {options.max_model_len} tokens for {path.name}: that takes at least "
+            f"{need / 2**30:.4g} GiB ({per_token} bytes per token). Raise kv_cache_gib, or lower max_model_len "
+            f"(it holds {budget // per_token} tokens)")
 
 
 def _lora_rank(rank: int) -> int:
