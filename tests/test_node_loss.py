@@ -19,6 +19,7 @@ import yaml
 from medray import storage
 from medray.data.shards import read_shards
 from medray.data.synthetic import chest_image, png_bytes, write_synthetic
+from medray.raycluster import SERVE_FAST_PATH_ENV
 
 from _raycluster import BIN, NodeCluster, wait_for
 
@@ -30,9 +31,10 @@ KEY = "sk-node-loss"
 @pytest.fixture(scope="module")
 def cluster(s3_server):
     """A head (1 CPU: drivers, Serve's controller) and two 2-CPU worker nodes, with the S3
-    store's keys and the API key in the nodes' environment, as the README says."""
+    store's keys, the API key and Serve's mode in the nodes' environment, as the README says."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["MEDRAY_API_KEYS"] = KEY
+    env.update(SERVE_FAST_PATH_ENV)  # the README's nodes: Serve's HAProxy ingress
     c = NodeCluster(env)
     c.env["MEDRAY_CACHE_DIR"] = os.path.join(c.root, "cache")
     try:
@@ -221,6 +223,11 @@ def served(cluster, tmp_path_factory):
                          env=cluster.env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     wait_for(lambda: _chat_ok() and _replicas(cluster).count("RUNNING") == 2, 300, "two running replicas", every=2)
+    import psutil
+
+    owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+              if c.laddr and c.laddr.port == 8000 and c.status == psutil.CONN_LISTEN and c.pid}
+    assert owners == {"haproxy"}, owners  # the traffic below goes through HAProxy, as the README's would
     return cluster
 
 
