@@ -15,7 +15,10 @@ On the same model and images, measured in this run, each `--repeat` times (media
    actor gets (Ray gives an actor as many as its whole CPUs). A negative overhead would mean
    a baseline doing other work;
 3. with a GPU: images/s of a 7B-size LLaVA with random weights (576 image tokens, 64 new
-   tokens). Target: >= 40 images/s per H100.
+   tokens) on transformers' static `generate`. Target: >= 40 images/s per H100. vLLM is the
+   engine to meet it: `--vllm-direct --size 7b`, run with an interpreter that has vLLM,
+   measures medray's vLLM engine on the same geometry, every image handed over at once
+   (`--vllm-direct` alone runs the small geometry below, on CPU too);
 
 `--engines`: instead of the above, the pipeline on `engine: hf` against `engine: vllm`
 (MEDRAY_VLLM_PYTHON=.venv-vllm/bin/python here), same images, same model, rows/s end to end
@@ -194,9 +197,26 @@ def gpu_images_per_s(new_tokens: int = 64, batch_size: int = 64) -> None:
           f"{batch_size / (time.perf_counter() - t0):.1f} images/s (target >= 40 per H100)")
 
 
-def write_small_llava(out: str) -> str:
-    """A random LLaVA of ~30M parameters in the published layout: tiny://llava-mistral's
-    tokenizer, chat template and processor, with a wider and deeper geometry."""
+GEOMETRIES = {
+    # ~30M parameters, a size this machine runs in minutes: 8 Mistral layers of 512 with heads of
+    # 64, a 4-layer CLIP tower on 112 px images (64 image tokens).
+    "small": (dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=8, head_dim=64),
+              dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                   image_size=112, patch_size=14)),
+    # LLaVA-Med v1.5's: Mistral-7B and CLIP ViT-L/14 at 336 px (576 image tokens). The vocabulary
+    # stays the tiny tokenizer's (what the random model writes must decode): 0.1 % of 7B's work.
+    "7b": (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, max_position_embeddings=4096),
+           dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                image_size=336, patch_size=14)),
+}
+
+
+def write_random_llava(out: str, size: str = "small") -> str:
+    """A random LLaVA of GEOMETRIES[size] in the published layout (medray's writer, which
+    vLLM loads as it is): tiny://llava-mistral's tokenizer, chat template and processor, with
+    the geometry's size; bfloat16 weights for 7b."""
     import json
     import shutil
 
@@ -205,21 +225,68 @@ def write_small_llava(out: str) -> str:
     from medray.models import resolve_model_uri
     from medray.models.saving import save_model
 
+    text, vision = GEOMETRIES[size]
     tiny = resolve_model_uri("tiny://llava-mistral")
     shutil.copytree(tiny, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     config = LlavaConfig.from_pretrained(tiny)
-    config.text_config.update(dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                                   num_attention_heads=8, num_key_value_heads=8, head_dim=64))
-    config.vision_config.update(dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                     num_attention_heads=4, image_size=112, patch_size=14))
+    config.text_config.update(text)
+    config.vision_config.update(vision)
     torch.manual_seed(0)
-    save_model(LlavaForConditionalGeneration(config).eval(), out)
+    with torch.device("cuda" if size == "7b" and torch.cuda.is_available() else "cpu"):
+        model = LlavaForConditionalGeneration(config).eval()
+    save_model(model.to(torch.bfloat16) if size == "7b" else model, out)
+    del model
     proc_path = os.path.join(out, "processor_config.json")
     proc = json.loads(open(proc_path).read())
-    proc["patch_size"] = 14
-    proc["image_processor"].update(crop_size={"height": 112, "width": 112}, size={"shortest_edge": 112})
+    proc["patch_size"] = vision["patch_size"]
+    side = vision["image_size"]
+    proc["image_processor"].update(crop_size={"height": side, "width": side}, size={"shortest_edge": side})
     open(proc_path, "w").write(json.dumps(proc, indent=2))
     return out
+
+
+def vllm_images_per_s(args) -> None:
+    """Point 3 on vLLM (`--vllm-direct`): medray's VLLMEngine, as a batch actor runs it, over
+    a random LLaVA of `--size` (7b: 576 image tokens), every image handed over at once, each
+    answer `--new-tokens` long unless the random model ends it (the mean is printed). Run
+    with vLLM's interpreter; 7b on a GPU (goal >= 40 images/s per H100-class GPU)."""
+    from PIL import Image
+
+    from medray.data.synthetic import chest_image
+    from medray.infer import encode_request
+    from medray.infer.vllm_engine import load_vllm_engine
+    from medray.models import family_of, load_processor, resolve_model_uri
+    from medray.models.loading import read_config
+
+    gpu = torch.cuda.is_available()
+    rates, tokens = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.engines_model or write_random_llava(os.path.join(tmp, "llava"), args.size)
+        options = {"max_model_len": 1024, "max_num_seqs": args.batch_size,
+                   "dtype": "bfloat16" if gpu else "float32", **({} if gpu else {"kv_cache_gib": 1})}
+        engine = load_vllm_engine(model, options=options)
+        path = resolve_model_uri(model)
+        processor = load_processor(path, family_of(read_config(path)))
+        images = [Image.fromarray(chest_image(("left", "right", "none")[i % 3], 256, seed=i)).convert("RGB")
+                  for i in range(args.images)]
+        encoded = [encode_request(processor, Request(messages(), [image]), expand=False) for image in images]
+        settings = GenerationSettings(max_new_tokens=args.new_tokens)
+        engine.generate_encoded(encoded[:8], settings)  # warm: first steps, CUDA graphs' capture done at load
+        for r in range(args.repeat):
+            t0 = time.perf_counter()
+            answers = engine.generate_encoded(encoded, settings)
+            rates.append(len(answers) / (time.perf_counter() - t0))
+            tokens.append(sum(a.completion_tokens for a in answers) / len(answers))
+            print(f"run {r + 1}: {rates[-1]:.2f} images/s, {tokens[-1]:.1f} new tokens per answer")
+    image_tokens = (GEOMETRIES[args.size][1]["image_size"] // GEOMETRIES[args.size][1]["patch_size"]) ** 2
+    lines = [f"vLLM ({'GPU: ' + torch.cuda.get_device_name() if gpu else 'CPU'}), random LLaVA "
+             f"{args.engines_model or args.size}, {image_tokens} image tokens, {args.images} images at once "
+             f"(max_num_seqs {args.batch_size}), up to {args.new_tokens} new tokens: {spread(rates, '{:.2f}')} "
+             f"images/s, {spread(tokens, '{:.1f}')} new tokens per answer"
+             + (" (goal >= 40 images/s per H100-class GPU)" if gpu and args.size == "7b" else "")]
+    print("\n".join(lines))
+    if not args.no_record:
+        record("infer (vLLM direct)", lines)
 
 
 def compare_engines(args) -> None:
@@ -228,7 +295,7 @@ def compare_engines(args) -> None:
         raise SystemExit("set MEDRAY_VLLM_PYTHON to vLLM's interpreter (make vllm: .venv-vllm/bin/python)")
     runs: dict[str, list[float]] = {k: [] for k in ("hf", "vllm", "hf_steady", "vllm_steady")}
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.engines_model or write_small_llava(os.path.join(tmp, "small-llava"))
+        model = args.engines_model or write_random_llava(os.path.join(tmp, "small-llava"))
         write_synthetic("chest-vqa", os.path.join(tmp, "c"), n=args.images, seed=0)
         images_dir = os.path.join(tmp, "c", "images")
         for engine in ("hf", "vllm"):  # warm: worker processes, imports, the model cache
@@ -249,7 +316,7 @@ def compare_engines(args) -> None:
     steady = [v / h for v, h in zip(runs["vllm_steady"], runs["hf_steady"])]
     lines = [
         f"engines: {args.images} images, {args.new_tokens} new tokens, batch {args.batch_size}, "
-        f"model {args.engines_model or 'a random LLaVA of ~30M parameters (write_small_llava)'}",
+        f"model {args.engines_model or 'a random LLaVA of ~30M parameters (write_random_llava)'}",
         f"hf: {spread(runs['hf'], '{:.2f}')} images/s end to end, {spread(runs['hf_steady'], '{:.2f}')} after the first shard",
         f"vllm: {spread(runs['vllm'], '{:.2f}')} images/s end to end, {spread(runs['vllm_steady'], '{:.2f}')} after the first shard",
         f"vllm / hf: {spread(ratio)}x end to end, {spread(steady)}x after the first shard (no goal on CPU)",
@@ -279,9 +346,15 @@ def main() -> None:
     parser.add_argument("--model", default="tiny://llava-mistral")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--engines", action="store_true", help="compare engine hf with engine vllm (see above)")
-    parser.add_argument("--engines-model", default=None, help="--engines: a model URI instead of the ~30M LLaVA")
+    parser.add_argument("--engines-model", default=None,
+                        help="--engines, --vllm-direct: a model URI instead of a random LLaVA")
+    parser.add_argument("--vllm-direct", action="store_true",
+                        help="images/s of medray's vLLM engine alone, on a random LLaVA of --size (see point 3)")
+    parser.add_argument("--size", choices=sorted(GEOMETRIES), default="small", help="--vllm-direct: the geometry")
     add_repeat(parser)
     args = parser.parse_args()
+    if args.vllm_direct:
+        return vllm_images_per_s(args)
     import ray
 
     threads = max(1, int(args.cpus_per_actor))  # what Ray gives a generation actor
