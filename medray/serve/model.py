@@ -169,6 +169,18 @@ def check_adapters(spec: ModelSpec) -> None:
         raise ValueError("; ".join(problems))
 
 
+def _without_failed(rows: list[int], encoded: list, adapters: list, failed: dict, fail) -> tuple[list[int], list]:
+    """The rows (and their encodings) whose adapter loaded; `fail(i, e)` with the load's error
+    for each of the others (AdapterCache.use gives `failed`)."""
+    kept = []
+    for i, e in zip(rows, encoded):
+        if adapters[i] in failed:
+            fail(i, failed[adapters[i]])
+        else:
+            kept.append((i, e))
+    return [i for i, _ in kept], [e for _, e in kept]
+
+
 @serve.deployment
 class ModelServer:
     """One model; concurrent requests are batched into one generate call."""
@@ -240,28 +252,32 @@ class ModelServer:
                                                                     if isinstance(r, Answer)))
         return results
 
+    def _encode_rows(self, requests: list[Request], rows: list[int], fail) -> tuple[list[int], list]:
+        """The rows whose requests encode, with their encodings; `fail(i, e)` for each that does
+        not (RequestRejected), so it fails alone and the others still share a generate call."""
+        kept, encoded = [], []
+        for i in rows:
+            try:
+                encoded.append(self.engine.encode(requests[i]))
+                kept.append(i)
+            except Exception as e:
+                fail(i, e)
+        return kept, encoded
+
     async def _generate_batch(self, requests: list[Request], settings: list[GenerationSettings],
                         adapters: list[str | None], deadlines: list[float | None]) -> list:
         results: list = [None] * len(requests)
         groups: dict[GenerationSettings, list[int]] = {}
         for i, s in enumerate(settings):  # one generate call per distinct decoding setting
             groups.setdefault(s, []).append(i)
+        fail = results.__setitem__
         for group_settings, rows in groups.items():
-            idx, encoded = [], []
-            for i in rows:
-                try:
-                    encoded.append(self.engine.encode(requests[i]))
-                    idx.append(i)
-                except Exception as e:  # RequestRejected: this request fails alone
-                    results[i] = e
+            idx, encoded = self._encode_rows(requests, rows, fail)
             if not idx:
                 continue
             try:
                 async with self.adapters.use([adapters[i] for i in idx]) as failed:
-                    for i in [i for i in idx if adapters[i] in failed]:
-                        results[i] = failed[adapters[i]]
-                    encoded = [e for i, e in zip(idx, encoded) if adapters[i] not in failed]
-                    idx = [i for i in idx if adapters[i] not in failed]
+                    idx, encoded = _without_failed(idx, encoded, adapters, failed, fail)
                     if not idx:
                         continue
                     call = (encoded, group_settings, [adapters[i] for i in idx], [deadlines[i] for i in idx])
@@ -358,22 +374,14 @@ class ModelServer:
         groups: dict[GenerationSettings, list[int]] = {}
         for i, s in enumerate(settings):
             groups.setdefault(replace(s, max_new_tokens=1), []).append(i)
+        fail = lambda i, e: pending.__setitem__(i, [e])  # noqa: E731
         for key, idx in groups.items():
-            encoded, rows = [], []
-            for i in idx:
-                try:
-                    encoded.append(self.engine.encode(requests[i]))
-                    rows.append(i)
-                except Exception as e:  # this request fails alone
-                    pending[i] = [e]
+            rows, encoded = self._encode_rows(requests, idx, fail)
             if not rows:
                 continue
             try:
                 async with self.adapters.use([adapters[i] for i in rows]) as failed:
-                    for i in [i for i in rows if adapters[i] in failed]:
-                        pending[i] = [failed[adapters[i]]]
-                    encoded = [e for i, e in zip(rows, encoded) if adapters[i] not in failed]
-                    rows = [i for i in rows if adapters[i] not in failed]
+                    rows, encoded = _without_failed(rows, encoded, adapters, failed, fail)
                     if not rows:
                         continue
                     steps = self.engine.stream_batch(
