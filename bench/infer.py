@@ -255,8 +255,7 @@ def vllm_images_per_s(args) -> None:
     from medray.data.synthetic import chest_image
     from medray.infer import encode_request
     from medray.infer.vllm_engine import load_vllm_engine
-    from medray.models import family_of, load_processor, resolve_model_uri
-    from medray.models.loading import read_config
+    from medray.infer.stages import _processor
 
     gpu = torch.cuda.is_available()
     rates, tokens = [], []
@@ -265,8 +264,7 @@ def vllm_images_per_s(args) -> None:
         options = {"max_model_len": 1024, "max_num_seqs": args.batch_size,
                    "dtype": "bfloat16" if gpu else "float32", **({} if gpu else {"kv_cache_gib": 1})}
         engine = load_vllm_engine(model, options=options)
-        path = resolve_model_uri(model)
-        processor = load_processor(path, family_of(read_config(path)))
+        processor, _ = _processor(model)  # as the pipeline's CPU stage loads it
         images = [Image.fromarray(chest_image(("left", "right", "none")[i % 3], 256, seed=i)).convert("RGB")
                   for i in range(args.images)]
         encoded = [encode_request(processor, Request(messages(), [image]), expand=False) for image in images]

@@ -36,6 +36,15 @@ NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metri
               "runtime-env-agent-port", "node-manager-port", "object-manager-port")
 
 
+def listeners(port: int) -> set[str]:
+    """The names of the processes listening on a TCP port: which proxy serves it (haproxy, or
+    Serve's Python proxy, a ray process)."""
+    import psutil
+
+    return {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid}
+
+
 def wait_for(check, timeout: float, what: str, every: float = 1.0):
     deadline = time.monotonic() + timeout
     while not (result := check()):

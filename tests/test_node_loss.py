@@ -21,7 +21,7 @@ from medray.data.shards import read_shards
 from medray.data.synthetic import chest_image, png_bytes, write_synthetic
 from medray.raycluster import SERVE_FAST_PATH_ENV
 
-from _raycluster import BIN, NodeCluster, wait_for
+from _raycluster import BIN, NodeCluster, listeners, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "nodeloss"
@@ -223,10 +223,7 @@ def served(cluster, tmp_path_factory):
                          env=cluster.env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     wait_for(lambda: _chat_ok() and _replicas(cluster).count("RUNNING") == 2, 300, "two running replicas", every=2)
-    import psutil
-
-    owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
-              if c.laddr and c.laddr.port == 8000 and c.status == psutil.CONN_LISTEN and c.pid}
+    owners = listeners(8000)
     assert owners == {"haproxy"}, owners  # the traffic below goes through HAProxy, as the README's would
     return cluster
 

@@ -16,6 +16,7 @@ from medray.serve import ServeConfig, build_app
 from medray.serve.run import build, load_applications
 
 from _handles import replica_call
+from _raycluster import listeners
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-medray-test"
@@ -148,11 +149,7 @@ def test_the_serve_port_is_haproxy_s(server):
     """The session's Ray runs Serve's fast path as medray's local instances do
     (raycluster.SERVE_FAST_PATH_ENV): HAProxy, not Serve's Python proxy, owns the HTTP port, and
     every other test here talks to the app through it."""
-    import psutil
-
-    port = int(server["url"].rsplit(":", 1)[1])
-    owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
-              if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid}
+    owners = listeners(int(server["url"].rsplit(":", 1)[1]))
     assert owners == {"haproxy"}, owners
 
 
