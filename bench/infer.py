@@ -168,8 +168,8 @@ def pipeline(model, images_dir, out, new_tokens, batch_size, cpus_per_actor, eng
                       cpus_per_actor=cpus_per_actor, engine=engine,
                       vllm={"max_model_len": 512, "max_num_seqs": batch_size, "kv_cache_gib": 1, "dtype": "float32"})
     marks: list[tuple[float, int]] = []
-    summary = run_inference(cfg, progress=False, on_progress=lambda done, total, errors: marks.append(
-        (time.perf_counter(), done)))
+    summary = run_inference(cfg, progress=False, on_progress=lambda p: marks.append(
+        (time.perf_counter(), p.rows_done)))
     return summary, second_half_rate(marks[1:])  # the first call comes once the input is listed
 
 

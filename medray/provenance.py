@@ -28,6 +28,7 @@ from pydantic import Field
 
 from medray import storage
 from medray.config import StrictModel
+from medray.digests import SET_SCHEME, SetDigest, canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,7 @@ def now() -> str:
 
 def hash_json(value: Any) -> str:
     """sha256:<hex> of a JSON value in canonical form (sorted keys, no spaces)."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return "sha256:" + hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
 def hash_bytes(data: bytes) -> str:
@@ -239,8 +239,23 @@ def _recorded_if_listed(uri: str) -> str | None:
 
 def digest_answers(answers: dict[str, str]) -> str:
     """The digest of a set of answers (id -> answer): what an inference output holds, and what
-    an eval scored. The same answers digest the same in Parquet or JSONL, in any shard order."""
-    return hash_json(sorted(answers.items()))
+    an eval scored. A set digest (medray.digests: the sum of each [id, answer]'s sha256), so
+    a run adds up its shards' digests without reading an answer again; the same answers
+    digest the same in Parquet or JSONL, however they are sharded.
+
+    Records written before 2026-12 hold `sha256:` over the sorted pairs instead
+    (LEGACY_ANSWERS_NOTE): a resumed run writes its output's record anew in this form."""
+    return str(SetDigest().update([str(k), str(v or "")] for k, v in answers.items()))
+
+
+def is_set_digest(digest: str | None) -> bool:
+    return bool(digest) and digest.startswith(SET_SCHEME)
+
+
+LEGACY_ANSWERS_NOTE = ("its record names the answers by a digest of an earlier form (sha256: over the sorted "
+                       "answers); medray now digests answers as a set (sha256-set:), summed shard by shard. The "
+                       "record is rewritten in the new form when this run finishes; an eval report made from the "
+                       "old answers keeps the old form: run `medray eval` again to link them by the new one")
 
 
 def digest_file(uri: str) -> str:

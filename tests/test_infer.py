@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from medray import storage
+from medray import provenance, storage
 from medray.data.synthetic import chest_image, png_bytes, write_synthetic
 from medray.data.shards import read_shards
 from medray.infer import AllRowsFailed, InferConfig, run_inference
@@ -326,7 +326,10 @@ def test_the_stages_run_without_ray(tmp_path):
              "error": np.array([""] * n, dtype=object)}
     written = Generator(cfg)(preprocess(batch, cfg=cfg))
     rows = {r["id"]: r for r in _rows(str(tmp_path / "out"))}
-    assert sorted(rows) == sorted(written["id"]) == [f"r{i}" for i in range(n)]
+    assert sorted(rows) == [f"r{i}" for i in range(n)]
+    # What the driver gets back: one row per shard, counts and the answers' set digest.
+    assert (written["rows"].tolist(), written["errors"].tolist()) == ([n], [1])
+    assert str(written["answers"][0]) == provenance.digest_answers({k: r["answer"] for k, r in rows.items()})
     bad = images.index(str(tmp_path / "c" / "images" / "bad.png"))
     assert "bad.png" in rows[f"r{bad}"]["error"] and rows[f"r{bad}"]["answer"] == ""
     assert all(r["answer"] and r["question"] == "Is there an opacity?" for k, r in rows.items() if k != f"r{bad}")

@@ -24,6 +24,8 @@ FORBIDDEN = {
     "eval": {"infer", "train", "serve", "cli", "demo"},
     "serve": {"train", "cli", "demo"},
     "report": {"train", "serve", "cli", "demo"},
+    "digests": {"config", "storage", "raycluster", "models", "data", "infer", "train", "eval", "serve", "cli", "demo",
+                "provenance", "report", "charts"},
     "charts": {"config", "storage", "raycluster", "models", "data", "infer", "train", "eval", "serve", "cli", "demo",
                "provenance", "report"},
 }

@@ -277,7 +277,7 @@ def _job(job_id: str) -> dict:
 def test_batch_job_loses_its_runners_node_and_finishes_exactly_once(served):
     cluster = served
     corpus, out = f"s3://{BUCKET}/job-corpus", f"s3://{BUCKET}/job-out/run"
-    write_synthetic("chest-vqa", corpus, n=32, seed=5)
+    write_synthetic("chest-vqa", corpus, n=96, seed=5)
     images = sorted(f.uri.rsplit("/", 1)[1] for f in storage.list_files(f"{corpus}/images"))
     # The node the runner may live on (the only one with a `jobs` resource).
     runners_node = cluster.add_node(num_cpus=1, resources='{"jobs": 1}')

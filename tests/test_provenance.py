@@ -92,6 +92,14 @@ def _manifest(path: Path, base: Path, output: Path) -> Path:
     return path
 
 
+def _printed_json(capsys) -> dict:
+    """What `medray show --json` printed. In this process, which also drives the session's Ray,
+    Ray's driver thread may print a raylet warning into the same stdout ("N worker processes
+    have been started"); a `medray show` of its own runs without Ray and prints the JSON alone."""
+    lines = [x for x in capsys.readouterr().out.splitlines() if "(raylet)" not in x]
+    return json.loads("\n".join(lines))
+
+
 def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_digest(ray_cluster, tmp_path, capsys):
     base = write_tiny_model("llama", tmp_path / "base", seed=0)
     manifest = _manifest(tmp_path / "run.yaml", base, tmp_path / "run")
@@ -117,7 +125,7 @@ def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_diges
 
     # `medray show` follows the chain down to the base model, with digests at each step.
     assert main(["show", str(tmp_path / "run" / "second"), "--json"]) == 0
-    tree = json.loads(capsys.readouterr().out)
+    tree = _printed_json(capsys)
     assert (tree["name"], tree["digest"]) == ("second", second.output.digest)
     down = next(n for n in tree["inputs"] if n["role"] == "start_model")
     assert (down["kind"], down["name"], down["digest"]) == ("stage", "first", first.output.digest)
@@ -157,7 +165,7 @@ def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_diges
 
     # eval report -> answers -> stage `second` -> stage `first` -> base model, digests at each step.
     assert main(["show", str(tmp_path / "eval"), "--json"]) == 0
-    tree = json.loads(capsys.readouterr().out)
+    tree = _printed_json(capsys)
     assert tree["kind"] == "eval"
     hops = [tree]
     while (nxt := [n for n in hops[-1].get("inputs", []) if n["role"] in ("predictions", "model", "start_model")]):

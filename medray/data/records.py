@@ -250,6 +250,21 @@ _CLASSES: dict[str, type[_Record]] = {
 }
 _ID_KEYS = _Record.model_fields["id"].validation_alias.choices
 _IMAGE_KEYS = _Record.model_fields["image"].validation_alias.choices
+# Keys the seeds' forms are read from before validation (MCQARecord._normalise).
+_NORMALISED_KEYS = {"QUESTION", "CONTEXTS", "final_decision", "pmid", "pubid", "opa", "opb", "opc", "opd", "cop",
+                    "answer_idx"}
+
+
+def record_keys() -> frozenset[str]:
+    """Every key a record of any kind reads: the columns a Parquet records file is read with
+    (a manifest's other columns, embedded images or report text, stay on disk)."""
+    keys = set(_NORMALISED_KEYS)
+    for cls in _CLASSES.values():
+        for name, info in cls.model_fields.items():
+            keys.add(name)
+            alias = info.validation_alias
+            keys.update(getattr(alias, "choices", [alias] if isinstance(alias, str) else []))
+    return frozenset(k for k in keys if isinstance(k, str))
 
 
 class RecordError(ValueError):
@@ -310,9 +325,13 @@ def read_rows(uri: str) -> list[dict]:
 
 
 def _medmcqa_cop_base(rows: list[dict], uri: str) -> int:
+    return medmcqa_cop_base((r.get("cop") for r in rows if isinstance(r, dict)), uri)
+
+
+def medmcqa_cop_base(cop_values, uri: str) -> int:
     """0 or 1: which base a MedMCQA file's `cop` uses, read off its values (a 0 only occurs
     0-based, a 4 only 1-based); the hub's 0 when the file does not say."""
-    cops = {str(r.get("cop")) for r in rows if isinstance(r, dict)}
+    cops = {str(c) for c in cop_values}
     if "0" in cops and "4" in cops:
         raise RecordError(f"{uri}: MedMCQA rows with both cop 0 and cop 4: the file mixes 0- and 1-based releases")
     return 1 if "4" in cops else 0
@@ -330,30 +349,49 @@ def read_records(uri: str, kind: RecordKind | Literal["auto"] = "auto",
     rows = read_rows(uri)
     if not rows:
         return []
-    kind = detect_kind(rows[0]) if kind == "auto" else kind
-    if kind not in _CLASSES:
-        raise RecordError(f"unknown record kind {kind!r}; choose one of {sorted(_CLASSES)}")
-    cls = _CLASSES[kind]
-    context = {"cop_base": _medmcqa_cop_base(rows, uri)} if kind == "mcqa" else None
-    root = image_root if image_root is not None else _parent(uri)
+    parser = RecordParser(uri, rows[0], kind=kind, image_root=image_root,
+                          cop_base=_medmcqa_cop_base(rows, uri) if "cop" in rows[0] else None)
     out = []
     for n, row in enumerate(rows):
         try:
-            rec = cls.model_validate(row, context=context)
+            out.append(parser.parse(row, n))
+        except RecordError as err:
+            if errors is None:
+                raise
+            errors.append(err)
+    return out
+
+
+class RecordParser:
+    """Turns raw rows of one records file into typed records, one row at a time: what
+    `read_records` does to a whole file, for readers that stream a file in blocks.
+
+    The kind is read off the file's first row (or given); `cop_base` is MedMCQA's, read off
+    the file's `cop` values (`medmcqa_cop_base`) by whoever can see them all."""
+
+    def __init__(self, uri: str, first_row: dict, *, kind: RecordKind | Literal["auto"] = "auto",
+                 image_root: str | None = None, cop_base: int | None = None):
+        kind = detect_kind(first_row) if kind == "auto" else kind
+        if kind not in _CLASSES:
+            raise RecordError(f"unknown record kind {kind!r}; choose one of {sorted(_CLASSES)}")
+        self.uri, self.kind, self.cls = uri, kind, _CLASSES[kind]
+        self.context = {"cop_base": MEDMCQA_HF_COP_BASE if cop_base is None else cop_base} if kind == "mcqa" else None
+        self.root = image_root if image_root is not None else _parent(uri)
+
+    def parse(self, row: dict, n: int) -> Record:
+        """Row `n` (its position in the file: the id of a row that has none) as a record;
+        RecordError, naming the file, the row and its id, when it is not one."""
+        try:
+            rec = self.cls.model_validate(row, context=self.context)
         except (ValidationError, KeyError, TypeError, ValueError) as e:
             why = _describe(e) if isinstance(e, ValidationError) else repr(e)
             raw_id = next((row[k] for k in _ID_KEYS if isinstance(row, dict) and row.get(k) is not None), n)
-            err = RecordError(f"{uri} row {n}: not a {kind} record: {why}", row=n, id=str(raw_id))
-            if errors is None:
-                raise err from e
-            errors.append(err)
-            continue
+            raise RecordError(f"{self.uri} row {n}: not a {self.kind} record: {why}", row=n, id=str(raw_id)) from e
         if rec.id is None:
             rec.id = f"{n}"
-        if rec.image and root and not _is_absolute(rec.image):
-            rec.image = storage.join(root, rec.image)
-        out.append(rec)
-    return out
+        if rec.image and self.root and not _is_absolute(rec.image):
+            rec.image = storage.join(self.root, rec.image)
+        return rec
 
 
 def _describe(e: ValidationError) -> str:

@@ -2,7 +2,9 @@
 
 A run writes `part-<hash of its row ids>.parquet|jsonl` files under an output prefix, each
 written atomically, so a retried write replaces its own shard instead of adding a copy.
-Every row has the columns in COLUMNS.
+Every row has the columns in COLUMNS. A Parquet shard also carries, in its footer, how many
+rows it holds and the set digest of its answers (SHARD_KEY): a resumed run learns what a
+shard holds from its footer and its id column, never from its answers.
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Literal
 
 from medray import storage
+from medray.digests import SetDigest
 
 COLUMNS = ["id", "image", "question", "answer", "references", "model", "generation", "latency_s",
            "completion_tokens", "error", "image_type", "expert_text"]
 SHARD_GLOB = "part-*"
 # The Parquet key-value metadata entry that holds the run's provenance record (JSON).
 PROVENANCE_KEY = "medray.provenance"
+# The Parquet key-value metadata entry that says what the shard holds: {"rows", "answers"}.
+# Shards written before it existed are read in full once, to digest their answers.
+SHARD_KEY = "medray.shard"
 ShardFormat = Literal["parquet", "jsonl"]
 
 
@@ -29,25 +36,69 @@ def shard_name(ids: list[str], fmt: ShardFormat) -> str:
     return f"part-{digest}." + ("parquet" if fmt == "parquet" else "jsonl")
 
 
-def write_shard(rows: dict[str, list], *, output: str, fmt: ShardFormat, metadata: dict[str, str] | None = None) -> str:
-    """Write one shard atomically (columns as lists of plain values); returns its URI.
+def answers_digest(ids, answers) -> SetDigest:
+    """The set digest of (id, answer) pairs: what a shard, an output and an eval's
+    predictions are named by (medray.provenance.digest_answers)."""
+    return SetDigest().update([str(i), str(a or "")] for i, a in zip(ids, answers))
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What one shard holds, as a resumed run and the run's record need it."""
+
+    uri: str
+    ids: list[str]
+    answers: str
+    """The set digest of its (id, answer) pairs (medray.digests)."""
+    legacy: bool = False
+    """A Parquet shard without SHARD_KEY (written before it existed): its answers were read."""
+
+
+def write_shard(rows: dict[str, list], *, output: str, fmt: ShardFormat,
+                metadata: dict[str, str] | None = None) -> ShardInfo:
+    """Write one shard atomically (columns as lists of plain values).
     `metadata` goes into a Parquet file's key-value metadata (JSONL has none: its rows carry
     their digests in `generation`, and _provenance.json lies beside)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     ids = [str(x) for x in rows["id"]]
+    digest = str(answers_digest(ids, rows["answer"]))
     uri = storage.join(output, shard_name(ids, fmt))
     with storage.atomic_writer(uri) as f:
         if fmt == "parquet":
             table = pa.table({c: rows[c] for c in COLUMNS})
-            if metadata:
-                table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+            meta = {**(metadata or {}), SHARD_KEY: json.dumps({"rows": len(ids), "answers": digest})}
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
             pq.write_table(table, f)
         else:
             for i in range(len(ids)):
                 f.write((json.dumps({c: rows[c][i] for c in COLUMNS}) + "\n").encode())
-    return uri
+    return ShardInfo(uri, ids, digest)
+
+
+def read_shard_index(uri: str) -> ShardInfo:
+    """A shard's ids and answers' digest, reading as little as its format allows: a Parquet
+    shard's footer and id column; a JSONL shard, or a Parquet one written before SHARD_KEY,
+    in full."""
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fs, path = storage.default_storage().filesystem_for(uri)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            meta = (pf.schema_arrow.metadata or {}).get(SHARD_KEY.encode())
+            if meta is not None:
+                ids = [str(i) for i in pf.read(columns=["id"]).column("id").to_pylist()]
+                return ShardInfo(uri, ids, json.loads(meta)["answers"])
+            table = pf.read(columns=["id", "answer"])
+            ids, answers = table.column("id").to_pylist(), table.column("answer").to_pylist()
+            legacy = True
+    else:
+        rows = read_shard(uri)
+        ids, answers, legacy = [r["id"] for r in rows], [r.get("answer") for r in rows], False
+    ids = [str(i) for i in ids]
+    return ShardInfo(uri, ids, str(answers_digest(ids, answers)), legacy)
 
 
 def read_shard(uri: str) -> list[dict]:
@@ -62,11 +113,6 @@ def read_shard(uri: str) -> list[dict]:
 def read_shards(prefix: str) -> list[dict]:
     """Every row written under an output prefix."""
     return [row for f in storage.list_files(prefix, include=SHARD_GLOB) for row in read_shard(f.uri)]
-
-
-def written_ids(prefix: str) -> set[str]:
-    """Ids already written under an output prefix (by earlier runs)."""
-    return {row["id"] for row in read_shards(prefix)}
 
 
 def read_answers(uri: str) -> dict[str, str]:

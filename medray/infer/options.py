@@ -29,8 +29,10 @@ class InferConfig(StrictModel):
     generate calls (PEFT mixed batches on hf, multi-LoRA on vllm). A row naming an adapter
     not listed here fails alone."""
     input: str
-    """A prefix of images (listed recursively) or a JSON / JSONL / Parquet records file (any
-    form `medray.data.read_records` reads: LLaVA-Med test.json and question files, VQA, MCQA...)."""
+    """A prefix of images (listed recursively, by several read tasks at once) or a JSON / JSONL /
+    Parquet records file (any form `medray.data.read_records` reads: LLaVA-Med test.json and
+    question files, VQA, MCQA...). A manifest of keys (JSONL or Parquet, `image` and `id`
+    columns) streams in blocks whatever its size: the answer to a prefix too slow to list."""
     image_folder: str | None = None
     """Folder that relative image paths in a records file resolve against (LLaVA-Med's
     --image-folder); default: the records file's folder."""
@@ -75,6 +77,15 @@ class InferConfig(StrictModel):
     """Fractional by default: on a 2-CPU machine whole-CPU actors starve the read tasks."""
     cpus_per_task: float = Field(0.5, gt=0)
     """CPUs each read/decode/preprocess task reserves."""
+    read_tasks: int = Field(2, ge=1)
+    """Read tasks (each listing a key range of the input prefix, or reading part of a records
+    file) that may run at once. Two list ~50,000 keys a second from S3, far ahead of any model."""
+    cpus_per_read_task: float = Field(0.25, gt=0)
+    """CPUs each read task reserves: listing waits on the store more than it computes."""
+    max_rows_ahead: int = Field(100_000, ge=1)
+    """Rows the listing may run ahead of the answers (listed, not yet written): it bounds what
+    waits in Ray's object store, whatever the corpus holds. The run's total is known once the
+    listing is within this many rows of the end. Never below 4 shards per actor and 20,000."""
     preprocess_tasks: int | None = Field(None, ge=1)
     """Read/decode/preprocess tasks that may run at once. Default: 2 per generation actor
     (max_actors). Uncapped, Ray Data starts one task per free CPU slice as soon as the job
@@ -108,6 +119,12 @@ class InferConfig(StrictModel):
     def preprocess_concurrency(self) -> int:
         """How many preprocess tasks Ray Data may run at once (see preprocess_tasks)."""
         return self.preprocess_tasks or 2 * self.max_actors
+
+    def rows_ahead(self) -> int:
+        """The effective max_rows_ahead: enough rows in flight to fill every actor's next shards
+        (Ray Data holds a shard's rows back until it has a whole shard's worth) and what a read
+        task holds before it lets a block go (pipeline.BLOCK_BYTES: a few thousand rows)."""
+        return max(self.max_rows_ahead, 4 * self.rows_per_shard * self.max_actors + 20_000)
 
     def all_adapters(self) -> dict[str, str]:
         """Every adapter of the run by name: the named ones, and `adapter` as DEFAULT_ADAPTER."""

@@ -1,30 +1,32 @@
 """Offline batch inference over image corpora on Ray Data.
 
-    listing (driver) -> read + decode + preprocess (CPU tasks) -> generate + write shard
-                     (actor pool) -> progress and summary (driver)
+    read tasks: list a key range / read rows of a records file, drop rows already done
+    (sources, ledger) -> preprocess: read + decode + prompt (CPU tasks) -> generate + write
+    a shard (actor pool) -> the driver: counters, progress, the run's record
+
+Nothing per row lives in the driver: it plans the parts (a bounded number of list requests),
+starts the done-index tasks and the ledger, and adds up one small row per shard. A corpus of
+ten million images costs it what one of ten thousand does.
 
 Exactly once and resumable: every input row has a stable id. Shards are written
 atomically under names derived from the ids they hold, so a retried write replaces its
-own shard instead of adding a copy. A rerun first reads the ids already in the output
-prefix and sends only the missing rows down the pipeline. A row whose image cannot be read
-is written with its error; it never fails the job.
+own shard instead of adding a copy. A rerun indexes the ids the output holds (footers and id
+columns, in tasks) and the read tasks drop those rows as they list them. A row whose image
+cannot be read is written with its error; it never fails the job.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
 from medray import provenance
-from medray.data import shards
+from medray.digests import SetDigest
 from medray.provenance import Artifact, OutputConflict, Provenance
 
 from .options import AllRowsFailed, InferConfig, Summary, adapter_role
-from .rows import list_rows
-from .stages import Generator, preprocess
 from .vllm_engine import actor_runtime_env, choose_engine
 
 log = logging.getLogger(__name__)
@@ -50,18 +52,18 @@ ANSWER_FIELDS = frozenset({"task", "question", "max_new_tokens", "temperature", 
                            "experts", "max_pixels"})
 
 
-def inference_provenance(cfg: InferConfig, rows: list[dict]) -> Provenance:
+def inference_provenance(cfg: InferConfig) -> Provenance:
     """The record of a run (cfg.engine is the engine chosen): the model's and each adapter's and
-    expert's digest, the input with a digest of its listing (ids, image URIs, questions,
-    references, adapters; image bytes are not read twice), and the answer settings."""
+    expert's digest, the input, and the answer settings. The input's digest (the set digest of
+    its rows' ids, image URIs, questions, references and adapters; image bytes are not read
+    twice) is added up by the read tasks and filled in when the run finishes."""
     inputs = [Artifact(role="model", uri=cfg.model, digest=provenance.digest_model(cfg.model))]
     inputs += [Artifact(role=adapter_role(name), uri=uri, digest=provenance.digest_model(uri))
                for name, uri in cfg.all_adapters().items()]
     if cfg.experts is not None:
         inputs += [Artifact(role=f"expert:{kind}", uri=uri, digest=provenance.digest_model(uri))
                    for kind, uri in (("radiology", cfg.experts.radiology), ("plot", cfg.experts.plot)) if uri]
-    listing = sorted([r["id"], r["image"], r["question"], r["references"], r.get("adapter", "")] for r in rows)
-    inputs.append(Artifact(role="input", uri=cfg.input, digest=provenance.hash_json(listing)))
+    inputs.append(Artifact(role="input", uri=cfg.input))
     settings = cfg.model_dump(mode="json", include=set(ANSWER_FIELDS))
     return Provenance(kind="inference", name=cfg.output.rstrip("/").rsplit("/", 1)[-1], inputs=inputs,
                       settings=settings, settings_hash=provenance.hash_json(settings),
@@ -69,25 +71,99 @@ def inference_provenance(cfg: InferConfig, rows: list[dict]) -> Provenance:
                       started_at=provenance.now())
 
 
-def check_output(output: str, record: Provenance) -> None:
+def check_output(output: str, record: Provenance) -> Provenance | None:
     """Refuse to add answers to an output whose earlier answers came from another model,
     adapter, expert or answer settings, or from another input: the output would mix them.
-    The input is compared by URI: a prefix that gained images since is resumed, not refused."""
+    The input is compared by URI: a prefix that gained images since is resumed, not refused.
+    Returns the output's record, if it has one."""
     then = provenance.read(output)
     if then is None or then.kind != "inference":
-        return  # a new output (or one written before medray kept records)
+        return None  # a new output (or one written before medray kept records)
     diffs = provenance.differences(then, record, by_uri=frozenset({"input"}))
     if diffs:
         raise OutputConflict(f"{output} holds answers made from other inputs or settings than this run's: "
                              + "; ".join(diffs) + ". Write to another --output, or delete that output to "
                              "start over")
+    return then
+
+
+# Ray Data holds a task's output back until it fills a block of target_max_block_size (128 MiB
+# by default), in every operator: listed rows of ~200 bytes would all wait for the end of
+# their read task (the first answer for the end of the listing), and a read task's rows would
+# reach one preprocess task as one block, decoded one after the other. At 128 KiB a read task
+# lets its rows go a page or two at a time, in blocks of a few hundred (one preprocess task
+# each), and preprocessed rows go in blocks of a few (the tiny model's 16 KB rows: 8) or of
+# one (a 336-px CLIP's 1.4 MB): the generation actor's bundles stay close to a shard.
+BLOCK_BYTES = 128 << 10
+
+
+def _pipeline_context():
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current().copy()
+    ctx.target_max_block_size = BLOCK_BYTES
+    return ctx
+
+
+def _dataset(cfg: InferConfig, parts, index, ledger, record: Provenance):
+    """read (sources) -> preprocess -> Generator."""
+    import ray.data
+
+    from .sources import InputSource
+    from .stages import Generator, preprocess
+
+    conf = cfg.model_dump(mode="json")
+    # One output block per part, as its task yields it: Ray Data's default would split the few
+    # read tasks' output into ~200 blocks.
+    ds = ray.data.read_datasource(InputSource(cfg, parts, index.ref, ledger), override_num_blocks=len(parts),
+                                  compute=ray.data.TaskPoolStrategy(size=cfg.read_tasks),
+                                  num_cpus=cfg.cpus_per_read_task)
+    ds = ds.map_batches(preprocess, fn_kwargs={"cfg": conf}, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task,
+                        batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=cfg.preprocess_concurrency()))
+    return ds.map_batches(
+        Generator, fn_constructor_kwargs={"cfg": conf, "record": record.dump()}, batch_size=cfg.rows_per_shard,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        num_gpus=cfg.gpus_per_actor or None, num_cpus=cfg.cpus_per_actor,
+        # vLLM may live in another Python environment on the nodes (MEDRAY_VLLM_PYTHON).
+        # A dead actor is replaced and the rows it held are sent again: Ray Data's own default
+        # for actor pools (max_restarts and max_task_retries -1), which medray relies on.
+        runtime_env=actor_runtime_env() if cfg.engine == "vllm" else None)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, as the progress bar and the job API show it."""
+
+    rows_done: int
+    """Input rows the output holds: earlier runs' and this run's."""
+    rows_listed: int
+    """Input rows listed (or read) so far."""
+    rows_total: int | None
+    """Every input row, once the listing has finished; None before."""
+    rows_error: int
+    """Rows this run wrote with an error."""
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The error a user can act on, from the Ray task errors that carry it: a records file or
+    a listing that cannot be read fails the run with its own message."""
+    from medray.data import RecordError
+    from medray.storage import StorageError
+
+    seen = e
+    while seen is not None:
+        if isinstance(seen, (RecordError, StorageError, PermissionError)):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return e
 
 
 def run_inference(cfg: InferConfig, *, progress: bool = True,
-                  on_progress: Callable[[int, int, int], None] | None = None) -> Summary:
-    """Run the pipeline to completion. `on_progress(rows_done, rows_total, errors)` is called
-    once the input is listed and after every shard; raising from it stops the run (a
-    cancellation), and a later run resumes where this one stopped.
+                  on_progress: Callable[[Progress], None] | None = None) -> Summary:
+    """Run the pipeline to completion. `on_progress(Progress)` is called once the run has
+    started and after every shard; raising from it stops the run (a cancellation), and a
+    later run resumes where this one stopped.
 
     Raises AllRowsFailed (after writing every row with its error) when no row this run
     processed succeeded: such a run is a failure, whatever caused it.
@@ -97,71 +173,114 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
 
     from medray.raycluster import connect
 
+    from .ledger import build_done_index, start_ledger
+    from .sources import check_input, plan_parts
+
     connect(log_to_driver=False)  # RAY_ADDRESS when set (as under `ray job submit`), else a local Ray
     t0 = time.perf_counter()
-    rows = list_rows(cfg)
-    done = shards.written_ids(cfg.output)
-    todo = [r for r in rows if r["id"] not in done]
-    log.info("%d input rows, %d already written, %d to do", len(rows), len(rows) - len(todo), len(todo))
     # A fallback to hf is logged there, by name; the rows record the engine that made them.
     engine, _ = choose_engine(cfg.engine, model=cfg.model, adapter=cfg.adapter, adapters=cfg.adapters,
                               experts=cfg.experts is not None)
     cfg = cfg.model_copy(update={"engine": engine})
-    record = inference_provenance(cfg, rows)
-    check_output(cfg.output, record)  # before anything is written, finished or not
-    if on_progress:
-        on_progress(len(rows) - len(todo), len(rows), 0)
-    if not todo:
-        return Summary(0, 0, len(rows) - len(todo), time.perf_counter() - t0, 0, cfg.output)
+    record = inference_provenance(cfg)
+    then = check_output(cfg.output, record)  # before anything is written, finished or not
     if cfg.adapters:
         check_mixed_adapters(cfg.all_adapters())
+    parts = plan_parts(cfg)
+    check_input(cfg, parts)
+    index = build_done_index(cfg.output)
+    if index.legacy_shards:
+        log.info("%s: %d shards written before shards carried their digest were read in full once", cfg.output,
+                 index.legacy_shards)
+    if then is not None and then.output and then.output.digest and not provenance.is_set_digest(then.output.digest):
+        log.info("%s: %s", cfg.output, provenance.LEGACY_ANSWERS_NOTE)
     # Written first and unfinished: an output that a crashed or cancelled run left is still
-    # known to be this model's; finished_at and the answers' digest come at the end.
+    # known to be this model's; the digests and finished_at come at the end.
     provenance.write(cfg.output, record)
-    conf = cfg.model_dump(mode="json")
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // cfg.batch_size, 200)))
-    ds = ds.map_batches(preprocess, fn_kwargs={"cfg": conf}, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task,
-                        batch_format="numpy", concurrency=cfg.preprocess_concurrency())
-    ds = ds.map_batches(
-        Generator, fn_constructor_kwargs={"cfg": conf, "record": record.dump()}, batch_size=cfg.rows_per_shard,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-        num_gpus=cfg.gpus_per_actor or None, num_cpus=cfg.cpus_per_actor,
-        # vLLM may live in another Python environment on the nodes (MEDRAY_VLLM_PYTHON).
-        # A dead actor is replaced and the rows it held are sent again: Ray Data's own default
-        # for actor pools (max_restarts and max_task_retries -1), which medray relies on.
-        runtime_env=actor_runtime_env() if engine == "vllm" else None)
-
-    written = errors = tokens = 0
-    first_s, first_rows = 0.0, 0
-    first_errors: list[str] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc="medray infer", unit="row")
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        n = len(batch["id"])
-        if not written:
-            first_s, first_rows = time.perf_counter() - t0, n
-        written += n
-        errors += int(sum(1 for e in batch["error"] if e))
-        first_errors += [f"{i}: {e}" for i, e in zip(batch["id"], batch["error"]) if e][:5 - len(first_errors)]
-        tokens += int(np.sum(batch["completion_tokens"]))
-        if bar:
-            bar.update(n)
-        if on_progress:
-            on_progress(len(rows) - len(todo) + written, len(rows), errors)
-    if bar:
-        bar.close()
-    summary = Summary(written, errors, len(rows) - len(todo), time.perf_counter() - t0, tokens, cfg.output,
-                      first_s, first_rows, first_errors)
+    ledger = start_ledger(len(parts))
+    with ray.data.DataContext.current(_pipeline_context()):
+        ds = _dataset(cfg, parts, index, ledger, record)
+    tally = _Tally(ledger, SetDigest.parse(index.answers), progress, on_progress)
+    try:
+        tally.report(force=True)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            tally.add(batch, time.perf_counter() - t0)
+            tally.report()
+        tally.finish()
+    except Exception as e:
+        tally.close()
+        cause = _unwrap(e)
+        if cause is e:
+            raise
+        raise cause from None
+    summary = Summary(tally.written, tally.errors, tally.snap["skipped"], time.perf_counter() - t0, tally.tokens,
+                      cfg.output, tally.first_s, tally.first_rows, tally.first_errors)
     # The answers' digest is the one `medray eval` records for what it scored: the same answers,
-    # the same digest, whichever shards hold them.
-    record.output = Artifact(role="answers", uri=cfg.output,
-                             digest=provenance.digest_answers(shards.read_answers(cfg.output)))
+    # the same digest, whichever shards hold them; summed from the shards' own, not read again.
+    record.inputs[-1].digest = tally.snap["listing"]
+    record.output = Artifact(role="answers", uri=cfg.output, digest=str(tally.answers))
     record.finished_at = provenance.now()
     provenance.write(cfg.output, record)
-    if written and errors == written:
+    if tally.written and tally.errors == tally.written:
         raise AllRowsFailed(summary)
     return summary
+
+
+class _Tally:
+    """The driver's side of a run: counters from one row per shard, the ledger's counts, the
+    progress bar and callback. O(1) state."""
+
+    POLL_S = 0.5  # the ledger is asked at most this often; its counts move page by page
+
+    def __init__(self, ledger, answers: SetDigest, bar: bool, on_progress):
+        self.ledger, self.answers, self.on_progress = ledger, answers, on_progress
+        self.written = self.errors = self.tokens = 0
+        self.first_s, self.first_rows, self.first_errors = 0.0, 0, []
+        self.snap = {"listed": 0, "skipped": 0, "complete": False, "listing": ""}
+        self.polled = 0.0
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=None, desc="medray infer", unit="row")
+
+    def add(self, batch: dict, elapsed: float) -> None:
+        import json
+
+        for i in range(len(batch["rows"])):
+            n = int(batch["rows"][i])
+            if not self.written:
+                self.first_s, self.first_rows = elapsed, n
+            self.written += n
+            self.ledger.wrote.remote(n)
+            self.errors += int(batch["errors"][i])
+            self.tokens += int(batch["tokens"][i])
+            self.answers.merge(str(batch["answers"][i]))
+            if len(self.first_errors) < 5:
+                self.first_errors += json.loads(str(batch["first_errors"][i]))[:5 - len(self.first_errors)]
+            if self.bar is not None:
+                self.bar.update(n)
+
+    def report(self, force: bool = False) -> None:
+        import ray
+
+        if force or time.monotonic() - self.polled >= self.POLL_S:
+            self.snap = ray.get(self.ledger.snapshot.remote())
+            self.polled = time.monotonic()
+            if self.bar is not None:
+                todo = self.snap["listed"] - self.snap["skipped"]
+                self.bar.total = todo if self.snap["complete"] else None
+                self.bar.set_postfix_str(f"listed {self.snap['listed']}" + ("" if self.snap["complete"] else "+")
+                                         + f", {self.snap['skipped']} done before", refresh=True)
+        if self.on_progress:
+            self.on_progress(Progress(self.snap["skipped"] + self.written, self.snap["listed"],
+                                      self.snap["listed"] if self.snap["complete"] else None, self.errors))
+
+    def finish(self) -> None:
+        self.report(force=True)
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

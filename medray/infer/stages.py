@@ -222,7 +222,13 @@ class Generator:
 
 
 def _write_batch(batch: dict, *, output: str, fmt: str, metadata: dict[str, str] | None = None) -> dict:
-    """Write a generated batch as one shard (medray.data.shards); returns what the driver counts."""
-    shards.write_shard({c: [x.item() if hasattr(x, "item") else x for x in batch[c]] for c in shards.COLUMNS},
-                       output=output, fmt=fmt, metadata=metadata)
-    return {"id": batch["id"], "error": batch["error"], "completion_tokens": batch["completion_tokens"]}
+    """Write a generated batch as one shard (medray.data.shards); returns one row that says what
+    it holds, all the driver counts: rows, errors, generated tokens, the answers' set digest and
+    the first few errors."""
+    info = shards.write_shard({c: [x.item() if hasattr(x, "item") else x for x in batch[c]] for c in shards.COLUMNS},
+                              output=output, fmt=fmt, metadata=metadata)
+    failed = [f"{i}: {e}" for i, e in zip(batch["id"], batch["error"]) if e]
+    return {"rows": np.array([len(info.ids)]), "errors": np.array([len(failed)]),
+            "tokens": np.array([int(np.sum(batch["completion_tokens"]))]),
+            "answers": np.array([info.answers], dtype=object),
+            "first_errors": np.array([json.dumps(failed[:5])], dtype=object)}

@@ -175,7 +175,7 @@ class JobStore:
 def new_record(job_id: str, request: JobRequest, infer: dict) -> dict:
     return {"id": job_id, "status": "queued", "request": request.model_dump(), "infer": infer,
             "created_at": time.time(), "started_at": None, "finished_at": None, "attempts": 0,
-            "rows_done": 0, "rows_total": None, "rows_error": 0, "output": request.output, "error": None,
+            "rows_done": 0, "rows_listed": 0, "rows_total": None, "rows_error": 0, "output": request.output, "error": None,
             "summary": None, "provenance": None}
 
 
@@ -202,8 +202,8 @@ def view(record: dict, *, cancel_requested: bool = False, waiting: str | None = 
     return {"id": record["id"], "object": "job", "status": record["status"], "model": record["request"]["model"],
             "created_at": record["created_at"], "started_at": record["started_at"],
             "finished_at": record["finished_at"], "request": record["request"],
-            "progress": {"rows_done": record["rows_done"], "rows_total": record["rows_total"],
-                         "rows_error": record["rows_error"]},
+            "progress": {"rows_done": record["rows_done"], "rows_listed": record.get("rows_listed", 0),
+                         "rows_total": record["rows_total"], "rows_error": record["rows_error"]},
             "output": record["output"], "error": record["error"], "summary": record["summary"],
             "provenance": record.get("provenance"), "cancel_requested": cancel_requested, "waiting": waiting}
 
@@ -223,10 +223,11 @@ class JobRunner:
                       attempts=record["attempts"] + 1)
         store.put(record)
 
-        def progress(done: int, total: int, errors: int) -> None:
+        def progress(p) -> None:  # medray.infer.pipeline.Progress: rows_total stays None while listing
             if store.cancel_requested(job_id):
                 raise JobCancelled()
-            record.update(rows_done=done, rows_total=total, rows_error=errors)
+            record.update(rows_done=p.rows_done, rows_listed=p.rows_listed, rows_total=p.rows_total,
+                          rows_error=p.rows_error)
             store.put(record)
 
         try:

@@ -15,6 +15,7 @@ Owns: local and S3 paths behind one API. Must not import anything else from medr
 from __future__ import annotations
 
 from ._cache import SyncResult, cache_root, sync_prefix
+from ._ranges import KeyRange
 from ._store import (AccessDenied, FileInfo, NoCredentials, Storage, StorageConfig, StorageError, default_storage,
                      forwardable_env, within)
 from ._uri import S3Location, is_s3, join, local_path, parse_s3
@@ -23,7 +24,7 @@ __all__ = [
     "AccessDenied", "FileInfo", "NoCredentials", "S3Location", "forwardable_env", "Storage", "StorageConfig", "StorageError",
     "SyncResult", "cache_root", "default_storage", "is_s3", "join", "local_path", "parse_s3",
     "read_bytes", "read_text", "write_bytes", "write_text", "list_files", "exists",
-    "atomic_writer", "upload_dir", "sync_prefix", "within", "delete",
+    "atomic_writer", "upload_dir", "sync_prefix", "within", "delete", "KeyRange", "split_prefix", "list_range",
 ]
 
 def read_bytes(uri: str) -> bytes:
@@ -60,3 +61,18 @@ def upload_dir(path, uri: str) -> list[str]:
 
 def delete(uri: str) -> None:
     default_storage().delete(uri)
+
+
+def split_prefix(prefix: str, max_ranges: int) -> list[KeyRange]:
+    """Contiguous key ranges covering everything under `prefix`, for tasks to list in parallel
+    (a bounded number of requests, whatever the prefix holds; see _ranges)."""
+    from ._ranges import split_prefix as split
+
+    return split(default_storage(), prefix, max_ranges)
+
+
+def list_range(rng: KeyRange, **kwargs):
+    """The files of one key range, a page (a list of FileInfo) at a time."""
+    from ._ranges import list_range as pages
+
+    return pages(default_storage(), rng, **kwargs)

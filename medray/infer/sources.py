@@ -1,0 +1,176 @@
+"""The input of a batch run as Ray Data read tasks: listed and read inside the pipeline.
+
+The driver only plans the parts (`plan_parts`: a bounded number of list requests, or a
+Parquet footer), whatever the corpus holds. Each read task then, for its part:
+- lists its key range of an image prefix, or reads its rows of a records file, a page at a
+  time (medray.storage.list_range, medray.data.streams);
+- turns each page into input rows with stable ids (`RowMaker`: the prefix-relative key of
+  an image, the id of a record, or its position in the file);
+- drops the rows the output already holds (the done index, medray.infer.ledger) and tells
+  the ledger what it listed, skipped and the listing's digest;
+- waits while the rows listed and not yet answered reach InferConfig.max_rows_ahead: what
+  waits in the object store stays bounded, however far ahead a fast listing could run;
+- yields the rest, a page at a time, so preprocessing starts on the first pages while the
+  rest of the corpus is still being listed (pipeline.BLOCK_BYTES says how Ray Data cuts them).
+
+A row a records file cannot describe (not JSON, not a record, an unknown adapter) stays a
+row, with its error: it fails alone, in the output.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from medray import storage
+from medray.data.records import RecordError
+from medray.data.streams import FilePart, is_records_file, read_part, split_records_file
+from medray.digests import SetDigest
+
+from .options import InferConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
+COLUMNS = ("id", "image", "question", "references", "adapter", "error")
+# A row's part of the input's digest: what it asks of the model (image bytes are not read twice).
+LISTING_FIELDS = ("id", "image", "question", "references", "adapter")
+# Parts a run's input is read in: key ranges listed side by side, or runs of Parquet row groups.
+MAX_PARTS = 32
+AHEAD_WAIT_S = 0.2
+
+
+@dataclass(frozen=True)
+class Part:
+    """One read task's share of the input: a key range of a prefix, or part of a records file."""
+
+    index: int
+    keys: storage.KeyRange | None = None
+    file: FilePart | None = None
+
+
+def plan_parts(cfg: InferConfig, max_parts: int = MAX_PARTS) -> list[Part]:
+    """The parts of the run's input: the driver's whole share of the listing."""
+    if is_records_file(cfg.input):
+        return [Part(i, file=f) for i, f in enumerate(split_records_file(cfg.input, max_parts))]
+    return [Part(i, keys=r) for i, r in enumerate(storage.split_prefix(cfg.input, max_parts))]
+
+
+def _error_row(id_: str, error: str) -> dict:
+    return {"id": id_, "image": "", "question": "", "references": "", "adapter": "", "error": error}
+
+
+class RowMaker:
+    """Pages of input rows ({COLUMNS}) from one part."""
+
+    def __init__(self, cfg: InferConfig):
+        self.cfg = cfg
+
+    def pages(self, part: Part) -> Iterator[list[dict]]:
+        if part.keys is not None:
+            for files in storage.list_range(part.keys, include=self.cfg.include, exclude=self.cfg.exclude):
+                rows = [self._image_row(f.uri) for f in files if f.uri.lower().endswith(IMAGE_SUFFIXES)]
+                if rows:
+                    yield rows
+            return
+        parser = None
+        for page in read_part(part.file):
+            if parser is None:
+                parser = self._parser(part.file, page[0][1])
+            yield [self._record_row(parser, n, raw) for n, raw in page]
+
+    def _image_row(self, uri: str) -> dict:
+        # The id as listings always gave it: the key relative to the input prefix.
+        base = self.cfg.input.rstrip("/") + "/"
+        return {"id": uri[len(base):] if uri.startswith(base) else uri, "image": uri, "question": "",
+                "references": "", "adapter": "", "error": ""}
+
+    def _parser(self, part: FilePart, first_row):
+        from medray.data.records import RecordParser
+        from medray.data.streams import cop_base
+
+        parser = RecordParser(part.uri, first_row if isinstance(first_row, dict) else {}, image_root=self.cfg.image_folder)
+        if parser.kind == "mcqa" and isinstance(first_row, dict) and "cop" in first_row:
+            parser.context = {"cop_base": cop_base(part)}
+        return parser
+
+    def _record_row(self, parser, n: int, raw) -> dict:
+        if isinstance(raw, RecordError):  # a line that is not JSON
+            return _error_row(str(n), f"RecordError: {raw}")
+        try:
+            rec = parser.parse(raw, n)
+        except RecordError as e:
+            return _error_row(e.id or str(n), f"RecordError: {e}")
+        question, answer = rec.query()
+        error = ""
+        if rec.adapter and rec.adapter not in self.cfg.adapters:
+            error = (f"the row names adapter {rec.adapter!r}, which this run does not have; its named "
+                     f"adapters: {sorted(self.cfg.adapters) or 'none'} (--adapters)")
+        return {"id": str(rec.id), "image": rec.image or "", "question": question or "",
+                "references": json.dumps(answer) if answer is not None else "", "adapter": rec.adapter or "",
+                "error": error}
+
+
+def check_input(cfg: InferConfig, parts: list[Part]) -> None:
+    """Fail before anything runs on an input that cannot be read at all: a records file whose
+    first row is no record of any kind, or that is not there. Reads the first page only."""
+    first = next((p for p in parts if p.file is not None), None)
+    if first is None:
+        return
+    try:
+        page = next(iter(read_part(first.file)), [])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"the input {cfg.input} does not exist") from e
+    if page:
+        if not isinstance(page[0][1], dict):  # the first line is not JSON: not a records file at all
+            raise page[0][1] if isinstance(page[0][1], Exception) else RecordError(
+                f"{cfg.input}: its first row is {type(page[0][1]).__name__}, not an object")
+        RowMaker(cfg)._parser(first.file, page[0][1])  # raises RecordError: the kind cannot be told
+
+
+def read_part_rows(part: Part, *, cfg: dict, index_ref, ledger) -> Iterator:
+    """The body of one read task: the part's rows that the output does not hold yet, a block
+    per page, with the ledger told about every page."""
+    import pyarrow as pa
+    import ray
+
+    from .ledger import contains, id_keys, load_index
+
+    conf = InferConfig.model_validate(cfg)
+    index = load_index(index_ref)
+    ledger.begin.remote(part.index)
+    bound = conf.rows_ahead()
+    for rows in RowMaker(conf).pages(part):
+        while ray.get(ledger.ahead.remote()) >= bound:
+            time.sleep(AHEAD_WAIT_S)
+        digest = SetDigest().update([r[k] for k in LISTING_FIELDS] for r in rows)
+        done = contains(index, id_keys(r["id"] for r in rows)) if len(index) else None
+        kept = rows if done is None else [r for r, d in zip(rows, done) if not d]
+        ledger.add.remote(part.index, len(rows), len(rows) - len(kept), str(digest))
+        if kept:
+            yield pa.table({c: [r[c] for r in kept] for c in COLUMNS})
+    # Waited on: the ledger has every count of this part before the task ends, so once the
+    # stream has ended the driver reads final numbers.
+    ray.get(ledger.finish.remote(part.index))
+
+
+class InputSource(Datasource):
+    """The run's input for ray.data.read_datasource: one read task per part (read_part_rows)."""
+
+    def __init__(self, cfg: InferConfig, parts: list[Part], index_ref, ledger):
+        self.conf, self.parts, self.index_ref, self.ledger = cfg.model_dump(mode="json"), parts, index_ref, ledger
+
+    def estimate_inmemory_data_size(self):
+        return None  # unknown until listed: that is the point
+
+    def get_name(self) -> str:
+        return "MedrayInput"
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [ReadTask(functools.partial(read_part_rows, part, cfg=self.conf, index_ref=self.index_ref,
+                                           ledger=self.ledger), meta) for part in self.parts]
