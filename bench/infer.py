@@ -110,10 +110,10 @@ def second_half_rate(marks: list[tuple[float, int]]) -> float:
     return (total - n_half) / (t_end - t_half) if t_end > t_half else float("nan")
 
 
-def batched(model, uris, settings, batch_size, out, threads) -> float:
+def batched(model, uris, settings, batch_size, out, threads, shard_rows) -> float:
     """The pipeline's work and parallelism without Ray: one process reads, decodes and encodes
-    batches (the pipeline's CPU tasks) while this one generates and writes shards (its
-    actor). Steady rate, by the pipeline's rule (second_half_rate).
+    batches (the pipeline's CPU tasks) while this one generates and writes shards of
+    `shard_rows` (its actor). Steady rate, by the pipeline's rule (second_half_rate).
 
     As in the pipeline, decoding starts before the model has loaded and is not held back
     (Ray Data's queue of blocks is bounded by the object store, which a corpus of this size
@@ -128,11 +128,15 @@ def batched(model, uris, settings, batch_size, out, threads) -> float:
     producer = ctx.Process(target=_encode_batches, args=(model, chunks, threads, queue))
     producer.start()
     engine = _fresh_engine(model, uris[0], settings, out + "-warm", threads)
-    marks, done = [], 0
-    for chunk in chunks:
-        _write(chunk, engine.generate_encoded(queue.get(), settings), out, model)
-        done += len(chunk)
-        marks.append((time.perf_counter(), done))
+    marks, done, rows, answers = [], 0, [], []
+    for i, chunk in enumerate(chunks):
+        rows += chunk
+        answers += engine.generate_encoded(queue.get(), settings)
+        if len(rows) >= shard_rows or i == len(chunks) - 1:
+            _write(rows, answers, out, model)
+            done += len(rows)
+            rows, answers = [], []
+            marks.append((time.perf_counter(), done))
     # Joined after the last mark: a torch process takes about a second to exit, which is
     # not work the pipeline does per row (an earlier version timed it, and read 4x slow).
     producer.join()
@@ -160,11 +164,11 @@ def _put_result(queue, fn, args) -> None:
     queue.put(fn(*args))
 
 
-def pipeline(model, images_dir, out, new_tokens, batch_size, cpus_per_actor, engine="hf"):
+def pipeline(model, images_dir, out, new_tokens, batch_size, cpus_per_actor, engine="hf", rows_per_shard=None):
     """The pipeline's summary and its steady rate by second_half_rate, from the driver's
     progress callback (called as each shard arrives)."""
     cfg = InferConfig(model=model, input=images_dir, output=out, task="vqa", question=QUESTION,
-                      max_new_tokens=new_tokens, batch_size=batch_size, rows_per_shard=batch_size,
+                      max_new_tokens=new_tokens, batch_size=batch_size, rows_per_shard=rows_per_shard or batch_size,
                       cpus_per_actor=cpus_per_actor, engine=engine,
                       vllm={"max_model_len": 512, "max_num_seqs": batch_size, "kv_cache_gib": 1, "dtype": "float32"})
     marks: list[tuple[float, int]] = []
@@ -341,6 +345,8 @@ def main() -> None:
     parser.add_argument("--single-images", type=int, default=256,
                         help="images for the one-at-a-time loop (its rate is flat: no start-up is timed)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rows-per-shard", type=int, default=256,
+                        help="rows per shard, in the pipeline and the baselines alike (the pipeline's default)")
     parser.add_argument("--model", default="tiny://llava-mistral")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--engines", action="store_true", help="compare engine hf with engine vllm (see above)")
@@ -369,14 +375,14 @@ def main() -> None:
         uris = [f.uri for f in storage.list_files(images_dir)]
         # A first pass warms Ray's worker processes (imports, model cache); the later ones are measured.
         pipeline(args.model, images_dir, os.path.join(tmp, "warm"), args.new_tokens, args.batch_size,
-                 args.cpus_per_actor)
+                 args.cpus_per_actor, rows_per_shard=args.rows_per_shard)
         for r in range(args.repeat):
             runs["single"].append(in_fresh_process(one_at_a_time, args.model, uris[:args.single_images], settings,
-                                                   os.path.join(tmp, f"single-{r}"), args.batch_size, threads))
+                                                   os.path.join(tmp, f"single-{r}"), args.rows_per_shard, threads))
             runs["bare"].append(in_fresh_process(batched, args.model, uris, settings, args.batch_size,
-                                                 os.path.join(tmp, f"bare-{r}"), threads))
+                                                 os.path.join(tmp, f"bare-{r}"), threads, args.rows_per_shard))
             summary, steady_rate = pipeline(args.model, images_dir, os.path.join(tmp, f"out-{r}"), args.new_tokens,
-                                            args.batch_size, args.cpus_per_actor)
+                                            args.batch_size, args.cpus_per_actor, rows_per_shard=args.rows_per_shard)
             runs["whole"].append(summary.rows_per_s)
             runs["steady"].append(steady_rate)
             runs["startup"].append(summary.first_rows_s)
@@ -389,7 +395,8 @@ def main() -> None:
     steady = [w / s for w, s in zip(runs["steady"], runs["single"])]
     overhead = [100 * (b / s - 1) for b, s in zip(runs["bare"], runs["steady"])]
     lines = [
-        f"{args.images} images, {args.new_tokens} new tokens, batch {args.batch_size}, model {args.model}, "
+        f"{args.images} images, {args.new_tokens} new tokens, batch {args.batch_size}, shards of "
+        f"{args.rows_per_shard} rows, model {args.model}, "
         f"{threads} torch thread(s) per generation process",
         f"one at a time (model_vqa.py style, {min(args.single_images, args.images)} images): "
         f"{spread(runs['single'], '{:.1f}')} images/s",

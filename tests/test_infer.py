@@ -104,7 +104,7 @@ def _generator_pids() -> list[int]:
     import psutil
 
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("MapBatches(Generator)" in part for part in (p.info["cmdline"] or []))]
+            if any("MapBatches(PackedGenerator)" in part for part in (p.info["cmdline"] or []))]
 
 
 def test_a_killed_actor_loses_no_row_and_duplicates_none(ray_cluster, bucket):

@@ -249,7 +249,7 @@ def test_crashes_at_several_points_then_a_rerun_give_every_row_once_and_the_same
 
         while not killed:
             for p in psutil.process_iter(["cmdline"]):
-                if any("MapBatches(Generator)" in part for part in (p.info["cmdline"] or [])):
+                if any("MapBatches(PackedGenerator)" in part for part in (p.info["cmdline"] or [])):
                     if len(list(out.glob("part-*"))) > shards_before + 3:
                         os.kill(p.pid, signal.SIGKILL)
                         killed.append(p.pid)

@@ -92,7 +92,8 @@ class InferConfig(StrictModel):
     starts, before the actors are placed; the actors then wait for those CPUs until the
     tasks drain (measured on a 3-node CPU cluster: first shard at 57 s uncapped, 34 s capped)."""
     rows_per_shard: int = Field(256, ge=1)
-    """Rows each generation actor writes as one shard."""
+    """Rows each generation actor writes as one shard: whole batches, rounded up to a multiple
+    of batch_size."""
     max_pixels: int = Field(64_000_000, ge=1)
     """Larger images (width x height) fail their row."""
     max_image_bytes: int = Field(512 * 1024 * 1024, ge=1)
@@ -125,6 +126,10 @@ class InferConfig(StrictModel):
         (Ray Data holds a shard's rows back until it has a whole shard's worth) and what a read
         task holds before it lets a block go (pipeline.BLOCK_BYTES: a few thousand rows)."""
         return max(self.max_rows_ahead, 4 * self.rows_per_shard * self.max_actors + 20_000)
+
+    def batches_per_shard(self) -> int:
+        """Preprocessed batches (batch_size rows each) that make one shard."""
+        return max(1, -(-self.rows_per_shard // self.batch_size))
 
     def all_adapters(self) -> dict[str, str]:
         """Every adapter of the run by name: the named ones, and `adapter` as DEFAULT_ADAPTER."""

@@ -91,9 +91,8 @@ def check_output(output: str, record: Provenance) -> Provenance | None:
 # by default), in every operator: listed rows of ~200 bytes would all wait for the end of
 # their read task (the first answer for the end of the listing), and a read task's rows would
 # reach one preprocess task as one block, decoded one after the other. At 128 KiB a read task
-# lets its rows go a page or two at a time, in blocks of a few hundred (one preprocess task
-# each), and preprocessed rows go in blocks of a few (the tiny model's 16 KB rows: 8) or of
-# one (a 336-px CLIP's 1.4 MB): the generation actor's bundles stay close to a shard.
+# lets its rows go in blocks of a few hundred (one preprocess task each); a packed batch
+# (stages.preprocess_packed) is a block of its own.
 BLOCK_BYTES = 128 << 10
 
 
@@ -102,15 +101,18 @@ def _pipeline_context():
 
     ctx = ray.data.DataContext.get_current().copy()
     ctx.target_max_block_size = BLOCK_BYTES
+    # The run has its own bar (rows done, listed, the total once known); Ray Data's per-operator
+    # bars, logged every few seconds when stdout is not a terminal, only repeat it.
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
     return ctx
 
 
 def _dataset(cfg: InferConfig, parts, index, ledger, record: Provenance):
-    """read (sources) -> preprocess -> Generator."""
+    """read (sources) -> preprocess, a packed row per batch -> Generator, a shard per call."""
     import ray.data
 
     from .sources import InputSource
-    from .stages import Generator, preprocess
+    from .stages import PackedGenerator, preprocess_packed
 
     conf = cfg.model_dump(mode="json")
     # One output block per part, as its task yields it: Ray Data's default would split the few
@@ -118,10 +120,14 @@ def _dataset(cfg: InferConfig, parts, index, ledger, record: Provenance):
     ds = ray.data.read_datasource(InputSource(cfg, parts, index.ref, ledger), override_num_blocks=len(parts),
                                   compute=ray.data.TaskPoolStrategy(size=cfg.read_tasks),
                                   num_cpus=cfg.cpus_per_read_task)
-    ds = ds.map_batches(preprocess, fn_kwargs={"cfg": conf}, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task,
-                        batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=cfg.preprocess_concurrency()))
+    # The read tasks' blocks hold whole batches (sources.read_part_rows), so every batch
+    # preprocess makes is a full one; each comes out as one packed row (stages.preprocess_packed).
+    ds = ds.map_batches(preprocess_packed, fn_kwargs={"cfg": conf}, batch_size=cfg.batch_size,
+                        num_cpus=cfg.cpus_per_task, batch_format="numpy",
+                        compute=ray.data.TaskPoolStrategy(size=cfg.preprocess_concurrency()))
     return ds.map_batches(
-        Generator, fn_constructor_kwargs={"cfg": conf, "record": record.dump()}, batch_size=cfg.rows_per_shard,
+        PackedGenerator, fn_constructor_kwargs={"cfg": conf, "record": record.dump()},
+        batch_size=cfg.batches_per_shard(),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_gpus=cfg.gpus_per_actor or None, num_cpus=cfg.cpus_per_actor,

@@ -42,6 +42,9 @@ LISTING_FIELDS = ("id", "image", "question", "references", "adapter")
 # Parts a run's input is read in: key ranges listed side by side, or runs of Parquet row groups.
 MAX_PARTS = 32
 AHEAD_WAIT_S = 0.2
+# A read task's tables stay under this (in whole batches): Ray Data joins them up to
+# pipeline.BLOCK_BYTES (128 KiB) and cuts a block over 1.5 times that at any row.
+CHUNK_BYTES = 40 << 10
 
 
 @dataclass(frozen=True)
@@ -133,9 +136,8 @@ def check_input(cfg: InferConfig, parts: list[Part]) -> None:
 
 
 def read_part_rows(part: Part, *, cfg: dict, index_ref, ledger) -> Iterator:
-    """The body of one read task: the part's rows that the output does not hold yet, a block
-    per page, with the ledger told about every page."""
-    import pyarrow as pa
+    """The body of one read task: the part's rows that the output does not hold yet, in
+    blocks of whole batches, with the ledger told about every page."""
     import ray
 
     from .ledger import contains, id_keys, load_index
@@ -144,6 +146,7 @@ def read_part_rows(part: Part, *, cfg: dict, index_ref, ledger) -> Iterator:
     index = load_index(index_ref)
     ledger.begin.remote(part.index)
     bound = conf.rows_ahead()
+    chunks = _Chunker(conf.batch_size)
     for rows in RowMaker(conf).pages(part):
         while ray.get(ledger.ahead.remote()) >= bound:
             time.sleep(AHEAD_WAIT_S)
@@ -151,11 +154,44 @@ def read_part_rows(part: Part, *, cfg: dict, index_ref, ledger) -> Iterator:
         done = contains(index, id_keys(r["id"] for r in rows)) if len(index) else None
         kept = rows if done is None else [r for r, d in zip(rows, done) if not d]
         ledger.add.remote(part.index, len(rows), len(rows) - len(kept), str(digest))
-        if kept:
-            yield pa.table({c: [r[c] for r in kept] for c in COLUMNS})
+        yield from chunks.add(kept)
+    yield from chunks.flush()
     # Waited on: the ledger has every count of this part before the task ends, so once the
     # stream has ended the driver reads final numbers.
     ray.get(ledger.finish.remote(part.index))
+
+
+class _Chunker:
+    """Rows into tables of whole batches (batch_size rows, a multiple of it), each under
+    CHUNK_BYTES: Ray Data joins a task's tables into blocks of pipeline.BLOCK_BYTES and
+    would cut a larger one at any row, leaving a batch split in two; a part's last table
+    may hold a partial batch."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.rows = batch_size, []
+
+    def add(self, rows: list[dict]) -> Iterator:
+        self.rows += rows
+        if len(self.rows) < self.batch_size:
+            return
+        size = sum(len(str(r["id"])) + len(r["image"]) + len(r["question"]) + len(r["references"]) + 16
+                   for r in self.rows[:self.batch_size])
+        per = self.batch_size * max(1, CHUNK_BYTES // max(1, size))
+        whole = len(self.rows) - len(self.rows) % self.batch_size
+        for start in range(0, whole, per):
+            yield _table(self.rows[start:min(start + per, whole)])
+        self.rows = self.rows[whole:]
+
+    def flush(self) -> Iterator:
+        if self.rows:
+            yield _table(self.rows)
+        self.rows = []
+
+
+def _table(rows: list[dict]):
+    import pyarrow as pa
+
+    return pa.table({c: [r[c] for r in rows] for c in COLUMNS})
 
 
 class InputSource(Datasource):
