@@ -19,7 +19,7 @@ With nothing else running, each `--repeat` times (median, min to max):
    carries its digest in its footer: the index reads ids only; printed); then, with the
    shards holding about 1 % of the rows deleted, a rerun answers exactly those rows.
 
-4. `--only vllm`: on `engine: vllm`, the pipeline against the peer a user would pick instead,
+4. on `engine: vllm`, the pipeline against the peer a user would pick instead,
    vLLM's own `LLM.chat` (bench/_vllm_peer.py, in MEDRAY_VLLM_PYTHON's environment) over the
    same `--vllm-images` PNGs and the same random LLaVA (bench/infer.py's small geometry, 64
    image tokens), with the CPUs the pipeline gives its engine (`--vllm-cpus`: the actor's CPUs,
@@ -125,10 +125,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300, help="distinct images the manifest rows point at")
     parser.add_argument("--window", type=float, default=30.0,
                         help="seconds a manifest or prefix run goes on after its first shard")
-    parser.add_argument("--only", choices=["manifest", "prefix", "rerun", "vllm"], default=None)
+    parser.add_argument("--only", default="manifest,prefix,rerun,vllm",
+                        help="comma-separated parts to run: manifest, prefix, rerun, vllm (needs MEDRAY_VLLM_PYTHON)")
     parser.add_argument("--vllm-images", type=int, default=256)
     parser.add_argument("--vllm-cpus", type=int, default=1, help="CPUs of the pipeline's vLLM actor = the peer's threads")
-    parser.add_argument("--vllm-rows-per-shard", type=int, default=256)
+    parser.add_argument("--vllm-rows-per-shard", type=int, default=64,
+                        help="several shards in --vllm-images, so that a steady rate after the first exists")
     add_repeat(parser)
     args = parser.parse_args()
     sizes = [int(x) for x in args.manifest_rows.split(",") if x]
@@ -148,14 +150,15 @@ def main() -> None:
         # A first run warms the nodes' worker processes and the tiny model's cache.
         write_manifest(tmp / "warm.jsonl", 300, images)
         run_until([*ARGS, "--input", str(tmp / "warm.jsonl")], str(tmp / "warm-out"), env=env, window_s=None)
+        parts = set(args.only.split(","))
         try:
-            if args.only in (None, "manifest"):
+            if "manifest" in parts:
                 lines += manifests(args, sizes, images, tmp, env)
-            if args.only in (None, "prefix"):
+            if "prefix" in parts:
                 lines += prefixes(args, objects, tmp, env)
-            if args.only in (None, "rerun"):
+            if "rerun" in parts:
                 lines += reruns(args, images, tmp, env)
-            if args.only == "vllm":
+            if "vllm" in parts:
                 lines += vllm_against_peer(args, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

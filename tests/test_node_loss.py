@@ -48,6 +48,23 @@ def cluster(s3_server):
         c.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _left_as_found(cluster, request):
+    """A test that fails leaves the next what it found: no job of it still running (holding
+    the CPUs the next one needs), and as many worker nodes. A test that passes restores its
+    nodes itself, as part of what it checks."""
+    failed, workers = request.session.testsfailed, len(cluster.workers)
+    yield
+    if request.session.testsfailed == failed or not cluster.alive():
+        return
+    for job in cluster.api("/api/jobs/") or []:
+        if job.get("status") in ("PENDING", "RUNNING"):
+            subprocess.run([str(BIN / "ray"), "job", "stop", f"--address={cluster.dashboard}", job["submission_id"]],
+                           env=cluster.env, capture_output=True, timeout=120)
+    for _ in range(workers - len(cluster.workers)):
+        cluster.add_node(num_cpus=2)
+
+
 def _submit(cluster, entrypoint: list[str]) -> subprocess.Popen:
     """`ray job submit`, so the driver runs on the head node, which stays."""
     return subprocess.Popen([str(BIN / "ray"), "job", "submit", f"--address={cluster.dashboard}", "--", *entrypoint],

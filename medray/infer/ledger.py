@@ -169,6 +169,11 @@ class RunLedger:
 
 
 def start_ledger(parts: int):
+    """The run's ledger, on the driver's own node. Ray may place a 0-CPU actor on any node, and
+    one on a worker node that is lost (a preempted spot instance) would take the run with it,
+    though Ray Data redoes the lost node's tasks; the driver's node going ends the run anyway."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0, max_restarts=0)(RunLedger).remote(parts)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(RunLedger).remote(parts)
