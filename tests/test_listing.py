@@ -165,6 +165,24 @@ def test_a_200k_row_manifest_streams_the_first_shard_before_it_is_read(ray_clust
     assert len(written) >= 64 and len({r["id"] for r in written}) == len(written)
 
 
+def test_the_listing_runs_ahead_by_the_start_bound_until_a_first_shard_is_written():
+    from medray.digests import SetDigest
+    from medray.infer.ledger import RunLedger
+
+    ledger = RunLedger(2, ahead_at_start=1_000, ahead=5_000)
+    ledger.begin(0)
+    ledger.add(0, 900, 0, str(SetDigest()))
+    assert ledger.may_list()
+    ledger.add(0, 600, 100, str(SetDigest()))  # 1,400 to answer, none written: the start bound holds
+    assert not ledger.may_list()
+    ledger.wrote(256)  # the first shard: now up to 5,000 ahead
+    assert ledger.may_list()
+    ledger.add(0, 4_000, 0, str(SetDigest()))
+    assert ledger.ahead() == 5_144 and not ledger.may_list()
+    cfg = _cfg(input="x", output="y", rows_per_shard=256, max_actors=2, max_rows_ahead=1)
+    assert cfg.rows_ahead_at_start() == cfg.rows_ahead() == 4 * 256 * 2 + 20_000  # never below what fills the first shards
+
+
 def test_a_parquet_manifest_is_read_in_parts_with_only_the_columns_a_record_reads(ray_cluster, tmp_path):
     images = _write_images(tmp_path / "img", 12)
     n = 300

@@ -133,8 +133,9 @@ class RunLedger:
     """Counts per read part (listed, skipped, listing digest), which parts have finished, and
     the rows written (the driver's count). A Ray actor (`start_ledger`); O(parts) state."""
 
-    def __init__(self, parts: int):
+    def __init__(self, parts: int, ahead_at_start: int = 0, ahead: int = 0):
         self.parts = parts
+        self.bounds = (ahead_at_start, ahead)  # InferConfig.rows_ahead_at_start(), rows_ahead()
         self.written = 0
         self.listed: dict[int, int] = {}
         self.skipped: dict[int, int] = {}
@@ -160,6 +161,11 @@ class RunLedger:
         """Rows listed to be answered that no shard holds yet: how far the listing runs ahead."""
         return sum(self.listed.values()) - sum(self.skipped.values()) - self.written
 
+    def may_list(self) -> bool:
+        """Whether a read task may list another page: the rows it would run ahead stay under
+        the run's bound, the smaller one until a first shard is written."""
+        return self.ahead() < self.bounds[1 if self.written else 0]
+
     def snapshot(self) -> dict:
         digest = SetDigest()
         for d in self.digests.values():
@@ -168,7 +174,7 @@ class RunLedger:
                 "complete": len(self.finished) == self.parts, "listing": str(digest)}
 
 
-def start_ledger(parts: int):
+def start_ledger(parts: int, ahead_at_start: int, ahead: int):
     """The run's ledger, on the driver's own node. Ray may place a 0-CPU actor on any node, and
     one on a worker node that is lost (a preempted spot instance) would take the run with it,
     though Ray Data redoes the lost node's tasks; the driver's node going ends the run anyway."""
@@ -176,4 +182,4 @@ def start_ledger(parts: int):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(RunLedger).remote(parts)
+    return ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(RunLedger).remote(parts, ahead_at_start, ahead)

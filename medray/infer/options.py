@@ -85,7 +85,8 @@ class InferConfig(StrictModel):
     max_rows_ahead: int = Field(100_000, ge=1)
     """Rows the listing may run ahead of the answers (listed, not yet written): it bounds what
     waits in Ray's object store, whatever the corpus holds. The run's total is known once the
-    listing is within this many rows of the end. Never below 4 shards per actor and 20,000."""
+    listing is within this many rows of the end. Never below 4 shards per actor and 20,000,
+    which is also the bound until the first shard is written (`rows_ahead_at_start`)."""
     preprocess_tasks: int | None = Field(None, ge=1)
     """Read/decode/preprocess tasks that may run at once. Default: 2 per generation actor
     (max_actors). Uncapped, Ray Data starts one task per free CPU slice as soon as the job
@@ -125,7 +126,13 @@ class InferConfig(StrictModel):
         """The effective max_rows_ahead: enough rows in flight to fill every actor's next shards
         (Ray Data holds a shard's rows back until it has a whole shard's worth) and what a read
         task holds before it lets a block go (pipeline.BLOCK_BYTES: a few thousand rows)."""
-        return max(self.max_rows_ahead, 4 * self.rows_per_shard * self.max_actors + 20_000)
+        return max(self.max_rows_ahead, self.rows_ahead_at_start())
+
+    def rows_ahead_at_start(self) -> int:
+        """How far the listing may run ahead before the first shard is written: what fills
+        the first shards. Listed further, a prefix's pages only compete for the CPUs with the
+        run's start (worker processes, model loads), on the nodes that list."""
+        return 4 * self.rows_per_shard * self.max_actors + 20_000
 
     def batches_per_shard(self) -> int:
         """Preprocessed batches (batch_size rows each) that make one shard."""

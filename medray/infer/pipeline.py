@@ -203,7 +203,7 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
     # Written first and unfinished: an output that a crashed or cancelled run left is still
     # known to be this model's; the digests and finished_at come at the end.
     provenance.write(cfg.output, record)
-    ledger = start_ledger(len(parts))
+    ledger = start_ledger(len(parts), cfg.rows_ahead_at_start(), cfg.rows_ahead())
     with ray.data.DataContext.current(_pipeline_context()):
         ds = _dataset(cfg, parts, index, ledger, record)
     tally = _Tally(ledger, SetDigest.parse(index.answers), progress, on_progress)

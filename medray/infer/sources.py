@@ -8,8 +8,9 @@ Parquet footer), whatever the corpus holds. Each read task then, for its part:
   an image, the id of a record, or its position in the file);
 - drops the rows the output already holds (the done index, medray.infer.ledger) and tells
   the ledger what it listed, skipped and the listing's digest;
-- waits while the rows listed and not yet answered reach InferConfig.max_rows_ahead: what
-  waits in the object store stays bounded, however far ahead a fast listing could run;
+- waits while the rows listed and not yet answered reach InferConfig.max_rows_ahead (a
+  smaller bound until the first shard is written: `ledger.may_list`): what waits in the
+  object store stays bounded, however far ahead a fast listing could run;
 - yields the rest, a page at a time, so preprocessing starts on the first pages while the
   rest of the corpus is still being listed (pipeline.BLOCK_BYTES says how Ray Data cuts them).
 
@@ -145,10 +146,9 @@ def read_part_rows(part: Part, *, cfg: dict, index_ref, ledger) -> Iterator:
     conf = InferConfig.model_validate(cfg)
     index = load_index(index_ref)
     ledger.begin.remote(part.index)
-    bound = conf.rows_ahead()
     chunks = _Chunker(conf.batch_size)
     for rows in RowMaker(conf).pages(part):
-        while ray.get(ledger.ahead.remote()) >= bound:
+        while not ray.get(ledger.may_list.remote()):
             time.sleep(AHEAD_WAIT_S)
         digest = SetDigest().update([r[k] for k in LISTING_FIELDS] for r in rows)
         done = contains(index, id_keys(r["id"] for r in rows)) if len(index) else None

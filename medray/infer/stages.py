@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import json
 import pickle
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Callable
 
@@ -27,6 +29,11 @@ _PROCESSORS: dict = {}
 # Rows without an image carry an empty array, so the columns stay tensor columns.
 _NO_PIXELS = np.zeros((0, 0, 0, 0), dtype=np.float32)
 _NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+# Held while a Generator of this process loads its model on a thread of its own. transformers
+# imports its parts lazily, and two threads importing them at once failed ("cannot import
+# name 'AutoProcessor'") where Ray Data fused preprocess into the generation actor: there,
+# preprocess waits for the load, as it did when the actor loaded before it started.
+_LOADING = threading.Lock()
 
 
 def _processor(model_uri: str):
@@ -51,6 +58,8 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
     """CPU stage: read bytes, decode, render the prompt, run the processor. Errors stay per row."""
     from medray.data import ImageOptions, load_image
 
+    with _LOADING:  # free, unless a model loads in this very process (see _LOADING)
+        pass
     conf = InferConfig.model_validate(cfg)
     vllm = conf.engine == "vllm"  # the run's engine, as chosen: it takes ids and images, not pixels
     n = len(batch["id"])
@@ -117,13 +126,13 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
 def load_engine(model: str, adapter: str | None = None, adapters: dict[str, str] | None = None) -> GenerationEngine:
     """The default engine factory: a transformers engine over the loaded model, with `adapter`
     (PEFT's "default") and the named `adapters` loaded beside it for mixed batches."""
-    from peft import PeftModel
-
     from medray.models import load_model
     from medray.models.loading import resolve_adapter_uri
 
     loaded = load_model(model, adapter=adapter)
     for name, uri in (adapters or {}).items():
+        from peft import PeftModel  # here: importing peft costs seconds that a run without adapters need not wait
+
         path = str(resolve_adapter_uri(uri))
         if isinstance(loaded.model, PeftModel):
             loaded.model.load_adapter(path, adapter_name=name)
@@ -158,9 +167,29 @@ class Generator:
                 from .vllm_engine import load_vllm_engine
 
                 engine_for = functools.partial(load_vllm_engine, options=self.cfg.vllm.model_dump())
-        self.engine = engine_for(self.cfg.model, self.cfg.adapter,
-                                 **({"adapters": self.cfg.adapters} if self.cfg.adapters else {}))
-        self.experts = Experts(self.cfg.experts, engine_for) if self.cfg.experts is not None else None
+
+        def load():
+            engine = engine_for(self.cfg.model, self.cfg.adapter,
+                                **({"adapters": self.cfg.adapters} if self.cfg.adapters else {}))
+            return engine, Experts(self.cfg.experts, engine_for) if self.cfg.experts is not None else None
+
+        if self.cfg.engine == "vllm":  # started on the actor's own thread, as vLLM is tested to start
+            self._loaded: Future = Future()
+            self._loaded.set_result(load())
+        else:
+            # Loaded beside the actor's start, not before it counts as started: Ray Data sends
+            # an actor even an empty block (a rerun with every row done), and waiting seconds
+            # for a model to answer nothing was most of such a rerun. The first batch waits
+            # for the load; a load that fails raises there, in every call.
+            _LOADING.acquire()  # here, so that no preprocess of this process can start before it
+
+            def load_then_release():
+                try:
+                    return load()
+                finally:
+                    _LOADING.release()
+
+            self._loaded = ThreadPoolExecutor(1, thread_name_prefix="medray-load").submit(load_then_release)
         # What made each answer: the decoding settings, the engine, and the model and adapter
         # (by URI, and by digest where the run recorded them).
         adapters = self.cfg.all_adapters()
@@ -169,6 +198,14 @@ class Generator:
                                              "adapter": adapters.get(name), "model_digest": digests.get("model"),
                                              "adapter_digest": digests.get(adapter_role(name)) if name else None})
                            for name in [None, *adapters]}
+
+    @property
+    def engine(self) -> GenerationEngine:
+        return self._loaded.result()[0]
+
+    @property
+    def experts(self) -> Experts | None:
+        return self._loaded.result()[1]
 
     @staticmethod
     def _encoded(batch: dict, i: int) -> Encoded:
