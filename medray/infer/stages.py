@@ -12,15 +12,17 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from medray import storage
 from medray.data import shards
 
-from .engine import GenerationEngine, encode_request
 from .types import Encoded, Request
+
+if TYPE_CHECKING:
+    from .engine import GenerationEngine
 from .experts import Experts, encode_for_expert
 from .options import InferConfig, adapter_role
 from .prompts import messages_for
@@ -57,6 +59,10 @@ class _ListedError(Exception):
 def preprocess(batch: dict, *, cfg: dict) -> dict:
     """CPU stage: read bytes, decode, render the prompt, run the processor. Errors stay per row."""
     from medray.data import ImageOptions, load_image
+
+    # Imported here, with torch: a preprocess task handed an empty block (every row of a rerun
+    # done) then starts without importing it, which was a second of such a rerun.
+    from .engine import encode_request
 
     with _LOADING:  # free, unless a model loads in this very process (see _LOADING)
         pass
@@ -128,6 +134,8 @@ def load_engine(model: str, adapter: str | None = None, adapters: dict[str, str]
     (PEFT's "default") and the named `adapters` loaded beside it for mixed batches."""
     from medray.models import load_model
     from medray.models.loading import resolve_adapter_uri
+
+    from .engine import GenerationEngine
 
     loaded = load_model(model, adapter=adapter)
     for name, uri in (adapters or {}).items():
