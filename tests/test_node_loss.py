@@ -328,16 +328,18 @@ def test_batch_job_loses_its_runners_node_and_finishes_exactly_once(served):
 def test_batch_job_resubmitted_after_a_full_cluster_restart_resumes_from_its_shards(cluster):
     """Last in the module: it loses the head, and with it the cluster."""
     corpus, out = f"s3://{BUCKET}/restart-corpus", f"s3://{BUCKET}/restart-out"
-    write_synthetic("chest-vqa", corpus, n=48, seed=9)
+    # Enough rows, and answers long enough, that the run is still going when its first shards
+    # are seen (with 48 rows of 8 tokens it once finished within the poll before the loss).
+    write_synthetic("chest-vqa", corpus, n=96, seed=9)
     images = sorted(f.uri.rsplit("/", 1)[1] for f in storage.list_files(f"{corpus}/images"))
     cmd = ["python", str(REPO / "jobs/infer.py"), "--model", "tiny://llava-mistral", "--task", "vqa",
            "--question", "Is there an opacity?", "--input", f"{corpus}/images", "--output", out,
-           "--max-new-tokens", "8", "--batch-size", "4", "--rows-per-shard", "4", "--max-actors", "1",
+           "--max-new-tokens", "32", "--batch-size", "4", "--rows-per-shard", "4", "--max-actors", "1",
            "--cpus-per-actor", "1", "--cpus-per-task", "0.25", "--format", "jsonl"]
     t0 = time.monotonic()
     job = _submit(cluster, cmd)
     try:
-        wait_for(lambda: len(_shard_names(out)) >= 2, 300, "the first shards", every=0.5)
+        wait_for(lambda: len(_shard_names(out)) >= 2, 300, "the first shards", every=0.25)
         cluster.lose_all()
         lost_at = time.monotonic() - t0
     finally:
