@@ -11,6 +11,9 @@ charts, this record), so the same model has the same digest on local disk, as an
 prefix (through medray's mirror) and in the temporary directory it was exported from.
 File hashes are cached by path, size and mtime, so computing a digest again reads only
 files that changed.
+
+One module, though long: the record, the digests it carries and the lineage that reads it
+share one format; split, each part would import the others.
 """
 
 from __future__ import annotations

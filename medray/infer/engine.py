@@ -2,6 +2,9 @@
 
 One engine serves the batch pipeline, the Serve deployment and the demo, so a prompt is
 rendered and decoded the same way everywhere.
+
+One module, though long: the engine, its generation thread and the request encoding that
+preprocess shares are one concept; issue #40 declares the engine seam they sit behind.
 """
 
 from __future__ import annotations

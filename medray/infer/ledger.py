@@ -133,7 +133,7 @@ class RunLedger:
     """Counts per read part (listed, skipped, listing digest), which parts have finished, and
     the rows written (the driver's count). A Ray actor (`start_ledger`); O(parts) state."""
 
-    def __init__(self, parts: int, ahead_at_start: int = 0, ahead: int = 0):
+    def __init__(self, parts: int, ahead_at_start: int, ahead: int):
         self.parts = parts
         self.bounds = (ahead_at_start, ahead)  # InferConfig.rows_ahead_at_start(), rows_ahead()
         self.written = 0
@@ -182,4 +182,5 @@ def start_ledger(parts: int, ahead_at_start: int, ahead: int):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(RunLedger).remote(parts, ahead_at_start, ahead)
+    actor = ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(RunLedger)
+    return actor.remote(parts, ahead_at_start, ahead)

@@ -20,12 +20,12 @@ from medray import storage
 from medray.data import shards
 
 from .types import Encoded, Request
-
-if TYPE_CHECKING:
-    from .engine import GenerationEngine
 from .experts import Experts, encode_for_expert
 from .options import InferConfig, adapter_role
 from .prompts import messages_for
+
+if TYPE_CHECKING:
+    from .engine import GenerationEngine
 
 _PROCESSORS: dict = {}
 # Rows without an image carry an empty array, so the columns stay tensor columns.
@@ -139,7 +139,7 @@ def load_engine(model: str, adapter: str | None = None, adapters: dict[str, str]
 
     loaded = load_model(model, adapter=adapter)
     for name, uri in (adapters or {}).items():
-        from peft import PeftModel  # here: importing peft costs seconds that a run without adapters need not wait
+        from peft import PeftModel  # here: importing peft takes ~1 s, which a run without adapters skips
 
         path = str(resolve_adapter_uri(uri))
         if isinstance(loaded.model, PeftModel):
@@ -197,7 +197,9 @@ class Generator:
                 finally:
                     _LOADING.release()
 
-            self._loaded = ThreadPoolExecutor(1, thread_name_prefix="medray-load").submit(load_then_release)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="medray-load")
+            self._loaded = pool.submit(load_then_release)
+            pool.shutdown(wait=False)  # its one thread ends with the load
         # What made each answer: the decoding settings, the engine, and the model and adapter
         # (by URI, and by digest where the run recorded them).
         adapters = self.cfg.all_adapters()

@@ -11,6 +11,9 @@ another Python environment on the same nodes, named by MEDRAY_VLLM_PYTHON (vLLM'
 pins transformers below medray's, so on CPU it has an environment of its own: `make vllm`).
 Ray starts the vLLM actors with that interpreter (runtime_env py_executable); medray is
 installed there too, and Ray is the same version.
+
+One module, though long: choosing vLLM, its batch engine and its async serving engine hold
+vLLM's options and traps in one place; issue #40 declares the seam they share with hf.
 """
 
 from __future__ import annotations

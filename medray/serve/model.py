@@ -4,6 +4,9 @@ Concurrent requests are merged into one generate call by `@serve.batch`; rows th
 different adapters still share that call (PEFT mixed-adapter batches), so multi-LoRA
 serving costs no extra passes. Streamed requests are batched the same way, by a second
 batcher whose generate call hands out tokens step by step.
+
+One module, though long: the transformers and vLLM deployments share the batchers and the
+request checks; issue #40 puts them behind one deployment and one engine seam.
 """
 
 from __future__ import annotations
