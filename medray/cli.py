@@ -289,12 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RAY_COMMANDS = ("train", "infer", "serve", "demo")
+"""The commands that run Ray (their output has Ray's noise kept out: raycluster.quiet_noise)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # each S3 client's "Found credentials", each HTTP call: -v shows them
+        for name in ("botocore", "boto3", "httpx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    from medray.raycluster import Stopped, quiet_noise
+
+    if args.command in RAY_COMMANDS:
+        quiet_noise()
     try:
         return args.func(args)
+    except Stopped:  # SIGTERM: the local Ray's processes end at exit (raycluster.LocalProcesses)
+        # For `medray serve` a stop is how it ends, not a failure (systemd and Kubernetes
+        # count 0 as a clean stop); a run cut short is not done: 128 + SIGTERM.
+        return 0 if args.command == "serve" else 143
     except KeyboardInterrupt:  # Ctrl-C is how `medray serve` is stopped: no traceback for it
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -8,10 +8,11 @@
     3. Ray Data: batch VQA on held-out images, with the untrained and the trained model
     4. evaluation of both runs; the demo fails unless training gained `min_gain`
     5. Ray Serve: the trained model behind the API, one request over HTTP
-    6. `medray report` over the run (read back from the store), then the whole run copied out
-       to a local directory (./medray-demo), since the loopback store lives in memory; its
-       records name the copy, so `medray show` follows it
-    7. a summary of where everything went, as local paths
+    6. the whole run copied out to a local directory (./medray-demo), since the loopback store
+       lives in memory; its records name the copy, so `medray show` follows it. Then
+       `medray report` over the copy, and a Serve config for the trained model (serve.yaml)
+    7. a summary of where everything went, as local paths, and the command that serves the
+       trained model
 
 Every step is the same code a production run uses; only the sizes are small. Options point
 it at a real model, a corpus of your own, or an existing cluster.
@@ -136,22 +137,33 @@ def _batch_vqa(model: str, test_records: str, output: str):
 
 
 def _score(report: dict) -> float:
-    """One number per run: the mean of closed-question accuracy and open exact match."""
-    corrected = report["vqa"]["corrected"]
-    parts = [v for v in (corrected["closed_accuracy"], corrected["exact_match"]) if v is not None]
-    return sum(parts) / len(parts) if parts else 0.0
+    """One number per run, the report's "overall" (medray.eval.corrected_scores)."""
+    return report["vqa"]["corrected"]["overall"] or 0.0
 
 
-def _serve_one(model: str, test_records: str) -> dict:
+def _example(test_records: str, answers: str):
+    """A held-out DICOM record for the served request and the summary's example: one the
+    trained model answered right in the batch run, where there is one (a newcomer asks it
+    next, in the web page)."""
+    from medray.data import read_records
+    from medray.data.shards import read_shards
+    from medray.eval import corrected_closed_hit, open_hit
+
+    got = {str(r["id"]): r.get("answer") or "" for r in read_shards(answers)}
+    dicoms = [r for r in read_records(test_records) if str(r.image).endswith(".dcm")]
+    right = [r for r in dicoms if (corrected_closed_hit if r.answer in ("yes", "no") else open_hit)(
+        got.get(str(r.id), ""), r.answer)]
+    return (right or dicoms)[0]
+
+
+def _serve_one(model: str, record) -> dict:
     import httpx
     from ray import serve
 
     from medray import storage
-    from medray.data import read_records
     from medray.serve import build_app
     from medray.storage.local_s3 import free_port
 
-    record = next(r for r in read_records(test_records) if str(r.image).endswith(".dcm"))
     image = storage.read_bytes(record.image)
     key = "sk-demo-" + secrets.token_hex(8)  # a throwaway key: the API never runs open
     port = free_port()
@@ -168,9 +180,10 @@ def _serve_one(model: str, test_records: str) -> dict:
         response.raise_for_status()
         answer = response.json()["choices"][0]["message"]["content"]
     finally:
-        serve.delete("demo")
-    return {"url": f"http://127.0.0.1:{port}/v1/chat/completions", "image": record.image,
-            "question": record.question, "answer": answer, "reference": record.answer}
+        # Not waited for: under Serve's HAProxy mode a deleted ingress keeps answering for 30 s
+        # (so that load balancers notice), and nothing here needs it gone before the summary.
+        serve.delete("demo", _blocking=False)
+    return {"image": record.image, "question": record.question, "answer": answer, "reference": record.answer}
 
 
 def run_demo(opts: DemoOptions | None = None) -> str:
@@ -217,12 +230,15 @@ def run_demo(opts: DemoOptions | None = None) -> str:
         scores = {name: _score(r) for name, r in reports.items()}
 
         t0 = time.perf_counter()
-        served = _serve_one(trained, corpus["test"])
+        served = _serve_one(trained, _example(corpus["test"], after.output))
         t["serve"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        write_html_report(root)  # read back through the store: S3 unless local_files
         results = _copy_out(root, opts.results)
+        # From the copy, whose records name the copy: the page names paths that stay. Its
+        # sample images are read while the store is still up.
+        write_html_report(results)
+        serve_config = _write_serve_config(results, _local(trained, root, results))
         t["report"] = time.perf_counter() - t0
 
     gain = scores["trained"] - scores["untrained"]
@@ -235,16 +251,24 @@ def run_demo(opts: DemoOptions | None = None) -> str:
         ("answers trained", local(after.output), f"{after.rows + after.skipped} rows"),
         ("eval untrained", local(storage.join(root, "eval", "untrained")), _describe(reports["untrained"])),
         ("eval trained", local(storage.join(root, "eval", "trained")), _describe(reports["trained"])),
-        ("served", served["url"], f"{served['question']} -> {served['answer']!r} (reference {served['reference']!r})"),
+        ("served once", "the trained model, through the Serve app over HTTP (stopped since)",
+         f"{served['question']} -> {served['answer']!r} (reference {served['reference']!r})"),
         ("report", str(Path(results) / "report.html"), "curves, accuracy before/after, samples, provenance"),
-        ("lineage", f"medray show {local(after.output)}", "what made the trained answers, down to the base model"),
+        ("lineage", f"{_medray()} show {local(after.output)}", "what made the trained answers, down to the base model"),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"medray demo: done in {time.perf_counter() - t_start:.0f} s "
              f"({', '.join(f'{k} {v:.0f} s' for k, v in t.items())})"]
     lines += [f"  {name:<{width}}  {where}\n  {'':<{width}}    {what}" for name, where, what in rows]
-    lines.append(f"  accuracy {scores['untrained']:.2f} untrained -> {scores['trained']:.2f} trained "
-                 f"(gain {gain:+.2f}, required {opts.min_gain:+.2f})")
+    lines.append(f"  overall accuracy {scores['untrained']:.2f} untrained -> {scores['trained']:.2f} trained "
+                 f"(gain {gain:+.2f}, required {opts.min_gain:+.2f}; overall: the mean of closed accuracy and "
+                 "open exact match)")
+    example = local(served["image"])
+    lines += ["", "Serve the trained model (Ctrl-C stops it):",
+              f"  MEDRAY_API_KEYS=sk-local {_medray()} serve {serve_config}",
+              "then open http://127.0.0.1:8000/ with the API key sk-local, or use any OpenAI client, and ask about",
+              f"a DICOM of the held-out images, e.g. {example}: {served['question']!r} (reference "
+              f"{served['reference']!r})."]
     summary = "\n".join(lines)
     if gain < opts.min_gain:
         raise DemoFailed(summary + "\n  training did not improve the model enough")
@@ -269,6 +293,40 @@ def _copy_out(root: str, results: str) -> str:
     return str(dest)
 
 
+def _write_serve_config(results: str, model: str) -> str:
+    """A Serve config for the trained model in the copy, with a batch-job store and job
+    prefixes of local directories (no S3 needed): what `medray serve` takes next."""
+    import yaml
+
+    results_dir = Path(results)
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": [{
+            "name": "medray", "route_prefix": "/", "import_path": "medray.serve:build_app",
+            "args": {
+                "models": [{"name": "medray-demo", "uri": model, "cpus_per_replica": 0.5}],
+                "api_keys": [],  # MEDRAY_API_KEYS, which `medray serve` passes on as digests
+                "jobs": {"store": str(results_dir / "jobs"),
+                         "allowed_input_prefixes": [str(results_dir / "corpus")],
+                         "allowed_output_prefixes": [str(results_dir / "job-answers")],
+                         "cpus_per_actor": 0.5, "cpus_per_task": 0.25},
+            }}],
+    }
+    path = results_dir / "serve.yaml"
+    path.write_text("# `medray demo` wrote this: its trained model, served with `medray serve` (see the README).\n"
+                    + yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
+def _medray() -> str:
+    """The medray command as this process was started (.venv/bin/medray under `make demo`)."""
+    import sys
+
+    arg0 = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "medray" else "medray"
+    return os.path.relpath(arg0) if os.sep in arg0 and not os.path.relpath(arg0).startswith("..") else arg0
+
+
 def _local(uri: str, root: str, results: str) -> str:
     """`uri` as a path in the local copy, when it was under the demo store."""
     root = root.rstrip("/")
@@ -278,5 +336,5 @@ def _local(uri: str, root: str, results: str) -> str:
 def _describe(report: dict) -> str:
     c = report["vqa"]["corrected"]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    return (f"closed accuracy {fmt(c['closed_accuracy'])}, open exact match {fmt(c['exact_match'])} "
-            f"({report['matched']} questions)")
+    return (f"overall {fmt(c['overall'])}: closed accuracy {fmt(c['closed_accuracy'])}, open exact match "
+            f"{fmt(c['exact_match'])} ({report['matched']} questions)")

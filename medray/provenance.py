@@ -357,10 +357,52 @@ def lineage(uri: str, role: str = "artifact", digest: str | None = None, _seen: 
     # An output without a digest of its own (an eval report's record) keeps the digest its
     # reader recorded for it.
     node.update(kind=record.kind, name=record.name, digest=(record.output.digest if record.output else None) or digest,
-                made_by=record.made_by.model_dump(), settings_hash=record.settings_hash,
+                made_by=record.made_by.model_dump(), settings=record.settings, settings_hash=record.settings_hash,
                 started_at=record.started_at, finished_at=record.finished_at)
     node["inputs"] = [lineage(a.uri, a.role, a.digest, seen) for a in record.inputs]
     return node
+
+
+def headline_settings(kind: str, settings: dict) -> dict:
+    """The settings a reader needs to judge or redo an artifact, from its record's `settings`
+    (which hold them all): a stage's training settings, an inference run's decoding."""
+    if kind == "stage":
+        return _stage_headline(settings)
+    if kind in ("inference", "job"):
+        return _decoding_headline(settings)
+    return {}
+
+
+def _stage_headline(settings: dict) -> dict:
+    """What a reader needs to redo a stage's curve, from its record's settings."""
+    stage = settings.get("stage") or settings  # the stage config, as the record keeps it
+    trains = [p if isinstance(p, str) else p.get("name", p) for p in stage.get("train") or []]
+    lora = stage.get("lora")
+    return {k: v for k, v in {
+        "trains": ", ".join(map(str, trains)), "lora": f"r {lora.get('r')}, alpha {lora.get('alpha')}" if lora else None,
+        "quantization": stage.get("quantization") if stage.get("quantization") not in (None, "none") else None,
+        "learning rate": stage.get("lr"), "schedule": stage.get("schedule"), "warmup": stage.get("warmup_ratio"),
+        "steps": stage.get("max_steps"), "epochs": None if stage.get("max_steps") else stage.get("epochs"),
+        "global batch": stage.get("global_batch_size"), "micro batch": stage.get("micro_batch_size"),
+        "workers": stage.get("workers"), "strategy": stage.get("strategy"), "precision": stage.get("precision"),
+        "seed": stage.get("seed"),
+    }.items() if v not in (None, "", [], {})}
+
+
+def _decoding_headline(settings: dict) -> dict:
+    """How the scored answers were generated, from their inference record's settings."""
+    generation = settings.get("generation") or settings
+    temperature = generation.get("temperature")
+    own = "question_for_rows_without_one" in settings  # a records file's rows (medray.infer.pipeline)
+    return {k: v for k, v in {
+        "task": settings.get("task"), "engine": settings.get("engine"),
+        "question": settings.get("question"),
+        "questions": (f"each row's own (rows without one: {settings['question_for_rows_without_one']!r})"
+                      if settings.get("question_for_rows_without_one") else "each row's own") if own else None,
+        "max_new_tokens": generation.get("max_new_tokens"),
+        "decoding": None if temperature is None else "greedy" if temperature == 0 else f"sampled, temperature {temperature}",
+        "top_p": generation.get("top_p") if temperature else None,
+    }.items() if v not in (None, "")}
 
 
 def render_tree(node: dict, indent: str = "") -> list[str]:
@@ -376,6 +418,9 @@ def render_tree(node: dict, indent: str = "") -> list[str]:
     details = []
     if node.get("digest"):
         details.append(f"digest {node['digest']}")
+    headline = headline_settings(node.get("kind", ""), node.get("settings") or {})
+    if headline:
+        details.append("settings: " + ", ".join(f"{k} {v}" for k, v in headline.items()))
     if node.get("made_by"):
         mb = node["made_by"]
         details.append(f"medray {mb['medray']}" + (f" ({mb['git_commit'][:12]})" if mb.get("git_commit") else "")

@@ -47,6 +47,8 @@ class Evaluation:
     label: str = ""
     answers: dict[str, dict] = field(default_factory=dict)
     """id -> answer row (image, question, answer, references), from the predictions it scored."""
+    settings: dict = field(default_factory=dict)
+    """The settings the scored answers were made with (their inference record)."""
 
 
 @dataclass
@@ -99,11 +101,12 @@ def _label(stages: list[Stage], evals: list[Evaluation]) -> None:
         model = made.input("model") if made else None
         if model and model.digest:
             if model.digest == base:
-                ev.label = "before training"
+                ev.label = f"before training (base model {model.uri})"
             elif model.digest in outputs:
                 ev.label = f"after stage {outputs[model.digest]}"
-    order = {"before training": 0}
-    evals.sort(key=lambda e: (order.get(e.label, 1 if e.label.startswith("after") else 2), e.uri))
+        ev.settings = made.settings if made else {}
+    evals.sort(key=lambda e: (0 if e.label.startswith("before training") else 1 if e.label.startswith("after") else 2,
+                              e.uri))
 
 
 def _read_quietly(uri: str) -> Provenance | None:
@@ -134,6 +137,7 @@ def _curves(stages: list[Stage]) -> str:
         parts.append(
             f"<h3>stage {html.escape(name)}</h3><p class=meta>{len(loss)} logged steps; final loss {last}; "
             f"{html.escape(str(s.marker.get('seconds', '?')))} s; <code>{html.escape(s.uri)}</code></p>"
+            + _settings_line(provenance.headline_settings("stage", s.record.settings) if s.record else {})
             + _img(curve_png([r["step"] for r in loss], [r["loss"] for r in loss], epochs=epochs,
                              title=f"stage {name}: training loss", ylabel="loss (mean token cross-entropy)"),
                    f"stage {name} training loss")
@@ -143,14 +147,20 @@ def _curves(stages: list[Stage]) -> str:
     return "\n".join(parts)
 
 
+def _settings_line(settings: dict) -> str:
+    if not settings:
+        return ""
+    return "<p class=meta>" + "; ".join(f"{html.escape(k)} {html.escape(str(v))}" for k, v in settings.items()) + "</p>"
+
+
 def _accuracy(evals: list[Evaluation]) -> str:
     from medray.charts import bars_png
 
     if not evals:
         return "<p>No evaluation reports under this URI.</p>"
     groups: dict[str, dict[str, float | None]] = {}
-    table = ["<table><tr><th>evaluation</th><th>answers</th><th>closed accuracy</th><th>open recall</th>"
-             "<th>open exact match</th><th>multiple choice</th><th>report</th></tr>"]
+    table = ["<table><tr><th>evaluation</th><th>answers</th><th>overall</th><th>closed accuracy</th><th>open recall</th>"
+             "<th>open exact match</th><th>multiple choice</th><th>decoding</th><th>report</th></tr>"]
     for ev in evals:
         corrected = (ev.report.get("vqa") or {}).get("corrected") or {}
         counts = (ev.report.get("vqa") or {}).get("counts") or {}
@@ -163,15 +173,18 @@ def _accuracy(evals: list[Evaluation]) -> str:
         for key, value in figures.items():
             groups.setdefault(key, {})[ev.label] = value
         pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+        decoding = ", ".join(f"{k} {v}" for k, v in provenance.headline_settings("inference", ev.settings).items())
         table.append(f"<tr><td>{html.escape(ev.label)}</td><td>{ev.report.get('matched', 0)}</td>"
+                     f"<td><b>{pct(corrected.get('overall'))}</b></td>"
                      f"<td>{pct(corrected.get('closed_accuracy'))}</td><td>{pct(corrected.get('open_recall'))}</td>"
                      f"<td>{pct(corrected.get('exact_match'))}</td><td>{pct(mcqa)}</td>"
-                     f"<td><code>{html.escape(ev.uri)}</code></td></tr>")
+                     f"<td>{html.escape(decoding)}</td><td><code>{html.escape(ev.uri)}</code></td></tr>")
     table.append("</table>")
     chart = _img(bars_png(groups, title="accuracy per answer type", size=(760, 380)), "accuracy per answer type")
     return chart + "\n" + "\n".join(table) + (
-        "<p class=meta>The corrected figures of <code>medray eval</code>; report.json also holds LLaVA-Med's "
-        "released run_eval.py figures.</p>")
+        "<p class=meta>Overall: the mean of closed accuracy and open exact match (the figure <code>medray demo</code> "
+        "checks). The corrected figures of <code>medray eval</code>; report.json also holds LLaVA-Med's released "
+        "run_eval.py figures.</p>")
 
 
 def _thumbnail(uri: str, prefixes: list[str] | None = None) -> str:
@@ -199,10 +212,40 @@ def _reference(row: dict) -> str:
     return "" if value is None else str(value)
 
 
+def _is_closed(reference: str) -> bool:
+    return reference.strip().lower() in ("yes", "no")
+
+
+def _mark(answer: str, reference: str) -> str:
+    """Right or wrong as the corrected scores read it: a yes/no reference by the closed score
+    ("?" where the answer is neither), any other by open exact match."""
+    from medray.eval.metrics import corrected_closed_hit, open_hit, yes_no
+
+    if not (answer and reference):
+        return ""
+    if _is_closed(reference):
+        return " ✓" if corrected_closed_hit(answer, reference) else (" ✗" if yes_no(answer) else " ?")
+    return " ✓" if open_hit(answer, reference) else " ✗"
+
+
+def _scores_line(rows: list[dict]) -> str:
+    """The corrected figures over the rows that have a reference (yes/no ones closed, the
+    others open), as the eval report names them; nothing where no row has one."""
+    from medray.eval.metrics import corrected_scores
+
+    pairs = [(r.get("answer") or "", ref, "CLOSED" if _is_closed(ref) else "OPEN")
+             for r in rows if not r.get("error") and (ref := _reference(r))]
+    if not pairs:
+        return ""
+    c = corrected_scores(pairs)
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    return (f"<p><b>overall {pct(c['overall'])}</b>: closed accuracy {pct(c['closed_accuracy'])}, open exact match "
+            f"{pct(c['exact_match'])}, over the {len(pairs)} answered rows with a reference (yes/no references closed, "
+            "the others open; overall is the mean of the two, as medray eval reports it)</p>")
+
+
 def _samples(evals: list[Evaluation], n: int) -> str:
     from medray.data.shards import read_shards
-    from medray.eval.metrics import corrected_closed_hit, yes_no
-
     shown = [ev for ev in evals if ev.record and ev.record.input("predictions")]
     for ev in shown:
         try:
@@ -225,10 +268,7 @@ def _samples(evals: list[Evaluation], n: int) -> str:
         for ev in shown:
             answer = ev.answers.get(i, {})
             text = answer.get("answer") or (f"error: {answer['error']}" if answer.get("error") else "")
-            # A yes/no reference is marked right or wrong as the corrected closed score reads it.
-            mark = ""
-            if reference.lower() in ("yes", "no") and text:
-                mark = " ✓" if corrected_closed_hit(text, reference) else (" ✗" if yes_no(text) else " ?")
+            mark = _mark(text, reference)
             lines.append(f"<div><b>{html.escape(ev.label)}:</b> {html.escape(text)}{mark}</div>")
         cells.append(f'<figure>{_thumbnail(row["image"])}<figcaption><div class=q>{html.escape(row["question"])}'
                      f'</div><div><b>reference:</b> {html.escape(reference)}</div>{"".join(lines)}'
@@ -245,9 +285,10 @@ def answers_page(output: str, title: str, limit: int = 200, image_prefixes: list
     rows = sorted(read_shards(output), key=lambda r: str(r["id"]))
     cells = []
     for row in rows[:limit]:
-        answer = (f'<div class="error">error: {html.escape(row["error"])}</div>' if row.get("error")
-                  else f"<div><b>answer:</b> {html.escape(row.get('answer') or '')}</div>")
         reference = _reference(row)
+        answer = (f'<div class="error">error: {html.escape(row["error"])}</div>' if row.get("error")
+                  else f"<div><b>answer:</b> {html.escape(row.get('answer') or '')}"
+                       f"{_mark(row.get('answer') or '', reference)}</div>")
         cells.append(f'<figure>{_thumbnail(row["image"], image_prefixes) if row.get("image") else ""}<figcaption>'
                      f'<div class=q>{html.escape(row.get("question") or "")}</div>{answer}'
                      + (f"<div><b>reference:</b> {html.escape(reference)}</div>" if reference else "")
@@ -259,7 +300,7 @@ def answers_page(output: str, title: str, limit: int = 200, image_prefixes: list
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">',
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1><p class=meta><code>{html.escape(output)}</code>: {len(rows)} rows, "
-        f"{errors} errors{more}</p>",
+        f"{errors} errors{more}</p>", _scores_line(rows),
         f'<div class="grid">{"".join(cells)}</div>', "<h2>Provenance</h2>", lineage, "</body></html>"])
 
 

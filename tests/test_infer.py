@@ -379,6 +379,31 @@ def test_experts_stages_run_without_ray_with_injected_engines(tmp_path):
     assert "Context:" not in prompts[1] and "Is there an opacity?" in prompts[1]
 
 
+def test_max_model_len_defaults_to_the_model_context_and_is_refused_over_it(tmp_path, monkeypatch):
+    """vLLM's own default (4,096) failed on every model with a shorter context, the tiny
+    families' 2,048 among them, in an engine process where Serve buried the error. Unset, the
+    engine gets none and derives the model's; set over it, the run and the deployment are
+    refused when they are built, naming both lengths and the config key."""
+    from transformers import LlamaConfig
+
+    from medray.infer.vllm_engine import VLLMOptions, _engine_kwargs, check_options_for, model_context
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    assert VLLMOptions().max_model_len is None
+    tiny = write_tiny_model("llava-mistral", tmp_path / "tiny")
+    assert model_context(json.loads((tiny / "config.json").read_text())) == (2048, "max_position_embeddings")
+    assert _engine_kwargs(tiny, VLLMOptions(), [])["max_model_len"] is None
+    with pytest.raises(ValueError, match=r"max_model_len 4096 is over the context of model tiny: 2048 tokens "
+                                         r"\(max_position_embeddings in its config.json\)"):
+        _engine_kwargs(tiny, VLLMOptions(max_model_len=4096), [])
+    with pytest.raises(ValueError, match=r"max_model_len 2049 .* 2048 tokens"):
+        check_options_for(str(tiny), VLLMOptions(max_model_len=2049))
+    check_options_for(str(tiny), VLLMOptions(max_model_len=2048))
+    # RoPE scaling stretches the context by rules vLLM owns: no figure, no refusal from medray.
+    scaled = LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 4.0}).to_dict()
+    assert model_context(scaled) is None
+
+
 def test_a_kv_budget_below_one_sequence_is_refused_at_start(tmp_path, monkeypatch):
     """A KV cache budget that cannot hold one max_model_len sequence is the operator's to fix,
     refused when the engine is built, saying what the budget holds: vLLM would refuse it in its
@@ -390,7 +415,7 @@ def test_a_kv_budget_below_one_sequence_is_refused_at_start(tmp_path, monkeypatc
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # restored after (_engine_kwargs sets it)
     llama = LlavaConfig(text_config=LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                                                dtype="float16").to_dict())
+                                                max_position_embeddings=4096, dtype="float16").to_dict())
     mistral = MistralConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                             sliding_window=4096, dtype="bfloat16")
     for name, config, per_token in (("llava-7b", llama, 2**19), ("mistral-7b", mistral, 2**17)):
@@ -413,6 +438,8 @@ def test_a_kv_budget_below_one_sequence_is_refused_at_start(tmp_path, monkeypatc
     config = json.loads((tiny / "config.json").read_text())
     assert kv_cache_floor(config, VLLMOptions(max_model_len=512, dtype="float32")) == (512 * 1024, 1024)
     assert kv_cache_floor(config, VLLMOptions(max_model_len=512)) == (512 * 512, 512)
+    # Unset, max_model_len is the model's own context (2,048 tokens for the tiny families).
+    assert kv_cache_floor(config, VLLMOptions(dtype="float32")) == (2048 * 1024, 1024)
     # Attention this does not count (MLA) is left to vLLM's own check.
     assert kv_cache_floor({"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 64, "kv_lora_rank": 16},
                           VLLMOptions()) is None

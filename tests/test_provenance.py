@@ -131,9 +131,12 @@ def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_diges
     assert (down["kind"], down["name"], down["digest"]) == ("stage", "first", first.output.digest)
     leaf = next(n for n in down["inputs"] if n["role"] == "start_model")
     assert (leaf["uri"], leaf["digest"]) == (str(base), _by_hand(base)) and "kind" not in leaf
+    assert tree["settings"]["lr"] == 2e-3 and tree["settings"]["max_steps"] == 2  # every setting, by name
     assert main(["show", str(tmp_path / "run" / "second")]) == 0
     text = capsys.readouterr().out
     assert "stage 'second'" in text and "stage 'first'" in text and _by_hand(base) in text
+    # The settings that made each step, not only their hash.
+    assert "settings: trains llm, learning rate 0.002, schedule cosine" in text and "steps 2" in text, text
 
     # Answers from the trained model, and their score: the chain goes on from them.
     questions = tmp_path / "questions.jsonl"
@@ -150,6 +153,8 @@ def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_diges
     assert made.kind == "inference" and made.input("model").digest == second.output.digest
     assert made.output.digest == provenance.digest_answers({r["id"]: r["answer"] for r in rows})
     assert made.settings["max_new_tokens"] == 4 and made.finished_at
+    # Over a records file each row is asked its own question: no run-wide one is recorded.
+    assert "question" not in made.settings and made.settings["question_for_rows_without_one"] is None
     # Every row, and every Parquet shard's metadata, name the weights that answered.
     assert {json.loads(r["generation"])["model_digest"] for r in rows} == {second.output.digest}
     for shard in sorted(answers.glob("part-*.parquet")):
@@ -176,13 +181,15 @@ def test_every_stage_records_what_made_it_and_a_changed_base_changes_every_diges
     assert main(["show", str(tmp_path / "eval")]) == 0
     text = capsys.readouterr().out
     assert "eval 'eval'" in text and "inference 'answers'" in text and _by_hand(base) in text
+    assert "settings: task vqa, engine hf, questions each row's own, max_new_tokens 4, decoding greedy" in text, text
 
     # `medray report` gathers the run: both stages' curves, the eval named by what answered
     # (found through the answers' record), and the lineage.
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "report.html")]) == 0
     capsys.readouterr()
     page = (tmp_path / "report.html").read_text()
-    for want in ("stage first", "stage second", "after stage second", _by_hand(base), 'alt="stage second learning rate"'):
+    for want in ("stage first", "stage second", "after stage second", _by_hand(base), 'alt="stage second learning rate"',
+                 "learning rate 0.002", "steps 2", "max_new_tokens 4", "decoding greedy", "<th>overall</th>"):
         assert want in page, want
     assert page.count("<img ") == 5  # two curves per stage, the accuracy chart; no images to sample
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -135,3 +136,36 @@ def test_records_images_and_collator_end_to_end_on_s3(bucket, tiny_dirs):
     batch = ChatCollator(proc)([Example(rec.to_messages(), [image], rec.id)])
     labelled = [t for t, lab in zip(batch["input_ids"][0].tolist(), batch["labels"][0].tolist()) if lab != -100]
     assert proc.tokenizer.decode(labelled) == " yes </s>"
+
+
+def test_a_jsonl_shard_holds_values_where_parquet_holds_json_text(tmp_path):
+    """pandas and jq users read a JSONL shard's references and generation as values (a word,
+    a list, an object), not as strings holding JSON; readers inside medray get the JSON text
+    either format gives, and a JSONL shard written before (text) still reads the same."""
+    import pandas as pd
+
+    from medray.data.shards import COLUMNS, read_shard, write_shard
+
+    rows = {c: [""] * 2 for c in COLUMNS}
+    rows.update(id=["a", "b"], answer=["no", "left lung"], references=[json.dumps("none"), json.dumps(["left", "lung"])],
+                generation=[json.dumps({"max_new_tokens": 6, "temperature": 0.0})] * 2,
+                latency_s=[0.1, 0.2], completion_tokens=[1, 2])
+    info = write_shard(rows, output=str(tmp_path / "out"), fmt="jsonl")
+    raw = [json.loads(line) for line in Path(info.uri).read_text().splitlines()]
+    assert [r["references"] for r in raw] == ["none", ["left", "lung"]]
+    assert raw[0]["generation"] == {"max_new_tokens": 6, "temperature": 0.0}
+    frame = pd.read_json(info.uri, lines=True)
+    assert frame.loc[1, "references"] == ["left", "lung"] and frame.loc[0, "generation"]["max_new_tokens"] == 6
+    got = read_shard(info.uri)
+    assert [r["references"] for r in got] == rows["references"] and got[0]["generation"] == rows["generation"][0]
+    # No reference: "" in the row, null in the file.
+    rows.update(references=["", ""])
+    info = write_shard(rows, output=str(tmp_path / "none"), fmt="jsonl")
+    assert json.loads(Path(info.uri).read_text().splitlines()[0])["references"] is None
+    assert [r["references"] for r in read_shard(info.uri)] == ["", ""]
+    # Written before: JSON text in the file, read as it is.
+    old = tmp_path / "old" / "part-0.jsonl"
+    old.parent.mkdir()
+    old.write_text(json.dumps({**{c: "" for c in COLUMNS}, "id": "a", "references": '"none"',
+                               "generation": '{"max_new_tokens": 6}'}) + "\n")
+    assert read_shard(str(old))[0]["references"] == '"none"'

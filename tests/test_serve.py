@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import hashlib
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -1022,6 +1023,13 @@ def test_web_page_answers_an_image_question_and_runs_a_job(server, browser_page,
     page.select_option("#model", "llava")
     page.wait_for_load_state("networkidle")
     assert not errors, errors
+    # The key stays with the tab unless the user ticks "remember": no script of the origin
+    # finds it in localStorage later.
+    assert page.evaluate("[localStorage.getItem('medray-key'), sessionStorage.getItem('medray-key')]") == [None, KEY]
+    page.check("#remember")
+    assert page.evaluate("localStorage.getItem('medray-key')") == KEY
+    page.uncheck("#remember")
+    assert page.evaluate("localStorage.getItem('medray-key')") is None
     assert not page.is_disabled("#job-submit")  # the job store answers: jobs are on
 
     # A DICOM upload: previewed as the server decodes (windows) it for the model, then
@@ -1064,3 +1072,67 @@ def test_web_page_answers_an_image_question_and_runs_a_job(server, browser_page,
     assert report.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
     assert report.evaluate("document.querySelectorAll('img').length") == 4  # 3 PNGs and the DICOM
     assert not errors, errors
+
+
+def test_docs_render_with_the_network_cut(server, browser_page):
+    """/docs on an air-gapped network: Swagger UI's script and style come from the server
+    itself (FastAPI's default loads them from a CDN, and the page stayed blank offline)."""
+    page, errors, outside = browser_page, [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    def only_this_server(route):
+        if route.request.url.startswith(server["url"]) or route.request.url.startswith("data:"):
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort("internetdisconnected")
+
+    page.route("**/*", only_this_server)
+    page.goto(server["url"] + "/docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "medray" in page.inner_text(".swagger-ui .info .title")
+    page.wait_for_selector(".opblock-summary-path[data-path=\"/v1/chat/completions\"]")  # from /openapi.json
+    assert not outside, outside
+    assert not errors, errors
+    assert httpx.get(server["url"] + "/docs/assets/app.py").status_code == 404  # its two files only
+
+
+def test_a_model_still_loading_is_listed_as_such(server, browser_page):
+    """Serve brings the ingress up before a model's replicas have loaded. Meanwhile
+    /v1/models lists the model with ready: false, /readyz says which model is loading, and
+    the web page (served under a route prefix here) offers it greyed out, Ask disabled.
+    A replica that needs more CPUs than the cluster has stays loading for the test's length."""
+    from ray import serve
+
+    args = {**{k: v for k, v in server["args"].items() if k != "jobs"},
+            # A short time limit: a replica is given that plus 5 s to stop, pending ones too.
+            "models": [{"name": "waits", "uri": "tiny://llava-mistral", "cpus_per_replica": 64, "request_timeout_s": 5}]}
+    serve._run(build_app(args), name="loading", route_prefix="/loading", _blocking=False)
+    try:
+        base = server["url"] + "/loading"
+        for _ in range(240):  # the ingress alone: up in seconds
+            try:
+                if httpx.get(base + "/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        listed = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+        assert [(m["id"], m["ready"]) for m in listed["data"]] == [("waits", False)]
+        ready = httpx.get(base + "/readyz", timeout=30)
+        assert ready.status_code == 503 and "waits still loading" in ready.json()["error"]["message"]
+        # The ready server's models say so too.
+        listed = httpx.get(server["url"] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert all(m["ready"] for m in listed.json()["data"])
+
+        page, errors = browser_page, []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(base + "/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        page.wait_for_function("document.getElementById('models-status').textContent.includes('still loading')")
+        assert page.evaluate("[...$('model').options].map(o => [o.text, o.disabled])") == [["waits (loading...)", True]]
+        assert page.is_disabled("#ask")
+        assert not errors, errors
+    finally:
+        serve.delete("loading")

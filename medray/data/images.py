@@ -70,6 +70,10 @@ def _load_raster(data: bytes, name: str, options: ImageOptions) -> Image.Image:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise ImageTooLargeError(name, str(e)) from e
+        except Image.UnidentifiedImageError as e:
+            # PIL's own message names the in-memory buffer ("<_io.BytesIO object at 0x...>").
+            raise ImageDecodeError(name, f"not an image medray reads (PNG, JPEG, TIFF or DICOM); its first bytes "
+                                         f"are {data[:8]!r}") from e
         except Exception as e:
             raise ImageDecodeError(name, f"not a supported image ({type(e).__name__}: {e})") from e
         w, h = img.size

@@ -73,8 +73,28 @@ def write_shard(rows: dict[str, list], *, output: str, fmt: ShardFormat,
             pq.write_table(table, f)
         else:
             for i in range(len(ids)):
-                f.write((json.dumps({c: rows[c][i] for c in COLUMNS}) + "\n").encode())
+                f.write((json.dumps(as_values({c: rows[c][i] for c in COLUMNS})) + "\n").encode())
     return ShardInfo(uri, ids, digest)
+
+
+# Columns that hold JSON text in a row: a Parquet column has one type, and a reference may be
+# a word, a list or an object. A JSONL shard (and a job's answers download) holds their
+# values, so pandas and jq read values, not strings; readers get the text back (read_shard).
+JSON_COLUMNS = ("references", "generation")
+
+
+def as_values(row: dict) -> dict:
+    """A row with its JSON_COLUMNS as values ("" is None), for JSON lines."""
+    return {k: (json.loads(v) if v else None) if k in JSON_COLUMNS and isinstance(v, str) else v
+            for k, v in row.items()}
+
+
+def _as_text(row: dict) -> dict:
+    """as_values undone. A row whose `generation` is a string was written before JSONL shards
+    held values, and is taken as it is."""
+    if isinstance(row.get("generation"), str):
+        return row
+    return {k: ("" if v is None else json.dumps(v)) if k in JSON_COLUMNS else v for k, v in row.items()}
 
 
 def read_shard_index(uri: str) -> ShardInfo:
@@ -107,7 +127,7 @@ def read_shard(uri: str) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.read_table(io.BytesIO(data)).to_pylist()
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    return [_as_text(json.loads(line)) for line in data.decode().splitlines() if line.strip()]
 
 
 def read_shards(prefix: str) -> list[dict]:

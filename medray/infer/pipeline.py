@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 from medray import provenance
+from medray.data.streams import is_records_file
 from medray.digests import SetDigest
 from medray.provenance import Artifact, OutputConflict, Provenance
 
 from .options import AllRowsFailed, InferConfig, Summary, adapter_role
-from .vllm_engine import actor_runtime_env, choose_engine
+from .vllm_engine import actor_runtime_env, check_options_for, choose_engine
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ ANSWER_FIELDS = frozenset({"task", "question", "max_new_tokens", "temperature", 
                            "experts", "max_pixels"})
 
 
+RECORDS_QUESTION = "question_for_rows_without_one"
+
+
 def inference_provenance(cfg: InferConfig) -> Provenance:
     """The record of a run (cfg.engine is the engine chosen): the model's and each adapter's and
     expert's digest, the input, and the answer settings. The input's digest (the set digest of
@@ -65,6 +70,10 @@ def inference_provenance(cfg: InferConfig) -> Provenance:
                    for kind, uri in (("radiology", cfg.experts.radiology), ("plot", cfg.experts.plot)) if uri]
     inputs.append(Artifact(role="input", uri=cfg.input))
     settings = cfg.model_dump(mode="json", include=set(ANSWER_FIELDS))
+    if is_records_file(cfg.input):
+        # Each record is asked its own question (stages.preprocess); the run's question only
+        # where a record has none. Recorded as such, not as the question every row was asked.
+        settings[RECORDS_QUESTION] = settings.pop("question")
     return Provenance(kind="inference", name=cfg.output.rstrip("/").rsplit("/", 1)[-1], inputs=inputs,
                       settings=settings, settings_hash=provenance.hash_json(settings),
                       output=Artifact(role="answers", uri=cfg.output), made_by=provenance.made_by(),
@@ -118,8 +127,11 @@ def _dataset(cfg: InferConfig, parts, index, ledger, record: Provenance):
     # One output block per part, as its task yields it: Ray Data's default would split the few
     # read tasks' output into ~200 blocks.
     ds = ray.data.read_datasource(InputSource(cfg, parts, index.ref, ledger), override_num_blocks=len(parts),
-                                  compute=ray.data.TaskPoolStrategy(size=cfg.read_tasks),
+                                  compute=ray.data.TaskPoolStrategy(size=min(cfg.read_tasks, len(parts))),
                                   num_cpus=cfg.cpus_per_read_task)
+    # preprocess_concurrency is an upper bound, sized for inputs of many blocks; Ray Data warns,
+    # once the input is done, when a small one reached fewer tasks than that. Nothing to do.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
     # The read tasks' blocks hold whole batches (sources.read_part_rows), so every batch
     # preprocess makes is a full one; each comes out as one packed row (stages.preprocess_packed).
     ds = ds.map_batches(preprocess_packed, fn_kwargs={"cfg": conf}, batch_size=cfg.batch_size,
@@ -188,6 +200,8 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
     engine, _ = choose_engine(cfg.engine, model=cfg.model, adapter=cfg.adapter, adapters=cfg.adapters,
                               experts=cfg.experts is not None)
     cfg = cfg.model_copy(update={"engine": engine})
+    if engine == "vllm":
+        check_options_for(cfg.model, cfg.vllm)
     record = inference_provenance(cfg)
     then = check_output(cfg.output, record)  # before anything is written, finished or not
     if cfg.adapters:

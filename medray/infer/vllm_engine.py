@@ -49,8 +49,9 @@ class VLLMOptions(StrictModel):
     """How a vLLM engine is sized. The KV cache is the budget: when it is full, requests wait
     for room (vLLM's scheduler), they are not refused."""
 
-    max_model_len: int = Field(4096, ge=64)
-    """Longest prompt plus answer, in tokens."""
+    max_model_len: int | None = Field(None, ge=64)
+    """Longest prompt plus answer, in tokens. None: the model's own context (what vLLM derives
+    from config.json); a value over it is refused at start, naming both."""
     max_num_seqs: int = Field(256, ge=1)
     """Sequences one engine step holds at most (the running batch)."""
     kv_cache_gib: float | None = Field(None, gt=0)
@@ -145,6 +146,7 @@ def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path],
     import torch
 
     config = read_config(path)
+    check_max_model_len(config, options, path.name)
     cpu = not torch.cuda.is_available()
     if cpu:
         # The model runs in the engine's own process (vLLM's "uni" executor), as vLLM runs it on
@@ -191,6 +193,56 @@ def _engine_kwargs(path: Path, options: VLLMOptions, lora_paths: Sequence[Path],
     return kwargs
 
 
+# The config.json keys vLLM reads a model's context from, the smallest one present winning
+# (vllm/transformers_utils/model_arch_config_convertor.py, derive_max_model_len_and_key).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+
+
+def model_context(config: dict) -> tuple[int, str] | None:
+    """(tokens, key): the context vLLM derives for this config.json when max_model_len is
+    unset, or None where RoPE scaling changes it (vLLM scales it by the factor, by rules per
+    RoPE kind that medray leaves to vLLM) or no key is present."""
+    text = config.get("text_config") or config
+    rope = text.get("rope_parameters") or text.get("rope_scaling")
+    if rope and any(r.get("rope_type", r.get("type", "default")) != "default" or r.get("factor") not in (None, 1, 1.0)
+                    for r in (rope.values() if all(isinstance(v, dict) for v in rope.values()) else [rope])):
+        return None
+    found = [(int(text[k]), k) for k in CONTEXT_KEYS if isinstance(text.get(k), (int, float))]
+    return min(found) if found else None
+
+
+def check_max_model_len(config: dict, options: VLLMOptions, name: str) -> None:
+    """Refuse at start a max_model_len over the model's context. vLLM refuses it too, but in
+    its engine process, where Serve shows it only in the controller's log and restarts the
+    replica, and `serve run` ends with "Failed to update the deployments"."""
+    context = model_context(config)
+    if options.max_model_len is not None and context is not None and options.max_model_len > context[0]:
+        raise ValueError(f"vllm.max_model_len {options.max_model_len} is over the context of model {name}: "
+                         f"{context[0]} tokens ({context[1]} in its config.json). Set max_model_len to at most "
+                         f"{context[0]}, or leave it out to use the model's own")
+
+
+def check_options_for(model: str, options: VLLMOptions) -> None:
+    """check_max_model_len where a run or a deployment is built, so a wrong length fails the
+    command that asked for it. Reads config.json only (a tiny:// model is built; it is small);
+    where that cannot be read here, the engine checks again when it starts."""
+    if options.max_model_len is None:
+        return
+    from medray import storage
+
+    try:
+        if model.startswith("tiny://"):
+            from medray.models.loading import read_config, resolve_model_uri
+
+            config = read_config(resolve_model_uri(model))
+        else:
+            config = json.loads(storage.read_bytes(model.rstrip("/") + "/config.json"))
+    except Exception:  # an adapter directory, a store this node cannot reach: the engine's check
+        return
+    check_max_model_len(config, options, model)
+
+
 def kv_cache_floor(config: dict, options: VLLMOptions) -> tuple[int, int] | None:
     """(bytes, bytes per token): the least KV cache one max_model_len sequence of this model
     takes in vLLM, or None where the model's attention is not one this counts (MLA, layers of
@@ -208,8 +260,11 @@ def kv_cache_floor(config: dict, options: VLLMOptions) -> tuple[int, int] | None
         return None
     width = 4 if options.dtype in ("float32", "float") else 2
     per_token = 2 * layers * kv_heads * head_dim * width  # K and V, every layer
+    length = options.max_model_len or (model_context(config) or (None,))[0]
+    if length is None:
+        return None  # vLLM decides the length (RoPE scaling): no floor medray can vouch for
     window = text.get("sliding_window")
-    tokens = min(options.max_model_len, int(window)) if window else options.max_model_len
+    tokens = min(length, int(window)) if window else length
     return tokens * per_token, per_token
 
 
@@ -223,7 +278,7 @@ def _check_kv_budget(config: dict, options: VLLMOptions, budget: int, path: Path
         raise ValueError(
             f"the KV cache budget ({budget / 2**30:.4g} GiB{'' if options.kv_cache_gib else ', the CPU default'}; "
             "kv_cache_gib) cannot hold one sequence of "
-            f"max_model_len {options.max_model_len} tokens for {path.name}: that takes at least "
+            f"max_model_len {need // per_token} tokens for {path.name}: that takes at least "
             f"{need / 2**30:.4g} GiB ({per_token} bytes per token). Raise kv_cache_gib, or lower max_model_len "
             f"(it holds {budget // per_token} tokens)")
 

@@ -154,17 +154,19 @@ _IMAGE_SETTINGS = ("size", "crop_size", "image_mean", "image_std", "resample", "
 def _image_processor(settings: dict, rule: str):
     """A plain CLIP processor (crop), or transformers' LlavaImageProcessor with do_pad, which
     vLLM and transformers read as they are."""
-    from transformers import CLIPImageProcessor, LlavaImageProcessor
+    from .processing import image_processor_class
 
     if rule == "pad":
-        return LlavaImageProcessor(**settings, do_pad=True)
-    return CLIPImageProcessor(**settings)
+        return image_processor_class("LlavaImageProcessor")(**settings, do_pad=True)
+    return image_processor_class("CLIPImageProcessor")(**settings)
 
 
 def _vision_setup(tower: str, *, allow_pickle: bool):
     """(CLIPVisionConfig, image-processor settings, tower weights or None) for the tower LLaVA
     names. A tower directory wins over everything else: LLaVA loads its tower from there."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig
+    from transformers import CLIPVisionConfig
+
+    from .processing import image_processor_class
 
     if tower not in KNOWN_TOWERS:
         local = _resolve_local(tower)
@@ -173,7 +175,7 @@ def _vision_setup(tower: str, *, allow_pickle: bool):
     if local is not None and (local / "config.json").is_file():
         vcfg = CLIPVisionConfig.from_pretrained(local)
         if (local / "preprocessor_config.json").is_file():
-            proc = CLIPImageProcessor.from_pretrained(local).to_dict()
+            proc = image_processor_class("CLIPImageProcessor").from_pretrained(local).to_dict()
             settings = {k: proc[k] for k in _IMAGE_SETTINGS if k in proc}
         else:
             settings = _clip_settings(vcfg.image_size)

@@ -232,3 +232,19 @@ def encode_prompt(processor, text: str, images: list | None = None, *, expand: b
         out_ids += [tok_id] * reps
         out_offsets += [span] * reps
     return EncodedPrompt(out_ids, out_offsets, pixels)
+
+
+def image_processor_class(name: str):
+    """transformers' image processor `name` (CLIPImageProcessor, LlavaImageProcessor) in the
+    backend this environment has: torchvision's where it is installed, else the PIL one. Asked
+    for by the plain name without torchvision, transformers falls back to the PIL class itself,
+    warning each process that does ("CLIPImageProcessor requires torchvision"). medray's CPU
+    environment has no torchvision on purpose (PyPI's is built against CUDA torch); what it
+    saves names the plain class either way, which vLLM and transformers read."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, name + "Pil"):
+        name += "Pil"
+    return getattr(transformers, name)

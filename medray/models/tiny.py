@@ -90,9 +90,10 @@ def _clip_vision_config():
 
 
 def _image_processor():
-    from transformers import CLIPImageProcessor
+    from .processing import image_processor_class
 
-    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return image_processor_class("CLIPImageProcessor")(size={"shortest_edge": 32},
+                                                      crop_size={"height": 32, "width": 32})
 
 
 def _text_kwargs(tokenizer) -> dict:

@@ -16,6 +16,7 @@ app from one class); schemas and image intake live in openai_api.py and images.p
 # importable (openai_api.py, images.py) or defined above the class.
 import asyncio
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -27,7 +28,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError
@@ -51,10 +53,36 @@ log = logging.getLogger(__name__)
 
 # A replica (or its node) that died under a request: 503 and retry, never the request's fault.
 REPLICA_LOST = (RayActorError, NodeDiedError, RayServeException)
+# How long /v1/models and /readyz wait for a model replica's answer before calling the model
+# loading. A replica that is up answers in milliseconds, unless a batch holds its event loop.
+READY_PROBE_S = 1.0
 
 
-app = FastAPI(title="medray", description="OpenAI-compatible chat/VQA and batch jobs for medical VLMs")
+# /docs is served below, not by FastAPI's default, which loads Swagger UI from a CDN: on an
+# air-gapped hospital network the page stayed blank ("SwaggerUIBundle is not defined").
+app = FastAPI(title="medray", description="OpenAI-compatible chat/VQA and batch jobs for medical VLMs",
+              docs_url=None, redoc_url=None)
 PAGE = Path(__file__).with_name("static") / "index.html"
+# Swagger UI's files as the swagger-ui-py package ships them (Swagger UI 5, which reads the
+# OpenAPI 3.1 FastAPI writes). Found without importing the package, which has no use here.
+SWAGGER_UI = Path(importlib.util.find_spec("swagger_ui").submodule_search_locations[0]) / "static"
+SWAGGER_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
+
+
+@app.get("/docs", include_in_schema=False)
+async def _docs(request: Request):
+    root = request.scope.get("root_path", "").rstrip("/")  # under a route_prefix
+    return get_swagger_ui_html(openapi_url=root + app.openapi_url, title="medray API",
+                               swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+                               swagger_css_url=f"{root}/docs/assets/swagger-ui.css", swagger_favicon_url="data:,")
+
+
+@app.get("/docs/assets/{name}", include_in_schema=False)
+async def _docs_asset(name: str):
+    if name not in SWAGGER_FILES:
+        raise ApiError(404, f"no docs asset {name!r}")
+    return FileResponse(SWAGGER_UI / name, media_type=SWAGGER_FILES[name],
+                        headers={"Cache-Control": "public, max-age=86400"})
 
 
 class _Gate:
@@ -244,13 +272,32 @@ class Api:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    async def _ready(self, name: str) -> bool:
+        """Whether model `name` has a replica that answers. Serve brings the ingress up before
+        the model replicas have loaded (20 s and more), and a call made meanwhile waits for
+        them: asked here with a short time limit, so the answer is "loading", not a wait.
+        Once a replica answered, the model stays ready (Serve replaces lost replicas, and
+        requests wait for them in its queue)."""
+        if name in self.info:
+            return True
+        spec, _ = self.config.model(name)
+        if spec.autoscaling.min_replicas == 0:
+            return True  # scaled to zero by design: a request starts a replica; a probe must not
+        response = self.models[name].info.remote()
+        try:
+            self.info[name] = await asyncio.wait_for(response, READY_PROBE_S)
+        except asyncio.TimeoutError:
+            response.cancel()
+            return False
+        except REPLICA_LOST:
+            return False
+        return True
+
     @app.get("/readyz")
     async def readyz(self):
-        try:
-            for handle in self.models.values():
-                await handle.info.remote()
-        except Exception as e:
-            return error_response(503, f"not ready: {e}", kind="server_error")
+        loading = [name for name in self.models if not await self._ready(name)]
+        if loading:
+            return error_response(503, f"not ready: model(s) {', '.join(loading)} still loading", kind="server_error")
         return {"status": "ready", "models": sorted(self.models)}
 
     @app.get("/metrics", include_in_schema=False)
@@ -262,8 +309,13 @@ class Api:
 
     @app.get("/v1/models")
     async def list_models(self) -> dict:
+        # `ready` beside the OpenAI fields (clients ignore fields they do not know, as they do
+        # vLLM's max_model_len): false while the model's replicas load. A request sent then
+        # is not refused; it waits in Serve's queue until a replica is up.
+        ready = {name: await self._ready(name) for name in self.models}
         return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
-                                            "owned_by": "medray"} for name in self.config.model_ids()]}
+                                            "owned_by": "medray", "ready": ready[name.partition(":")[0]]}
+                                           for name in self.config.model_ids()]}
 
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest):
@@ -393,11 +445,11 @@ class Api:
     @app.get("/v1/jobs/{job_id}/answers")
     async def job_answers(self, job_id: str):
         """The job's output rows as JSON lines (a download: a person opens it, a script reads it)."""
-        from medray.data.shards import read_shards
+        from medray.data.shards import as_values, read_shards
 
         record = await asyncio.to_thread(self._job, job_id)
         rows = await asyncio.to_thread(read_shards, record["output"])
-        body = "".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: str(r["id"])))
+        body = "".join(json.dumps(as_values(r)) + "\n" for r in sorted(rows, key=lambda r: str(r["id"])))
         return Response(body, media_type="application/x-ndjson",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-answers.jsonl"'})
 
@@ -490,7 +542,7 @@ def build_app(args: dict[str, Any]):
     config.keys()  # fail at deploy time, not on the first request, when no key is set
     for spec in config.models:
         check_adapters(spec)  # an adapter the replicas cannot batch fails the deploy, not requests
-    from medray.infer.vllm_engine import actor_runtime_env, choose_engine
+    from medray.infer.vllm_engine import actor_runtime_env, check_options_for, choose_engine
 
     metrics = Metrics.bind()
     models = {}
@@ -498,6 +550,8 @@ def build_app(args: dict[str, Any]):
         a = spec.autoscaling
         # vllm where vLLM is not installed: refused here, at deploy time.
         engine, _ = choose_engine(spec.engine, model=spec.uri)
+        if engine == "vllm":
+            check_options_for(spec.uri, spec.vllm)  # a length over the model's context: here, not in a replica
         # vLLM's in its own environment when it has one (MEDRAY_VLLM_PYTHON).
         actor_options = {"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica,
                          "runtime_env": _user_code(True, actor_runtime_env() if engine == "vllm" else None)}

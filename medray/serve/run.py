@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 import time
 
 import yaml
@@ -52,10 +53,56 @@ def build(app: dict):
     return builder(app.get("args") or {})
 
 
+def port_holder(port: int) -> str | None:
+    """'pid N (command line)' of the process listening on TCP `port` here, from /proc (Linux;
+    processes of this user, or all as root), or None where none is found."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc") if inodes else ()):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                return f"pid {pid} ({command[:120]})"
+        except OSError:
+            continue
+    return None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse to start where the Serve port is taken: Serve would start anyway, and requests
+    to the port would reach whatever holds it (once, a HAProxy left by an earlier run,
+    forwarding to a port a later, unrelated app had taken)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+            return
+        except OSError as e:
+            reason = e.strerror or str(e)
+    holder = port_holder(port)
+    raise RuntimeError(
+        f"port {port} on {host} is in use ({reason})" + (f" by {holder}" if holder else "")
+        + ": an earlier medray or Serve still running? Stop it" + (f" (kill {holder.split()[1]})" if holder else "")
+        + ", or set http_options.port in the config")
+
+
 def run_config(path: str, *, address: str | None = None, blocking: bool = True) -> None:
-    from medray.raycluster import connect
+    from medray.raycluster import connect, resolve_address
 
     config = load_config(path)
+    if resolve_address(address) is None:  # a local Ray: the port is this machine's
+        http = config.get("http_options") or {}
+        check_port_free(http.get("host") or "127.0.0.1", int(http.get("port") or 8000))
     connect(address)
     from ray import serve  # after connect: Serve reads its mode (SERVE_FAST_PATH_ENV) at import
 
