@@ -202,3 +202,23 @@ def test_eval_cli_writes_report_and_charts(files):
     assert report["vqa"]["llava_med"]["open_accuracy"] * 100 == pytest.approx(RELEASED["open_accuracy"])
     for chart in ("closed.png", "open.png"):
         assert Image.open(out / chart).size == (640, 360)
+
+
+def test_a_job_s_page_marks_rows_and_scores_those_with_a_reference(tmp_path):
+    """A batch job over records with references: its page (GET /v1/jobs/{id}/report) marks
+    each answer as the corrected scores read it and gives the same figures medray eval would,
+    over the answered rows that have a reference."""
+    from medray.data.shards import COLUMNS, write_shard
+    from medray.report import answers_page
+
+    rows = {c: [""] * 5 for c in COLUMNS}
+    rows.update(id=["1", "2", "3", "4", "5"], question=["Is there an opacity?"] * 2 + ["Where is it?"] * 2 + ["?"],
+                answer=["Yes.", "yes", "left lung", "the right", ""],
+                references=[json.dumps(r) for r in ("yes", "no", "left lung", "left lung")] + [json.dumps("no")],
+                error=["", "", "", "", "ImageDecodeError: cannot read image x.png"],
+                generation=["{}"] * 5, latency_s=[0.0] * 5, completion_tokens=[1] * 5)
+    write_shard(rows, output=str(tmp_path / "out"), fmt="jsonl")
+    page = answers_page(str(tmp_path / "out"), "job")
+    # closed 1 of 2, open 1 of 2: overall 50 %; the failed row is left out, not counted wrong.
+    assert "<b>overall 50.0 %</b>: closed accuracy 50.0 %, open exact match 50.0 %, over the 4 answered rows" in page
+    assert page.count("✓") == 2 and page.count("✗") == 2
