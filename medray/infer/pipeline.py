@@ -88,6 +88,11 @@ def check_output(output: str, record: Provenance) -> Provenance | None:
     then = provenance.read(output)
     if then is None or then.kind != "inference":
         return None  # a new output (or one written before medray kept records)
+    if RECORDS_QUESTION in record.settings and "question" in then.settings:
+        # Written before a records file's run named its question for what it is: the same setting.
+        settings = dict(then.settings)
+        settings[RECORDS_QUESTION] = settings.pop("question")
+        then = then.model_copy(update={"settings": settings, "settings_hash": provenance.hash_json(settings)})
     diffs = provenance.differences(then, record, by_uri=frozenset({"input"}))
     if diffs:
         raise OutputConflict(f"{output} holds answers made from other inputs or settings than this run's: "
