@@ -5,7 +5,8 @@ import logging
 import sys
 
 from medray.infer import add_infer_arguments, infer_config_from_args, run_inference
-from medray.raycluster import Stopped, quiet_noise
+from medray.localray import Stopped
+from medray.quiet import quiet_noise
 
 
 def main() -> int:

@@ -5,7 +5,8 @@ import logging
 import sys
 
 from medray.config import add_arguments, values_from_args
-from medray.raycluster import Stopped, quiet_noise
+from medray.localray import Stopped
+from medray.quiet import quiet_noise
 from medray.train import TrainArgs, load_manifest, run_curriculum
 
 

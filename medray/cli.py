@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 RAY_COMMANDS = ("train", "infer", "serve", "demo")
-"""The commands that run Ray (their output has Ray's noise kept out: raycluster.quiet_noise)."""
+"""The commands that run Ray (their output has Ray's noise kept out: quiet.quiet_noise)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,13 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # each S3 client's "Found credentials", each HTTP call: -v shows them
         for name in ("botocore", "boto3", "httpx"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    from medray.raycluster import Stopped, quiet_noise
+    from medray.localray import Stopped
+    from medray.quiet import quiet_noise
 
     if args.command in RAY_COMMANDS:
         quiet_noise()
     try:
         return args.func(args)
-    except Stopped:  # SIGTERM: the local Ray's processes end at exit (raycluster.LocalProcesses)
+    except Stopped:  # SIGTERM: the local Ray's processes end at exit (localray.LocalProcesses)
         # For `medray serve` a stop is how it ends, not a failure (systemd and Kubernetes
         # count 0 as a clean stop); a run cut short is not done: 128 + SIGTERM.
         return 0 if args.command == "serve" else 143

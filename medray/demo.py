@@ -147,12 +147,11 @@ def _example(test_records: str, answers: str):
     next, in the web page)."""
     from medray.data import read_records
     from medray.data.shards import read_shards
-    from medray.eval import corrected_closed_hit, open_hit
+    from medray.eval import answer_right
 
     got = {str(r["id"]): r.get("answer") or "" for r in read_shards(answers)}
     dicoms = [r for r in read_records(test_records) if str(r.image).endswith(".dcm")]
-    right = [r for r in dicoms if (corrected_closed_hit if r.answer in ("yes", "no") else open_hit)(
-        got.get(str(r.id), ""), r.answer)]
+    right = [r for r in dicoms if answer_right(got.get(str(r.id), ""), r.answer)]
     return (right or dicoms)[0]
 
 
@@ -323,8 +322,10 @@ def _medray() -> str:
     """The medray command as this process was started (.venv/bin/medray under `make demo`)."""
     import sys
 
-    arg0 = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "medray" else "medray"
-    return os.path.relpath(arg0) if os.sep in arg0 and not os.path.relpath(arg0).startswith("..") else arg0
+    if not (sys.argv and Path(sys.argv[0]).name == "medray" and os.sep in sys.argv[0]):
+        return "medray"
+    relative = os.path.relpath(sys.argv[0])
+    return sys.argv[0] if relative.startswith("..") else relative
 
 
 def _local(uri: str, root: str, results: str) -> str:

@@ -373,13 +373,12 @@ def headline_settings(kind: str, settings: dict) -> dict:
     return {}
 
 
-def _stage_headline(settings: dict) -> dict:
-    """What a reader needs to redo a stage's curve, from its record's settings."""
-    stage = settings.get("stage") or settings  # the stage config, as the record keeps it
-    trains = [p if isinstance(p, str) else p.get("name", p) for p in stage.get("train") or []]
+def _stage_headline(stage: dict) -> dict:
+    """What a reader needs to redo a stage's curve, from its record's settings (the stage
+    config, flat)."""
     lora = stage.get("lora")
     return {k: v for k, v in {
-        "trains": ", ".join(map(str, trains)), "lora": f"r {lora.get('r')}, alpha {lora.get('alpha')}" if lora else None,
+        "trains": ", ".join(stage.get("train") or []), "lora": f"r {lora.get('r')}, alpha {lora.get('alpha')}" if lora else None,
         "quantization": stage.get("quantization") if stage.get("quantization") not in (None, "none") else None,
         "learning rate": stage.get("lr"), "schedule": stage.get("schedule"), "warmup": stage.get("warmup_ratio"),
         "steps": stage.get("max_steps"), "epochs": None if stage.get("max_steps") else stage.get("epochs"),
@@ -391,17 +390,16 @@ def _stage_headline(settings: dict) -> dict:
 
 def _decoding_headline(settings: dict) -> dict:
     """How the scored answers were generated, from their inference record's settings."""
-    generation = settings.get("generation") or settings
-    temperature = generation.get("temperature")
-    own = "question_for_rows_without_one" in settings  # a records file's rows (medray.infer.pipeline)
+    temperature = settings.get("temperature")
+    own = "question_for_rows_without_one" in settings  # a records file's rows (infer.pipeline.RECORDS_QUESTION)
     return {k: v for k, v in {
         "task": settings.get("task"), "engine": settings.get("engine"),
         "question": settings.get("question"),
         "questions": (f"each row's own (rows without one: {settings['question_for_rows_without_one']!r})"
                       if settings.get("question_for_rows_without_one") else "each row's own") if own else None,
-        "max_new_tokens": generation.get("max_new_tokens"),
+        "max_new_tokens": settings.get("max_new_tokens"),
         "decoding": None if temperature is None else "greedy" if temperature == 0 else f"sampled, temperature {temperature}",
-        "top_p": generation.get("top_p") if temperature else None,
+        "top_p": settings.get("top_p") if temperature else None,
     }.items() if v not in (None, "")}
 
 

@@ -212,28 +212,24 @@ def _reference(row: dict) -> str:
     return "" if value is None else str(value)
 
 
-def _is_closed(reference: str) -> bool:
-    return reference.strip().lower() in ("yes", "no")
-
-
 def _mark(answer: str, reference: str) -> str:
-    """Right or wrong as the corrected scores read it: a yes/no reference by the closed score
-    ("?" where the answer is neither), any other by open exact match."""
-    from medray.eval.metrics import corrected_closed_hit, open_hit, yes_no
+    """Right or wrong as the corrected scores read it (medray.eval.answer_right); "?" for an
+    answer to a yes/no question that is neither."""
+    from medray.eval.metrics import answer_kind, answer_right, yes_no
 
     if not (answer and reference):
         return ""
-    if _is_closed(reference):
-        return " ✓" if corrected_closed_hit(answer, reference) else (" ✗" if yes_no(answer) else " ?")
-    return " ✓" if open_hit(answer, reference) else " ✗"
+    if answer_right(answer, reference):
+        return " ✓"
+    return " ?" if answer_kind(reference) == "CLOSED" and not yes_no(answer) else " ✗"
 
 
 def _scores_line(rows: list[dict]) -> str:
     """The corrected figures over the rows that have a reference (yes/no ones closed, the
     others open), as the eval report names them; nothing where no row has one."""
-    from medray.eval.metrics import corrected_scores
+    from medray.eval.metrics import answer_kind, corrected_scores
 
-    pairs = [(r.get("answer") or "", ref, "CLOSED" if _is_closed(ref) else "OPEN")
+    pairs = [(r.get("answer") or "", ref, answer_kind(ref))
              for r in rows if not r.get("error") and (ref := _reference(r))]
     if not pairs:
         return ""

@@ -255,6 +255,17 @@ def open_hit(pred: str, ref: str) -> bool:
     return answer_words(pred) == answer_words(ref)
 
 
+def answer_kind(ref: str) -> str:
+    """CLOSED for a yes/no reference, OPEN otherwise: the kind of a row whose record gives none."""
+    return "CLOSED" if answer_words(ref) in (["yes"], ["no"]) else "OPEN"
+
+
+def answer_right(pred: str, ref: str) -> bool:
+    """Right as the corrected scores read it: by the closed score for a yes/no reference, by
+    open exact match otherwise."""
+    return bool(corrected_closed_hit(pred, ref)) if answer_kind(ref) == "CLOSED" else open_hit(pred, ref)
+
+
 def vqa_metrics(pairs: list[tuple[str, str, str]], candidates: list | None = None) -> dict:
     """Both variants over (prediction, reference, answer_type) triples; answer_type OPEN or CLOSED.
 

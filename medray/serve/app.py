@@ -293,9 +293,13 @@ class Api:
             return False
         return True
 
+    async def _readiness(self) -> dict[str, bool]:
+        """_ready of every model, asked at once: a loading model costs READY_PROBE_S once."""
+        return dict(zip(self.models, await asyncio.gather(*map(self._ready, self.models))))
+
     @app.get("/readyz")
     async def readyz(self):
-        loading = [name for name in self.models if not await self._ready(name)]
+        loading = [name for name, ready in (await self._readiness()).items() if not ready]
         if loading:
             return error_response(503, f"not ready: model(s) {', '.join(loading)} still loading", kind="server_error")
         return {"status": "ready", "models": sorted(self.models)}
@@ -312,7 +316,7 @@ class Api:
         # `ready` beside the OpenAI fields (clients ignore fields they do not know, as they do
         # vLLM's max_model_len): false while the model's replicas load. A request sent then
         # is not refused; it waits in Serve's queue until a replica is up.
-        ready = {name: await self._ready(name) for name in self.models}
+        ready = await self._readiness()
         return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
                                             "owned_by": "medray", "ready": ready[name.partition(":")[0]]}
                                            for name in self.config.model_ids()]}
