@@ -16,6 +16,9 @@
 
 Every step is the same code a production run uses; only the sizes are small. Options point
 it at a real model, a corpus of your own, or an existing cluster.
+
+One module, though long: one script of steps over the library, each a few lines, read top
+to bottom.
 """
 
 from __future__ import annotations
