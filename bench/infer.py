@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
 import torch
 
+from _cpu import CpuTimeline
 from _stats import add_repeat, record, spread
 
 from medray import storage
@@ -99,21 +101,35 @@ def _encode_batches(model: str, chunks: list[list[str]], threads: int, queue) ->
         queue.put([engine.encode(Request(messages(), [load_image(storage.read_bytes(u), u)])) for u in chunk])
 
 
-def second_half_rate(marks: list[tuple[float, int]]) -> float:
-    """Rows/s from the shard that completes half the rows to the last shard. `marks` are
-    (time, rows done) after each shard. The same rule for the bare loop and the pipeline: it
-    leaves out start-up and any backlog that built up behind it (the pipeline decodes ahead
-    while its actor loads the model, so its first shards arrive in a burst)."""
+def second_half(marks: list[tuple[float, int]]) -> tuple[float, float, float]:
+    """(rows/s, start, end) from the shard that completes half the rows to the last shard.
+    `marks` are (time.perf_counter(), rows done) after each shard. The same rule for the bare
+    loop and the pipeline: it leaves out start-up and any backlog that built up behind it (the
+    pipeline decodes ahead while its actor loads the model, so its first shards arrive in a
+    burst)."""
     total = marks[-1][1]
     t_half, n_half = next((t, n) for t, n in marks if n >= total / 2)
     t_end = marks[-1][0]
-    return (total - n_half) / (t_end - t_half) if t_end > t_half else float("nan")
+    return ((total - n_half) / (t_end - t_half) if t_end > t_half else float("nan")), t_half, t_end
 
 
-def batched(model, uris, settings, batch_size, out, threads, shard_rows) -> float:
+def process_kind(pid: int, cmd: str) -> str:
+    """The kinds of process CpuTimeline sums CPU by (Ray titles a worker by its task)."""
+    if pid == os.getpid():
+        return "driver"
+    for kind, marks in (("generation actor", ("PackedGenerator", "MapWorker")), ("preprocess", ("preprocess",)),
+                        ("read", ("ReadMedrayInput",)), ("bare loop", ("multiprocessing",)),
+                        ("Ray's own", ("raylet", "gcs_server", "ray::", "/ray/"))):
+        if any(m in cmd for m in marks):
+            return kind
+    return ""  # not this bench's: left out
+
+
+def batched(model, uris, settings, batch_size, out, threads, shard_rows) -> tuple[tuple, float]:
     """The pipeline's work and parallelism without Ray: one process reads, decodes and encodes
     batches (the pipeline's CPU tasks) while this one generates and writes shards of
-    `shard_rows` (its actor). Steady rate, by the pipeline's rule (second_half_rate).
+    `shard_rows` (its actor). The steady rate with its window, by the pipeline's rule
+    (second_half), and the seconds a row spends in generate calls (generate_s_per_row's rule).
 
     As in the pipeline, decoding starts before the model has loaded and is not held back
     (Ray Data's queue of blocks is bounded by the object store, which a corpus of this size
@@ -128,10 +144,13 @@ def batched(model, uris, settings, batch_size, out, threads, shard_rows) -> floa
     producer = ctx.Process(target=_encode_batches, args=(model, chunks, threads, queue))
     producer.start()
     engine = _fresh_engine(model, uris[0], settings, out + "-warm", threads)
-    marks, done, rows, answers = [], 0, [], []
+    marks, done, rows, answers, generating = [], 0, [], [], 0.0
     for i, chunk in enumerate(chunks):
         rows += chunk
-        answers += engine.generate_encoded(queue.get(), settings)
+        encoded = queue.get()
+        t0 = time.perf_counter()
+        answers += engine.generate_encoded(encoded, settings)
+        generating += time.perf_counter() - t0
         if len(rows) >= shard_rows or i == len(chunks) - 1:
             _write(rows, answers, out, model)
             done += len(rows)
@@ -140,7 +159,7 @@ def batched(model, uris, settings, batch_size, out, threads, shard_rows) -> floa
     # Joined after the last mark: a torch process takes about a second to exit, which is
     # not work the pipeline does per row (an earlier version timed it, and read 4x slow).
     producer.join()
-    return second_half_rate(marks)
+    return second_half(marks), generating / len(uris)
 
 
 def in_fresh_process(fn, *args) -> float:
@@ -165,7 +184,7 @@ def _put_result(queue, fn, args) -> None:
 
 
 def pipeline(model, images_dir, out, new_tokens, batch_size, cpus_per_actor, engine="hf", rows_per_shard=None):
-    """The pipeline's summary and its steady rate by second_half_rate, from the driver's
+    """The pipeline's summary and its steady rate (with its window) by second_half, from the driver's
     progress callback (called as each shard arrives)."""
     cfg = InferConfig(model=model, input=images_dir, output=out, task="vqa", question=QUESTION,
                       max_new_tokens=new_tokens, batch_size=batch_size, rows_per_shard=rows_per_shard or batch_size,
@@ -174,7 +193,20 @@ def pipeline(model, images_dir, out, new_tokens, batch_size, cpus_per_actor, eng
     marks: list[tuple[float, int]] = []
     summary = run_inference(cfg, progress=False, on_progress=lambda p: marks.append(
         (time.perf_counter(), p.rows_done)))
-    return summary, second_half_rate(marks[1:])  # the first call comes once the input is listed
+    return summary, second_half(marks[1:])  # the first call comes once the input is listed
+
+
+def generate_s_per_row(output: str, batch_size: int) -> float:
+    """Seconds a row of a finished run spent in its actor's generate calls: every row carries
+    its call's duration (latency_s), and a call answers batch_size rows (the last of a run
+    fewer, which a corpus of thousands does not see). The same work the bare loop times around
+    its generate calls: with both, the overhead splits into time inside the generate calls
+    (the same code made slower: the other core's load, the process's luck) and time outside
+    them (the actor waiting for rows, or Ray's per-call work)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(output, columns=["latency_s"])
+    return float(sum(table.column("latency_s").to_pylist())) / batch_size / table.num_rows
 
 
 def gpu_images_per_s(new_tokens: int = 64, batch_size: int = 64) -> None:
@@ -309,7 +341,7 @@ def compare_engines(args) -> None:
                                            args.batch_size, args.cpus_per_actor, engine)
                 assert summary.errors == 0 and summary.rows == args.images, summary
                 runs[engine].append(summary.rows_per_s)
-                # After start-up (the first shard): the engines' own rates. second_half_rate
+                # After start-up (the first shard): the engines' own rates. second_half
                 # needs more shards than a few hundred images make here.
                 runs[f"{engine}_steady"].append((summary.rows - summary.first_rows)
                                                 / (summary.seconds - summary.first_rows_s))
@@ -368,21 +400,41 @@ def main() -> None:
     if args.engines:
         return compare_engines(args)
     settings = GenerationSettings(max_new_tokens=args.new_tokens)
-    runs: dict[str, list[float]] = {k: [] for k in ("single", "bare", "whole", "steady", "startup", "cross")}
+    runs: dict[str, list[float]] = {k: [] for k in ("single", "bare", "whole", "steady", "startup", "cross",
+                                                    "gen_bare", "gen_pipe")}
+    # CPU by kind of process over each steady half: what ran beside the generation.
+    timeline = CpuTimeline(process_kind).start()
+    cpu: dict[str, dict[str, list[float]]] = {"bare": {}, "pipeline": {}}
+
+    def add_cpu(which: str, start: float, end: float) -> None:
+        for kind, cores in timeline.cores(start, end).items():
+            cpu[which].setdefault(kind, []).append(cores)
+
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic("chest-vqa", os.path.join(tmp, "c"), n=args.images, seed=0)
         images_dir = os.path.join(tmp, "c", "images")
         uris = [f.uri for f in storage.list_files(images_dir)]
-        # A first pass warms Ray's worker processes (imports, model cache); the later ones are measured.
-        pipeline(args.model, images_dir, os.path.join(tmp, "warm"), args.new_tokens, args.batch_size,
+        # A first pass warms Ray's worker processes (imports, model cache); the later ones are
+        # measured. A few shards do that: at 100,000 images a whole pass was 6 minutes.
+        warm_dir = images_dir
+        if args.images > 2048:
+            warm_dir = os.path.join(tmp, "w", "images")
+            write_synthetic("chest-vqa", os.path.join(tmp, "w"), n=2048, seed=1)
+        pipeline(args.model, warm_dir, os.path.join(tmp, "warm"), args.new_tokens, args.batch_size,
                  args.cpus_per_actor, rows_per_shard=args.rows_per_shard)
         for r in range(args.repeat):
             runs["single"].append(in_fresh_process(one_at_a_time, args.model, uris[:args.single_images], settings,
                                                    os.path.join(tmp, f"single-{r}"), args.rows_per_shard, threads))
-            runs["bare"].append(in_fresh_process(batched, args.model, uris, settings, args.batch_size,
-                                                 os.path.join(tmp, f"bare-{r}"), threads, args.rows_per_shard))
-            summary, steady_rate = pipeline(args.model, images_dir, os.path.join(tmp, f"out-{r}"), args.new_tokens,
-                                            args.batch_size, args.cpus_per_actor, rows_per_shard=args.rows_per_shard)
+            (bare, *window), gen_bare = in_fresh_process(batched, args.model, uris, settings, args.batch_size,
+                                                         os.path.join(tmp, f"bare-{r}"), threads, args.rows_per_shard)
+            add_cpu("bare", *window)
+            runs["bare"].append(bare)
+            runs["gen_bare"].append(gen_bare)
+            out = os.path.join(tmp, f"out-{r}")
+            summary, (steady_rate, *window) = pipeline(args.model, images_dir, out, args.new_tokens, args.batch_size,
+                                                       args.cpus_per_actor, rows_per_shard=args.rows_per_shard)
+            add_cpu("pipeline", *window)
+            runs["gen_pipe"].append(generate_s_per_row(out, args.batch_size))
             runs["whole"].append(summary.rows_per_s)
             runs["steady"].append(steady_rate)
             runs["startup"].append(summary.first_rows_s)
@@ -390,10 +442,15 @@ def main() -> None:
             runs["cross"].append(cross if cross is not None else float("inf"))
             print(f"run {r + 1}: one-at-a-time {runs['single'][-1]:.1f}, bare {runs['bare'][-1]:.1f}, pipeline "
                   f"{summary.rows_per_s:.1f} end to end / {steady_rate:.1f} steady images/s, "
-                  f"first shard after {summary.first_rows_s:.1f} s")
+                  f"first shard after {summary.first_rows_s:.1f} s; generate calls {1e3 * gen_bare:.2f} ms a row "
+                  f"bare, {1e3 * runs['gen_pipe'][-1]:.2f} in the pipeline")
     e2e = [w / s for w, s in zip(runs["whole"], runs["single"])]
     steady = [w / s for w, s in zip(runs["steady"], runs["single"])]
     overhead = [100 * (b / s - 1) for b, s in zip(runs["bare"], runs["steady"])]
+    # bare / pipeline = (pipeline's generate time a row / bare's) x (the rest): the first factor
+    # is the same calls run slower, the second the time the actor spends outside them.
+    inside = [100 * (p / b - 1) for p, b in zip(runs["gen_pipe"], runs["gen_bare"])]
+    outside = [100 * ((1 + o / 100) / (1 + i / 100) - 1) for o, i in zip(overhead, inside)]
     lines = [
         f"{args.images} images, {args.new_tokens} new tokens, batch {args.batch_size}, shards of "
         f"{args.rows_per_shard} rows, model {args.model}, "
@@ -406,7 +463,15 @@ def main() -> None:
         f"pipeline / one-at-a-time: {spread(e2e)}x end to end, {spread(steady)}x steady (target >= 8x)",
         f"end to end passes 8x from about {spread(runs['cross'], '{:.0f}')} images",
         f"pipeline overhead against the bare loop (steady): {spread(overhead, '{:+.1f}')} % (target <= 10 %)",
+        f"of which inside the generate calls (ms a row: bare {spread([1e3 * g for g in runs['gen_bare']], '{:.2f}')}, "
+        f"pipeline {spread([1e3 * g for g in runs['gen_pipe']], '{:.2f}')}): {spread(inside, '{:+.1f}')} %; outside "
+        f"them (the actor waiting, Ray's per-call work): {spread(outside, '{:+.1f}')} %",
+        "CPU over the steady half, in cores (median of runs): " + "; ".join(
+            f"{which}: " + ", ".join(f"{kind} {statistics.median(v):.2f}" for kind, v in kinds.items()
+                                      if statistics.median(v) >= 0.005)
+            for which, kinds in cpu.items()),
     ]
+    timeline.stop()
     print("\n".join(lines))
     if not args.no_record:
         record("infer", lines, threads)
