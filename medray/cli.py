@@ -39,10 +39,11 @@ def _apply_delta(args) -> int:
 
 
 def _ask(args) -> int:
+    from medray.config import values_from_args
     from medray.infer import GenerationSettings, ask
 
     answer = ask(args.model, args.question, image=args.image, adapter=args.adapter,
-                 settings=GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+                 settings=GenerationSettings(**values_from_args(GenerationSettings, args)),
                  trust_remote_code=args.trust_remote_code)
     print(json.dumps({"model": args.model, "question": args.question, "answer": answer.text,
                       "completion_tokens": answer.completion_tokens}))
@@ -199,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--adapter", help="PEFT adapter directory (local or s3://)")
     a.add_argument("--image", help="image URI (PNG, JPEG, TIFF or DICOM; local or s3://)")
     a.add_argument("--question", required=True)
-    a.add_argument("--max-new-tokens", type=int, default=32)
-    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    from medray.config import add_arguments
+    from medray.infer.types import GenerationSettings
+
+    add_arguments(a, GenerationSettings)  # --max-new-tokens, --temperature, ...: the settings' own
     a.add_argument("--trust-remote-code", action="store_true",
                    help="run Python code shipped with the model (off by default)")
     a.set_defaults(func=_ask)
@@ -209,7 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run each stage of a curriculum manifest with Ray Train, on the Ray "
                                     "cluster at --address or RAY_ADDRESS, else on a private local one. "
                                     "Finished stages are skipped; interrupted ones resume.")
-    from medray.config import add_arguments
     from medray.train.config import TrainArgs
 
     add_arguments(tr, TrainArgs, positional=("manifest",))

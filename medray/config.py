@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], *, ex
         origin = typing.get_origin(kind)
         if origin is Literal:
             kwargs["choices"] = list(typing.get_args(kind))
-        elif origin is list:
+        elif origin in (list, tuple):
             kwargs["action"] = "append"
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -23,7 +23,7 @@ def _parse(argv: list[str]) -> InferConfig:
 def test_infer_flags_are_the_config_fields():
     cfg = _parse(["--model", "tiny://llava-mistral", "--input", "s3://b/in/", "--output", "s3://b/out/",
                   "--task", "vqa", "--stop", "###", "--stop", "\n", "--max-new-tokens", "7", "--image-folder", "/img"])
-    assert (cfg.task, cfg.stop, cfg.max_new_tokens, cfg.image_folder, cfg.experts) == ("vqa", ["###", "\n"], 7,
+    assert (cfg.task, cfg.stop, cfg.max_new_tokens, cfg.image_folder, cfg.experts) == ("vqa", ("###", "\n"), 7,
                                                                                        "/img", None)
     assert cfg.batch_size == InferConfig.model_fields["batch_size"].default  # unset flags keep defaults
     experts = _parse(["--model", "m", "--input", "i", "--output", "o", "--experts", "--plot-expert", "p"])
@@ -51,6 +51,42 @@ def test_job_requests_are_a_declared_subset_of_infer_options():
         JobRequest(model="m", input="i", output="o", max_new_tokens=MAX_NEW_TOKENS + 1)
     with pytest.raises(ValidationError, match="gpus_per_actor"):  # resources are the server's to set
         JobRequest(model="m", input="i", output="o", gpus_per_actor=8)
+
+
+def test_generation_settings_are_declared_once():
+    """Every place that takes a generation setting takes GenerationFields' own field (default,
+    bounds, description): a new setting is one field there, and a rerun with another value of
+    it refuses (ANSWER_FIELDS), whatever the setting."""
+    from medray.cli import build_parser
+    from medray.infer.pipeline import ANSWER_FIELDS
+    from medray.infer.types import GENERATION_FIELDS, GenerationFields, GenerationSettings
+    from medray.serve.openai_api import OPENAI_NAMED, ChatRequest
+
+    declared = GenerationFields.model_fields
+    assert set(GENERATION_FIELDS) == set(declared) and set(GENERATION_FIELDS) <= ANSWER_FIELDS
+    for model, names in ((InferConfig, GENERATION_FIELDS), (JobRequest, GENERATION_FIELDS),
+                         (GenerationSettings, GENERATION_FIELDS),
+                         (ChatRequest, [n for n in GENERATION_FIELDS if n not in OPENAI_NAMED])):
+        for name in names:
+            mine, theirs = model.model_fields[name], declared[name]
+            assert (mine.annotation, mine.default, mine.description, mine.metadata) == \
+                   (theirs.annotation, theirs.default, theirs.description, theirs.metadata), (model, name)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("infer", "ask"):
+        assert set(GENERATION_FIELDS) <= {a.dest for a in sub.choices[command]._actions}, command
+    ask = sub.choices["ask"].parse_args(["--model", "m", "--question", "q", "--stop", "a", "--top-p", "0.5"])
+    assert GenerationSettings(**values_from_args(GenerationSettings, ask)) == GenerationSettings(stop=("a",), top_p=0.5)
+    # The OpenAI request's own names for the other two.
+    body = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=9, stop="###", seed=3)
+    assert body.to_settings(default_max_tokens=256, limit=512) == GenerationSettings(max_new_tokens=9, stop=("###",),
+                                                                                      seed=3)
+    assert ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}]).to_settings(
+        default_max_tokens=256, limit=100).max_new_tokens == 100
+    # Equal settings are equal, hashable objects (a replica groups its batch by them), and frozen.
+    assert len({GenerationSettings(stop=("a",)), InferConfig(model="m", input="i", output="o", stop=["a"]).settings}) == 1
+    with pytest.raises(ValidationError):
+        GenerationSettings().temperature = 1.0
 
 
 def test_one_strict_base():

@@ -166,6 +166,32 @@ def test_engine_stop_strings_and_length(tiny_dirs):
     assert stop not in cut.text and full.text.startswith(cut.text)
 
 
+def test_engine_takes_vllm_s_sampling_extensions(tiny_dirs):
+    """ignore_eos and min_tokens hold end-of-sequence back, repetition_penalty changes greedy
+    answers, and top_k 1 makes a sample the greedy answer, on the transformers engine."""
+    engine = GenerationEngine(load_model(str(tiny_dirs["llama"])))
+    reqs = [Request(_messages("llama", t)) for t in ("Is edema a tumor?", "Name a bone.", "What is a CT?")]
+    greedy = engine.generate(reqs, GenerationSettings(max_new_tokens=12))
+    # The model's end-of-sequence made the greedy first token: the answer ends at once.
+    inputs = engine._collate([engine.encode(reqs[0])])
+    with torch.inference_mode():
+        out = engine.loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False,
+                                           pad_token_id=engine.tokenizer.pad_token_id)
+    first = int(out[0, inputs["input_ids"].shape[1]])
+    engine.loaded.model.generation_config.eos_token_id = first
+    ended = engine.generate(reqs[:1], GenerationSettings(max_new_tokens=12))[0]
+    assert (ended.completion_tokens, ended.finish_reason) == (0, "stop")
+    for settings, tokens in ((GenerationSettings(max_new_tokens=12, ignore_eos=True), 12),
+                             (GenerationSettings(max_new_tokens=12, min_tokens=5), 5)):
+        answer = engine.generate(reqs[:1], settings)[0]
+        assert answer.completion_tokens >= tokens, (settings, answer)
+    engine.loaded.model.generation_config.eos_token_id = None
+    penalised = engine.generate(reqs, GenerationSettings(max_new_tokens=12, repetition_penalty=1.8))
+    assert [a.text for a in penalised] != [a.text for a in greedy]
+    narrow = engine.generate(reqs, GenerationSettings(max_new_tokens=12, temperature=1.5, top_k=1, seed=0))
+    assert [a.text for a in narrow] == [a.text for a in greedy]
+
+
 def test_a_models_own_stop_strings_apply_to_every_request(tiny_dirs, tmp_path):
     # generation_config.json's stop_strings (a converted LLaVA-Med v1 says "###").
     model_dir = tmp_path / "llama"

@@ -110,6 +110,32 @@ def test_openai_client_plain_and_with_an_image(server):
     assert again.choices[0].message.content == with_image.choices[0].message.content  # greedy
 
 
+def test_vllm_s_sampling_extensions_are_honoured(server):
+    """What a vLLM user sends beside OpenAI's fields (the openai SDK's extra_body), on engine
+    hf: ignore_eos runs every answer to max_tokens, top_k 1 and min_p 1 make a sample the
+    greedy answer, and a value out of bounds is a 400 naming the field."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
+    messages = _image_message(_data_url(png_bytes(chest_image("left"))))
+
+    def ask(**extra):
+        return client.chat.completions.create(model="llava", messages=messages, max_tokens=12,
+                                              temperature=extra.pop("temperature", 0.0), extra_body=extra)
+
+    greedy = ask()
+    long = ask(ignore_eos=True)
+    assert long.usage.completion_tokens == 12 and long.choices[0].finish_reason == "length"
+    assert ask(min_tokens=12).usage.completion_tokens == 12
+    samples = [ask(temperature=1.5, seed=s).choices[0].message.content for s in range(4)]
+    assert any(t != greedy.choices[0].message.content for t in samples)  # sampling samples...
+    for narrow in ({"top_k": 1}, {"min_p": 1.0}):  # ...unless only the likeliest token is left
+        assert ask(temperature=1.5, seed=0, **narrow).choices[0].message.content == greedy.choices[0].message.content
+    for field, value in (("top_k", -1), ("min_p", 2), ("repetition_penalty", 0), ("min_tokens", 13)):
+        r = _post(server, {"model": "llava", "messages": messages, "max_tokens": 12, field: value})
+        assert r.status_code == 400 and field in r.text, (field, r.text)
+
+
 def test_openai_client_streaming(server):
     import openai
 

@@ -319,6 +319,16 @@ def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
         for text, says in (("lung " * 1000, "maximum context length is 512"), ("<image> again?", "'<image>'")):
             refused = httpx.post(url, json=body(("llava", 0, text, 4)), headers=headers, timeout=120)
             assert refused.status_code == 400 and says in refused.json()["error"]["message"], refused.text
+        # vLLM's sampling extensions reach it: ignore_eos runs to max_tokens, top_k 1 makes a
+        # sample the greedy answer; out of bounds is medray's 400, naming the field.
+        for kind in kinds[:4]:
+            r = httpx.post(url, json={**body(kind), "ignore_eos": True}, headers=headers, timeout=120).json()
+            assert r["usage"]["completion_tokens"] == kind[3] and r["choices"][0]["finish_reason"] == "length", r
+            r = httpx.post(url, json={**body(kind), "temperature": 1.5, "seed": 0, "top_k": 1, "min_p": 0.5,
+                                      "repetition_penalty": 1.0, "min_tokens": 0}, headers=headers, timeout=120)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == twins[kind], r.text
+        r = httpx.post(url, json={**body(kinds[0]), "min_p": 2}, headers=headers, timeout=120)
+        assert r.status_code == 400 and "min_p" in r.text, r.text
         for adapter in ("llava:a", "llava:b"):  # each adapter acts, and differently
             assert any(twins[(adapter, *k[1:])] != twins[k] for k in kinds if k[0] == "llava")
         assert any(twins[("llava:a", *k[1:])] != twins[("llava:b", *k[1:])] for k in kinds if k[0] == "llava")

@@ -14,7 +14,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import replace
 from typing import Iterator, Sequence
 
 import torch
@@ -176,7 +175,7 @@ class GenerationEngine:
         longest = max(limits)
         inputs = self._collate(encoded)
         width = inputs["input_ids"].shape[1]
-        kwargs = self._generate_kwargs(replace(settings, max_new_tokens=longest), adapters)
+        kwargs = self._generate_kwargs(settings.model_copy(update={"max_new_tokens": longest}), adapters)
         steps: queue.Queue = queue.Queue(maxsize=2)
         kwargs["streamer"] = _QueueStreamer(steps)
         kwargs["stopping_criteria"] = _rows_done_criteria(ends, limits, width, cancels)
@@ -226,13 +225,9 @@ class GenerationEngine:
         return None if any(s in text for s in self._stops(settings)) else text
 
     def _generate_kwargs(self, settings: GenerationSettings, adapters: Sequence[str | None] | None) -> dict:
-        kwargs: dict = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-        if settings.temperature > 0:
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs: dict = dict(settings.transformers_kwargs(), pad_token_id=self.tokenizer.pad_token_id)
+        if settings.sampled and settings.seed is not None:
+            torch.manual_seed(settings.seed)
         stops = self._stops(settings)
         if stops:
             kwargs.update(stop_strings=list(stops), tokenizer=self.tokenizer)

@@ -11,13 +11,14 @@ from pydantic import Field, model_validator
 
 from medray.config import StrictModel, add_arguments, values_from_args
 
-from .types import DEFAULT_ADAPTER, MAX_NEW_TOKENS, MAX_TEMPERATURE, GenerationSettings
+from .types import DEFAULT_ADAPTER, GenerationFields
 from .experts import ExpertsConfig
 from .vllm_engine import EngineName, VLLMOptions
 
 
-class InferConfig(StrictModel):
-    """One batch-inference run. The `medray infer` flags are generated from these fields."""
+class InferConfig(StrictModel, GenerationFields):
+    """One batch-inference run. The `medray infer` flags are generated from these fields; the
+    generation settings (max_new_tokens, temperature, ...: `settings`) are GenerationFields'."""
 
     model: str
     """Model URI: a directory, s3://bucket/prefix or tiny://family."""
@@ -48,16 +49,6 @@ class InferConfig(StrictModel):
     """Glob (relative to the input prefix) that images must match."""
     exclude: str | None = None
     """Glob of images to leave out."""
-    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
-    """Upper bound on generated tokens per answer."""
-    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE)
-    """0 = greedy, deterministic."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling mass, used only when sampling."""
-    stop: list[str] = Field(default_factory=list)
-    """Strings that end an answer (repeatable)."""
-    seed: int | None = None
-    """Seed for sampling."""
     engine: EngineName = "hf"
     """Generation engine: hf (transformers' generate, static batches: the default, and it runs
     every model) or vllm (continuous batching: the engine for GPUs). For what vLLM cannot run
@@ -145,11 +136,6 @@ class InferConfig(StrictModel):
     def row_adapter(self, name: str | None) -> str | None:
         """The adapter that answers a row naming `name` (None or "": the run's default)."""
         return name or (DEFAULT_ADAPTER if self.adapter else None)
-
-    @property
-    def settings(self) -> GenerationSettings:
-        return GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                  top_p=self.top_p, stop=tuple(self.stop), seed=self.seed)
 
 
 def adapter_role(name: str) -> str:

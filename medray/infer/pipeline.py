@@ -29,6 +29,7 @@ from medray.digests import SetDigest
 from medray.provenance import Artifact, OutputConflict, Provenance
 
 from .options import AllRowsFailed, InferConfig, Summary, adapter_role
+from .types import GENERATION_FIELDS, GenerationSettings
 from .vllm_engine import actor_runtime_env, check_options_for, choose_engine
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,7 @@ def check_mixed_adapters(adapters: dict[str, str]) -> None:
 
 # The settings that change what an answer says: a rerun into an output made with other values
 # refuses (check_output). Sizing (actors, batches, shards) and the shard format do not.
-ANSWER_FIELDS = frozenset({"task", "question", "max_new_tokens", "temperature", "top_p", "stop", "seed", "engine",
-                           "experts", "max_pixels"})
+ANSWER_FIELDS = frozenset({"task", "question", "engine", "experts", "max_pixels", *GENERATION_FIELDS})
 
 
 RECORDS_QUESTION = "question_for_rows_without_one"
@@ -88,10 +88,14 @@ def check_output(output: str, record: Provenance) -> Provenance | None:
     then = provenance.read(output)
     if then is None or then.kind != "inference":
         return None  # a new output (or one written before medray kept records)
-    if RECORDS_QUESTION in record.settings and "question" in then.settings:
+    settings = dict(then.settings)
+    if RECORDS_QUESTION in record.settings and "question" in settings:
         # Written before a records file's run named its question for what it is: the same setting.
-        settings = dict(then.settings)
         settings[RECORDS_QUESTION] = settings.pop("question")
+    # Written before a generation setting existed: its answers were made as its default makes
+    # them (a new setting's default leaves generation as it was: types.GenerationFields).
+    settings.update({k: v for k, v in GenerationSettings().model_dump(mode="json").items() if k not in settings})
+    if settings != then.settings:
         then = then.model_copy(update={"settings": settings, "settings_hash": provenance.hash_json(settings)})
     diffs = provenance.differences(then, record, by_uri=frozenset({"input"}))
     if diffs:

@@ -11,7 +11,6 @@ import pickle
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -204,7 +203,7 @@ class Generator:
         # (by URI, and by digest where the run recorded them).
         adapters = self.cfg.all_adapters()
         digests = {a["role"]: a["digest"] for a in (record or {}).get("inputs", [])}
-        self.generation = {name: json.dumps({**asdict(self.cfg.settings), "engine": self.cfg.engine,
+        self.generation = {name: json.dumps({**self.cfg.settings.model_dump(mode="json"), "engine": self.cfg.engine,
                                              "adapter": adapters.get(name), "model_digest": digests.get("model"),
                                              "adapter_digest": digests.get(adapter_role(name)) if name else None})
                            for name in [None, *adapters]}

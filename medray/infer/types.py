@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# The generation limits, defined once: batch options, job requests and the chat API check
-# their own fields against these.
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The generation limits, defined once: GenerationSettings' bounds, and the serving limits
+# (a server's max_tokens may not exceed them).
 MAX_NEW_TOKENS = 4096
 MAX_TEMPERATURE = 2.0
 
@@ -28,26 +30,98 @@ DEFAULT_ADAPTER = "default"
 name, the one `PeftModel.from_pretrained` gives it."""
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 64
+class GenerationFields(BaseModel):
+    """The generation settings' fields, for the models that carry them beside their own
+    (InferConfig); GenerationSettings is what the engines take."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
     """Upper bound on generated tokens per answer."""
-    temperature: float = 0.0
-    """0 means greedy (deterministic); > 0 samples."""
-    top_p: float = 1.0
+    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE)
+    """0 = greedy, deterministic; above 0 samples."""
+    top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass, used only when sampling."""
     stop: tuple[str, ...] = ()
-    """Strings that end an answer; the answer is cut before the first one."""
+    """Strings that end an answer (repeatable); the answer is cut before the first one."""
     seed: int | None = None
     """Seed for sampling, for reproducible samples."""
+    # vLLM's sampling extensions to OpenAI's API, under vLLM's names, so that what a vLLM user
+    # sends means the same here. Each one's default leaves generation as it was before it
+    # existed: an output's record from before a setting existed resumes (pipeline.check_output).
+    top_k: int = Field(0, ge=0)
+    """Sample among the k likeliest tokens only; 0 = no limit. Used only when sampling."""
+    min_p: float = Field(0.0, ge=0, le=1)
+    """Drop tokens less likely than min_p times the likeliest one; 0 = off. Used only when sampling."""
+    repetition_penalty: float = Field(1.0, gt=0, le=2)
+    """Above 1 makes tokens already in the prompt or answer less likely (greedy too); 1 = off."""
+    min_tokens: int = Field(0, ge=0, le=MAX_NEW_TOKENS)
+    """End-of-sequence is held back until this many tokens are generated (stop strings still end it)."""
+    ignore_eos: bool = False
+    """Generate on past end-of-sequence, up to max_new_tokens (or a stop string): benchmarks' fixed lengths."""
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}]")
-        if not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}]")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+    @model_validator(mode="after")
+    def _min_within_max(self):
+        if self.min_tokens > self.max_new_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be at most max_new_tokens ({self.max_new_tokens})")
+        return self
+
+    @property
+    def settings(self) -> GenerationSettings:
+        """These fields' values as the engines take them."""
+        if type(self) is GenerationSettings:
+            return self
+        return GenerationSettings(**{name: getattr(self, name) for name in GENERATION_FIELDS})
+
+
+class GenerationSettings(GenerationFields):
+    """How an answer is generated: every generation setting, its default and its bounds,
+    declared once (GenerationFields). The batch options (InferConfig) and so `medray infer`'s flags, a job's
+    request, the OpenAI chat request (`serve.openai_api`) and the settings a rerun must match
+    (`pipeline.ANSWER_FIELDS`) take their fields from these; each engine reads them through
+    the one method that speaks its API (`transformers_kwargs`, `vllm_kwargs`). A new setting
+    is a field here and a line in each of those methods.
+
+    Frozen: equal settings are equal, hashable objects, which is how a serving replica groups
+    requests into generate calls."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+    def transformers_kwargs(self) -> dict:
+        """The arguments of transformers' `generate` (the seed is torch's, set by the engine;
+        stop strings need its tokenizer). A setting at its default is left out, so what the
+        model's generation_config.json says applies, as it did before the setting existed."""
+        kwargs: dict = dict(max_new_tokens=self.max_new_tokens)
+        if self.ignore_eos or self.min_tokens:  # ignore_eos as vLLM means it: no end-of-sequence at all
+            kwargs["min_new_tokens"] = self.max_new_tokens if self.ignore_eos else self.min_tokens
+        if self.repetition_penalty != 1:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if not self.sampled:
+            # None, not absent: a model's generation_config.json may set them, and greedy ignores them.
+            return dict(kwargs, do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        if self.top_k:
+            kwargs["top_k"] = self.top_k
+        if self.min_p:
+            kwargs["min_p"] = self.min_p
+        return kwargs
+
+    def vllm_kwargs(self) -> dict:
+        """The arguments of vLLM's SamplingParams (stop strings merged with the model's by the engine)."""
+        return dict(max_tokens=self.max_new_tokens, temperature=self.temperature,
+                    top_p=self.top_p if self.sampled else 1.0, seed=self.seed if self.sampled else None,
+                    min_p=self.min_p if self.sampled else 0.0, repetition_penalty=self.repetition_penalty,
+                    min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
+                    # Passed only when set: vLLM's "off" was -1, and is 0 since.
+                    **({"top_k": self.top_k} if self.sampled and self.top_k else {}))
+
+
+GENERATION_FIELDS: tuple[str, ...] = tuple(GenerationFields.model_fields)
+"""The names of the generation settings, in declaration order."""
 
 
 @dataclass

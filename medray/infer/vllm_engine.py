@@ -305,10 +305,7 @@ def sampling_params(settings: GenerationSettings, stops: Sequence[str] = (), **e
     from vllm import SamplingParams
 
     stop = list(settings.stop) + [s for s in stops if s not in settings.stop]
-    sampled = settings.temperature > 0
-    return SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                          top_p=settings.top_p if sampled else 1.0, seed=settings.seed if sampled else None,
-                          stop=stop or None, skip_special_tokens=True, **extra)
+    return SamplingParams(**settings.vllm_kwargs(), stop=stop or None, skip_special_tokens=True, **extra)
 
 
 def vllm_prompt(e: Encoded) -> dict:

@@ -37,7 +37,7 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.datastructures import Headers
 
 from medray import storage
-from medray.infer import GenerationSettings, RequestRejected
+from medray.infer import RequestRejected
 from medray.infer import Request as EngineRequest  # FastAPI's Request is the HTTP request
 
 from .config import ServeConfig
@@ -324,10 +324,9 @@ class Api:
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest):
         spec, adapter = self._model(body.model)
-        limit = self.config.limits.max_tokens
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(256, limit)
-        if max_tokens > limit:
-            raise ApiError(400, f"max_tokens may be at most {limit}", param="max_tokens")
+        # Checked before anything else: a bad value is refused without waiting on a replica.
+        settings = body.to_settings(default_max_tokens=self.config.limits.default_max_tokens,
+                                   limit=self.config.limits.max_tokens)
         handle = self.models[spec.name]
         deadline = time.monotonic() + spec.request_timeout_s
         if spec.name not in self.info:  # asked of a replica once; it queues like any call
@@ -341,13 +340,8 @@ class Api:
             messages, images = await asyncio.to_thread(self._convert, body, kind)
         else:
             messages, images = self._convert(body, kind)
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
         # The engine's own typed objects cross the hop to the replica; equal settings are equal
         # (frozen) objects, which is how the replica groups a batch into generate calls.
-        settings = GenerationSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                      stop=tuple(stop), seed=body.seed)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         headers = self._digest_headers(spec.name, adapter)
         # The time limit goes with the call, as a duration (the replica's clock is another

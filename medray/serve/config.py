@@ -136,6 +136,9 @@ class Limits(StrictModel):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     max_tokens: int = Field(512, ge=1, le=MAX_NEW_TOKENS)
+    """The most tokens a chat request may ask for (max_tokens)."""
+    default_max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    """Tokens a chat request that names no max_tokens may generate (at most max_tokens)."""
     max_prompt_chars: int = Field(16_000, ge=1)
 
 

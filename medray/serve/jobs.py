@@ -27,6 +27,7 @@ from pydantic import Field, create_model
 from medray import provenance, storage
 from medray.config import StrictModel
 from medray.infer import InferConfig
+from medray.infer.types import GENERATION_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,7 @@ _ID = re.compile(r"^job-[0-9a-f]{16}$")
 # What a client may set in a job: a declared subset of InferConfig, so a pipeline option is
 # defined once. Resources (actors, CPUs, batch sizes) stay the server's (JobsConfig), and
 # `model` names a served model instead of a URI.
-JOB_FIELDS = ("input", "image_folder", "output", "task", "question", "max_new_tokens", "temperature", "top_p",
-              "stop", "seed", "format", "include", "exclude")
+JOB_FIELDS = ("input", "image_folder", "output", "task", "question", *GENERATION_FIELDS, "format", "include", "exclude")
 JobRequest = create_model(
     "JobRequest", __base__=StrictModel, __doc__="The body of POST /v1/jobs.",
     model=(str, Field(description="A served model name, or '<model>:<adapter>'.")),

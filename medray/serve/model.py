@@ -17,7 +17,6 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 from ray import serve
 
@@ -376,7 +375,7 @@ class ModelServer:
 
         groups: dict[GenerationSettings, list[int]] = {}
         for i, s in enumerate(settings):
-            groups.setdefault(replace(s, max_new_tokens=1), []).append(i)
+            groups.setdefault(s.model_copy(update={"max_new_tokens": 1}), []).append(i)
         fail = lambda i, e: pending.__setitem__(i, [e])  # noqa: E731
         for key, idx in groups.items():
             rows, encoded = self._encode_rows(requests, idx, fail)
@@ -388,7 +387,7 @@ class ModelServer:
                     if not rows:
                         continue
                     steps = self.engine.stream_batch(
-                        encoded, replace(key, max_new_tokens=max(settings[i].max_new_tokens for i in rows)),
+                        encoded, key.model_copy(update={"max_new_tokens": max(settings[i].max_new_tokens for i in rows)}),
                         [adapters[i] for i in rows], [cancels[i] for i in rows], [deadlines[i] for i in rows],
                         [settings[i].max_new_tokens for i in rows])
                     try:

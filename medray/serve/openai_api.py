@@ -10,9 +10,9 @@ import time
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from medray.infer.types import MAX_TEMPERATURE, Answer, RequestRejected
+from medray.infer.types import GENERATION_FIELDS, Answer, GenerationFields, GenerationSettings, RequestRejected
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,46 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
+# The generation settings OpenAI names its own way: max_tokens (or max_completion_tokens) for
+# max_new_tokens, and stop as a string or a list of up to 4. Every other one is taken as
+# GenerationFields declares it, under its own name (ChatRequest below).
+OPENAI_NAMED = ("max_new_tokens", "stop")
+MAX_STOPS = 4
+
+
+class _ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
     messages: list[Message] = Field(min_length=1)
-    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE)
-    top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    def to_settings(self, *, default_max_tokens: int, limit: int) -> GenerationSettings:
+        """The request's generation settings (OpenAI's names turned into medray's), or an
+        ApiError (400, naming the field) for a value the server does not take."""
+        max_tokens = self.max_completion_tokens or self.max_tokens or min(default_max_tokens, limit)
+        if max_tokens > limit:
+            raise ApiError(400, f"max_tokens may be at most {limit}", param="max_tokens")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > MAX_STOPS or any(not s for s in stop):
+            raise ApiError(400, f"stop takes at most {MAX_STOPS} non-empty strings", param="stop")
+        try:
+            return GenerationSettings(max_new_tokens=max_tokens, stop=tuple(stop),
+                                      **{name: getattr(self, name) for name in GENERATION_FIELDS
+                                         if name not in OPENAI_NAMED})
+        except ValidationError as e:  # the fields are each valid; together they are not (min_tokens)
+            error = e.errors()[0]
+            raise ApiError(400, error["msg"].removeprefix("Value error, "),
+                           param=str(error["loc"][0]) if error["loc"] else None) from None
+
+
+ChatRequest = create_model(
+    "ChatRequest", __base__=_ChatRequest, __doc__="The body of POST /v1/chat/completions (OpenAI's).",
+    **{name: (field.annotation, field) for name, field in GenerationFields.model_fields.items()
+       if name not in OPENAI_NAMED})
 
 
 def usage_of(answer) -> dict:
