@@ -140,7 +140,6 @@ def main() -> None:
     from medray.raycluster import connect
 
     tmp = Path(tempfile.mkdtemp(prefix="medray-scale-"))
-    lines: list[str] = []
     with LocalS3Server() as s3:
         os.environ.update(s3.env)
         connect("local", local={"num_cpus": os.cpu_count(), "include_dashboard": False}, log_to_driver=False,
@@ -151,20 +150,20 @@ def main() -> None:
         write_manifest(tmp / "warm.jsonl", 300, images)
         run_until([*ARGS, "--input", str(tmp / "warm.jsonl")], str(tmp / "warm-out"), env=env, window_s=None)
         parts = set(args.only.split(","))
+        # Each part is recorded under its own heading, so a run of some parts (--only) leaves
+        # the others' last figures in bench/RESULTS.md.
+        runs = {"manifest": lambda: manifests(args, sizes, images, tmp, env),
+                "prefix": lambda: prefixes(args, objects, tmp, env),
+                "rerun": lambda: reruns(args, images, tmp, env), "vllm": lambda: vllm_against_peer(args, tmp)}
         try:
-            if "manifest" in parts:
-                lines += manifests(args, sizes, images, tmp, env)
-            if "prefix" in parts:
-                lines += prefixes(args, objects, tmp, env)
-            if "rerun" in parts:
-                lines += reruns(args, images, tmp, env)
-            if "vllm" in parts:
-                lines += vllm_against_peer(args, tmp)
+            for part, run in runs.items():
+                if part in parts:
+                    lines = run()
+                    print("\n".join(lines))
+                    if not args.no_record:
+                        record(f"scale ({part})", lines)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    print("\n".join(lines))
-    if not args.no_record:
-        record("scale", lines)
 
 
 def _per_million(small: tuple[int, float], large: tuple[int, float]) -> float:

@@ -134,6 +134,16 @@ def test_vllm_s_sampling_extensions_are_honoured(server):
     for field, value in (("top_k", -1), ("min_p", 2), ("repetition_penalty", 0), ("min_tokens", 13)):
         r = _post(server, {"model": "llava", "messages": messages, "max_tokens": 12, field: value})
         assert r.status_code == 400 and field in r.text, (field, r.text)
+    # OpenAI's fields medray does not implement: refused where they would change the answer,
+    # taken at their no-op values; a field no one knows is ignored, as vLLM's server does.
+    for field, value in (("n", 2), ("logprobs", True), ("response_format", {"type": "json_object"}),
+                         ("frequency_penalty", 0.5), ("tools", [{"type": "function", "function": {"name": "f"}}])):
+        r = _post(server, {"model": "llava", "messages": messages, "max_tokens": 12, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+    same = _post(server, {"model": "llava", "messages": messages, "max_tokens": 12, "n": 1, "logprobs": False,
+                          "response_format": {"type": "text"}, "presence_penalty": 0, "user": "u-1", "bogus": [1]})
+    assert same.status_code == 200 and same.json()["choices"][0]["message"]["content"] == \
+        greedy.choices[0].message.content, same.text
 
 
 def test_openai_client_streaming(server):

@@ -80,8 +80,28 @@ OPENAI_NAMED = ("max_new_tokens", "stop")
 MAX_STOPS = 4
 
 
+# OpenAI's fields that would change what comes back, which medray does not implement: each is
+# refused with a 400 naming it unless it holds its no-op value, so that no client gets a
+# silently different answer (one choice where it asked for three, text where it asked for
+# JSON). Any other field medray does not know is ignored, as vLLM's own server ignores it
+# (OpenAI's refuses it): clients send `user`, `metadata` and the like, which change nothing.
+NOT_SUPPORTED: dict[str, tuple[tuple, str]] = {
+    "n": ((1,), "medray answers one choice per request; send n requests"),
+    "best_of": ((1,), "medray answers one choice per request"),
+    "logprobs": ((False,), "log probabilities are not returned"),
+    "top_logprobs": ((0,), "log probabilities are not returned"),
+    "tools": (([],), "tool calls are not supported"),
+    "tool_choice": (("none", "auto"), "tool calls are not supported"),
+    "functions": (([],), "function calls are not supported"),
+    "response_format": (({"type": "text"},), "only text answers are supported (no JSON mode or schema)"),
+    "presence_penalty": ((0, 0.0), "use repetition_penalty (vLLM's name) instead"),
+    "frequency_penalty": ((0, 0.0), "use repetition_penalty (vLLM's name) instead"),
+    "logit_bias": (({},), "logit biases are not supported"),
+}
+
+
 class _ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept only to be checked (NOT_SUPPORTED), then ignored
     model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -93,6 +113,9 @@ class _ChatRequest(BaseModel):
     def to_settings(self, *, default_max_tokens: int, limit: int) -> GenerationSettings:
         """The request's generation settings (OpenAI's names turned into medray's), or an
         ApiError (400, naming the field) for a value the server does not take."""
+        for name, value in (self.model_extra or {}).items():
+            if name in NOT_SUPPORTED and value is not None and value not in NOT_SUPPORTED[name][0]:
+                raise ApiError(400, f"{name} is not supported: {NOT_SUPPORTED[name][1]}", param=name)
         max_tokens = self.max_completion_tokens or self.max_tokens or min(default_max_tokens, limit)
         if max_tokens > limit:
             raise ApiError(400, f"max_tokens may be at most {limit}", param="max_tokens")
