@@ -13,6 +13,9 @@ started from ("before training"), or a stage of this run ("after"). The page sho
 
 Self-contained: charts and thumbnails are inline data: URIs, the style is inline, and there
 is no script, so the file opens anywhere, from disk, a bucket or an e-mail.
+
+One module, though long: gathering the records and rendering them are one page's two halves,
+each section a function of a few lines; the charts themselves live in medray.charts.
 """
 
 from __future__ import annotations
