@@ -3,8 +3,9 @@
 
 The peer a vLLM user would pick instead of medray is `vllm serve` itself, and the client is
 one no one on the team wrote: `vllm bench serve --backend openai-chat --endpoint
-/v1/chat/completions --dataset-name random-mm` (one 64x64 image a request, 200 prompts, 32 at
-once, 32 output tokens with ignore_eos), with its results saved as JSON. Both servers run the
+/v1/chat/completions --dataset-name random-mm` (one 64x64 image a request, 1,000 prompts, 32
+at once, 32 output tokens with ignore_eos), with its results saved as JSON, after a warm-up pass of
+64 of the same requests (a server's first image requests run slower). Both servers run the
 same tiny LLaVA directory with the same engine arguments: float32, max_model_len 512, 32
 sequences a step, a 1 GiB KV cache, eager, one thread (what Ray gives a 1-CPU replica:
 OMP_NUM_THREADS=1), vLLM's `uni` executor with the model in the engine's process. One server
@@ -34,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _profile
 import httpx
 from _stats import add_repeat, record, spread
 
@@ -109,23 +111,36 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def bench(vllm_python: str, model: Path, port: int, args, out: Path) -> dict:
-    """One `vllm bench serve` run against the server on `port`; its saved result."""
+def bench(vllm_python: str, model: Path, port: int, args, out: Path, profile: dict[str, int] | None = None,
+          prompts: int | None = None) -> dict:
+    """One `vllm bench serve` run against the server on `port`; its saved result. `profile`:
+    processes (name -> pid) to sample with py-spy from 3 s into the run for --profile s."""
+    prompts = prompts or args.prompts
     command = [vllm_python, str(HERE / "_vllm_cli.py"), "bench", "serve", "--backend", "openai-chat",
                "--endpoint", "/v1/chat/completions", "--base-url", f"http://127.0.0.1:{port}", "--model", "m",
                "--tokenizer", str(model), "--dataset-name", "random-mm",
                "--random-mm-bucket-config", "{(64, 64, 1): 1.0}",
                "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}', "--random-mm-base-items-per-request", "1",
                "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len), "--ignore-eos",
-               "--num-prompts", str(args.prompts), "--max-concurrency", str(args.concurrency), "--seed", "0",
+               "--num-prompts", str(prompts), "--max-concurrency", str(args.concurrency), "--seed", "0",
                "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
                "--save-result", "--save-detailed", "--result-dir", str(out.parent), "--result-filename", out.name]
-    run = subprocess.run(command, env={**os.environ, **THREADS, "OPENAI_API_KEY": KEY}, capture_output=True, text=True)
+    run = subprocess.Popen(command, env={**os.environ, **THREADS, "OPENAI_API_KEY": KEY}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    if profile:
+        time.sleep(3)  # the load generator's own start and its first requests
+        sampling = _profile.start(profile, args.profile)
+    output, _ = run.communicate()
+    if profile:
+        for name, parts in _profile.finish(sampling).items():
+            total = sum(parts.values())
+            print(f"  {name} (pid {profile[name]}): {total:.1f} CPU s sampled in {args.profile:g} s: " + "; ".join(
+                f"{part} {100 * s / total:.0f} %" for part, s in parts.items() if s / total >= 0.01), flush=True)
     if run.returncode != 0:
-        raise SystemExit(f"vllm bench serve failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        raise SystemExit(f"vllm bench serve failed:\n{output[-5000:]}")
     result = json.loads(out.read_text())
-    if result["completed"] != args.prompts or result.get("failed"):
-        raise SystemExit(f"{result['completed']} of {args.prompts} answered: {result.get('errors', [])[:3]}")
+    if result["completed"] != prompts or result.get("failed"):
+        raise SystemExit(f"{result['completed']} of {prompts} answered: {result.get('errors', [])[:3]}")
     return result
 
 
@@ -139,11 +154,15 @@ def figures(result: dict, startup: float) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--prompts", type=int, default=1000,
+                        help="measured requests a run (issue #40 named 200: here that is a run of 3 s)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=64, help="random text tokens a prompt, beside its image")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--servers", default="vllm,medray,medray-0", help="which to run, in this order")
+    parser.add_argument("--profile", type=float, default=0,
+                        help="seconds to sample each server's processes with py-spy during its run (give enough "
+                             "--prompts to last that long); prints where their CPU went, records nothing")
     add_repeat(parser)
     args = parser.parse_args()
     vllm_python = os.environ.get("MEDRAY_VLLM_PYTHON")
@@ -164,8 +183,17 @@ def main() -> None:
                 command = medray_server(model, port, 0.0 if name == "medray-0" else None, work)
                 env = {"MEDRAY_API_KEYS": KEY, "MEDRAY_VLLM_PYTHON": vllm_python}
             proc, startup = start(command, port, env, work / f"{name}-{r}.log")
+            titles = ({"API server": ""} if name == "vllm" else
+                      {"ingress": "ray::ServeReplica:medray:Api", "replica": "ray::ServeReplica:medray:model-m"})
+            titles["engine core"] = "VLLM::EngineCore"
+            pids = _profile.find_processes({k: v for k, v in titles.items() if v}) if args.profile else None
+            if pids is not None and name == "vllm":
+                pids["API server"] = proc.pid
             try:
-                result = bench(vllm_python, model, port, args, work / f"{name}-{r}.json")
+                # Warmed up first with the same requests: a server's first image requests are
+                # slower (vLLM's image processing warms up), and they are not its speed.
+                bench(vllm_python, model, port, args, work / f"{name}-{r}-warm.json", prompts=2 * args.concurrency)
+                result = bench(vllm_python, model, port, args, work / f"{name}-{r}.json", pids)
             finally:
                 stop(proc)
             for key, value in figures(result, startup).items():
@@ -183,8 +211,8 @@ def main() -> None:
                      for k in ("req/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms")}
             lines.append(f"- {name} / vllm, run by run: " + "; ".join(f"{k} {spread(v)}x" for k, v in ratio.items()))
     print("\n".join(lines))
-    if not args.no_record:
-        record("bench/serve_peer.py", lines, threads=1)
+    if not args.no_record and not args.profile:
+        record("serve_peer", [line.removeprefix("- ") for line in lines], threads=1)
 
 
 if __name__ == "__main__":

@@ -282,6 +282,8 @@ class AsyncVLLMEngine:
         sent_at, message = 0.0, []
         async with aclosing(self._deltas(request, settings, adapter)) as events:
             while True:
+                # A wait per delta, not one timeout around the loop: a timeout's cancellation
+                # must not land in the consumer while this generator is suspended at a yield.
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:  # past the deadline the wait is cancelled, and with it the request inside vLLM
                     event = await asyncio.wait_for(events.__anext__(), left)
@@ -298,14 +300,11 @@ class AsyncVLLMEngine:
 
     async def generate(self, request, settings: GenerationSettings, adapter: str | None,
                        deadline: float | None) -> Answer:
-        async def run() -> Answer:
-            last = None
+        last = None
+        async with asyncio.timeout_at(deadline):  # past it, the request inside vLLM is aborted too
             async for out in _client_errors_rejected(self._outputs(request, settings, adapter, final_only=True)):
                 last = out
-            return answer_of(last)
-
-        # Past the deadline the wait is cancelled, and with it the request inside vLLM.
-        return await asyncio.wait_for(run(), None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return answer_of(last)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
