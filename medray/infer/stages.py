@@ -236,15 +236,15 @@ class Generator:
                     errors[i] = f"{type(r).__name__}: {r}"
                     continue
                 answers[i], completion[i], latency[i] = r.text, r.completion_tokens, dt
-        return {
-            "id": batch["id"], "image": batch["image"], "question": batch["question"],
-            "answer": np.array(answers, dtype=object), "references": batch["references"],
-            "model": np.array([self.cfg.model] * n, dtype=object),
-            "generation": np.array([self.generation.get(name, self.generation[None]) for name in names],
-                                   dtype=object),  # a row naming an unknown adapter failed alone
-            "latency_s": latency, "completion_tokens": completion, "error": errors,
-            "image_type": batch["image_type"], "expert_text": np.array(expert_texts, dtype=object),
-        }
+        return shards.block(
+            id=batch["id"], image=batch["image"], question=batch["question"],
+            answer=np.array(answers, dtype=object), references=batch["references"],
+            model=np.array([self.cfg.model] * n, dtype=object),
+            generation=np.array([self.generation.get(name, self.generation[None]) for name in names],
+                                dtype=object),  # a row naming an unknown adapter failed alone
+            latency_s=latency, completion_tokens=completion, error=errors,
+            image_type=batch["image_type"], expert_text=np.array(expert_texts, dtype=object),
+        )
 
 
 def _write_batch(batch: dict, *, output: str, fmt: str, metadata: dict[str, str] | None = None) -> dict:
