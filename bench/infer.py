@@ -290,7 +290,7 @@ def vllm_images_per_s(args) -> None:
 
     from medray.data.synthetic import chest_image
     from medray.infer import encode_request
-    from medray.infer.vllm_engine import load_vllm_engine
+    from medray.engines.vllm import load_vllm_engine
     from medray.infer.stages import _processor
 
     gpu = torch.cuda.is_available()

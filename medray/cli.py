@@ -113,7 +113,7 @@ def _key_digest(args) -> int:
 
 
 def _show(args) -> int:
-    from medray.provenance import lineage, render_tree
+    from medray.lineage import lineage, render_tree
 
     tree = lineage(args.uri)
     if not tree.get("kind"):
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--image", help="image URI (PNG, JPEG, TIFF or DICOM; local or s3://)")
     a.add_argument("--question", required=True)
     from medray.config import add_arguments
-    from medray.infer.types import GenerationSettings
+    from medray.engines.types import GenerationSettings
 
     add_arguments(a, GenerationSettings)  # --max-new-tokens, --temperature, ...: the settings' own
     a.add_argument("--trust-remote-code", action="store_true",

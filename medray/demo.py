@@ -17,8 +17,8 @@
 Every step is the same code a production run uses; only the sizes are small. Options point
 it at a real model, a corpus of your own, or an existing cluster.
 
-One module, though long: one script of steps over the library, each a few lines, read top
-to bottom.
+What the run leaves behind (its local copy, serve.yaml, the paths the summary names) is
+medray.demo_results'.
 """
 
 from __future__ import annotations
@@ -196,6 +196,7 @@ def run_demo(opts: DemoOptions | None = None) -> str:
     from medray import storage
     from medray.eval import evaluate, write_report
     from medray.raycluster import connect
+    from medray import demo_results as results_of
     from medray.report import write_html_report
     from medray.train import run_curriculum
 
@@ -236,15 +237,15 @@ def run_demo(opts: DemoOptions | None = None) -> str:
         t["serve"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        results = _copy_out(root, opts.results)
+        results = results_of.copy_out(root, opts.results)
         # From the copy, whose records name the copy: the page names paths that stay. Its
         # sample images are read while the store is still up.
         write_html_report(results)
-        serve_config = _write_serve_config(results, _local(trained, root, results))
+        serve_config = results_of.write_serve_config(results, results_of.local_path(trained, root, results))
         t["report"] = time.perf_counter() - t0
 
     gain = scores["trained"] - scores["untrained"]
-    local = lambda uri: _local(uri, root, results)  # noqa: E731  where the copy holds it
+    local = lambda uri: results_of.local_path(uri, root, results)  # noqa: E731  where the copy holds it
     rows = [
         ("corpus", local(opts.corpus or storage.join(root, "corpus")), "align / instruct / test records + images"),
         *[(f"stage {s.name}", local(s.model), f"{'skipped (done)' if s.skipped else f'{s.seconds:.0f} s'}")
@@ -256,7 +257,8 @@ def run_demo(opts: DemoOptions | None = None) -> str:
         ("served once", "the trained model, through the Serve app over HTTP (stopped since)",
          f"{served['question']} -> {served['answer']!r} (reference {served['reference']!r})"),
         ("report", str(Path(results) / "report.html"), "curves, accuracy before/after, samples, provenance"),
-        ("lineage", f"{_medray()} show {local(after.output)}", "what made the trained answers, down to the base model"),
+        ("lineage", f"{results_of.medray_command()} show {local(after.output)}",
+         "what made the trained answers, down to the base model"),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"medray demo: done in {time.perf_counter() - t_start:.0f} s "
@@ -267,7 +269,7 @@ def run_demo(opts: DemoOptions | None = None) -> str:
                  "open exact match)")
     example = local(served["image"])
     lines += ["", "Serve the trained model (Ctrl-C stops it):",
-              f"  MEDRAY_API_KEYS=sk-local {_medray()} serve {serve_config}",
+              f"  MEDRAY_API_KEYS=sk-local {results_of.medray_command()} serve {serve_config}",
               "then open http://127.0.0.1:8000/ with the API key sk-local, or use any OpenAI client, and ask about",
               f"a DICOM of the held-out images, e.g. {example}: {served['question']!r} (reference "
               f"{served['reference']!r})."]
@@ -275,66 +277,6 @@ def run_demo(opts: DemoOptions | None = None) -> str:
     if gain < opts.min_gain:
         raise DemoFailed(summary + "\n  training did not improve the model enough")
     return summary
-
-
-def _copy_out(root: str, results: str) -> str:
-    """Copy the run under `root` (the demo store) to the local directory `results`, leaving out
-    Ray Train's own run state (`_ray/`: checkpoints the finished stages no longer need), and
-    make the copy's records name the copy. Returns the directory, absolute."""
-    from medray import provenance, storage
-
-    dest = Path(results).resolve()
-    base = root.rstrip("/") + "/"
-    store = storage.default_storage()
-    for f in storage.list_files(root):
-        rel = f.uri[len(base):]
-        if "/_ray/" in f"/{rel}":
-            continue
-        store.download_file(f.uri, dest / rel)
-    provenance.relocate(dest, root, str(dest))
-    return str(dest)
-
-
-def _write_serve_config(results: str, model: str) -> str:
-    """A Serve config for the trained model in the copy, with a batch-job store and job
-    prefixes of local directories (no S3 needed): what `medray serve` takes next."""
-    import yaml
-
-    results_dir = Path(results)
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": 8000},
-        "applications": [{
-            "name": "medray", "route_prefix": "/", "import_path": "medray.serve:build_app",
-            "args": {
-                "models": [{"name": "medray-demo", "uri": model, "cpus_per_replica": 0.5}],
-                "api_keys": [],  # MEDRAY_API_KEYS, which `medray serve` passes on as digests
-                "jobs": {"store": str(results_dir / "jobs"),
-                         "allowed_input_prefixes": [str(results_dir / "corpus")],
-                         "allowed_output_prefixes": [str(results_dir / "job-answers")],
-                         "cpus_per_actor": 0.5, "cpus_per_task": 0.25},
-            }}],
-    }
-    path = results_dir / "serve.yaml"
-    path.write_text("# `medray demo` wrote this: its trained model, served with `medray serve` (see the README).\n"
-                    + yaml.safe_dump(config, sort_keys=False))
-    return str(path)
-
-
-def _medray() -> str:
-    """The medray command as this process was started (.venv/bin/medray under `make demo`)."""
-    import sys
-
-    if not (sys.argv and Path(sys.argv[0]).name == "medray" and os.sep in sys.argv[0]):
-        return "medray"
-    relative = os.path.relpath(sys.argv[0])
-    return sys.argv[0] if relative.startswith("..") else relative
-
-
-def _local(uri: str, root: str, results: str) -> str:
-    """`uri` as a path in the local copy, when it was under the demo store."""
-    root = root.rstrip("/")
-    return results + uri[len(root):] if uri == root or uri.startswith(root + "/") else uri
 
 
 def _describe(report: dict) -> str:

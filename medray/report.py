@@ -14,24 +14,20 @@ started from ("before training"), or a stage of this run ("after"). The page sho
 Self-contained: charts and thumbnails are inline data: URIs, the style is inline, and there
 is no script, so the file opens anywhere, from disk, a bucket or an e-mail.
 
-One module, though long: gathering the records and rendering them are one page's two halves,
-each section a function of a few lines; the charts themselves live in medray.charts.
+The charts are medray.charts'; the parts it shares with a batch output's page, medray.pages'.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from dataclasses import dataclass, field
 
-from medray import provenance, storage
+from medray import lineage, pages, provenance, storage
 from medray.provenance import Provenance
 
 
 SAMPLES = 12
-THUMBNAIL = 160
 
 
 @dataclass
@@ -120,11 +116,6 @@ def _read_quietly(uri: str) -> Provenance | None:
 
 
 # ----------------------------------------------------------------------------- sections
-def _img(png: bytes, alt: str, cls: str = "chart") -> str:
-    return (f'<img class="{cls}" alt="{html.escape(alt)}" '
-            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-
-
 def _curves(stages: list[Stage]) -> str:
     from medray.charts import curve_png
 
@@ -140,11 +131,11 @@ def _curves(stages: list[Stage]) -> str:
         parts.append(
             f"<h3>stage {html.escape(name)}</h3><p class=meta>{len(loss)} logged steps; final loss {last}; "
             f"{html.escape(str(s.marker.get('seconds', '?')))} s; <code>{html.escape(s.uri)}</code></p>"
-            + _settings_line(provenance.headline_settings("stage", s.record.settings) if s.record else {})
-            + _img(curve_png([r["step"] for r in loss], [r["loss"] for r in loss], epochs=epochs,
+            + _settings_line(lineage.headline_settings("stage", s.record.settings) if s.record else {})
+            + pages.img(curve_png([r["step"] for r in loss], [r["loss"] for r in loss], epochs=epochs,
                              title=f"stage {name}: training loss", ylabel="loss (mean token cross-entropy)"),
                    f"stage {name} training loss")
-            + _img(curve_png([r["step"] for r in lr], [r["lr"] for r in lr], epochs=[r.get("epoch") or 0.0 for r in lr],
+            + pages.img(curve_png([r["step"] for r in lr], [r["lr"] for r in lr], epochs=[r.get("epoch") or 0.0 for r in lr],
                              title=f"stage {name}: learning rate", ylabel="learning rate"),
                    f"stage {name} learning rate"))
     return "\n".join(parts)
@@ -176,71 +167,18 @@ def _accuracy(evals: list[Evaluation]) -> str:
         for key, value in figures.items():
             groups.setdefault(key, {})[ev.label] = value
         pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-        decoding = ", ".join(f"{k} {v}" for k, v in provenance.headline_settings("inference", ev.settings).items())
+        decoding = ", ".join(f"{k} {v}" for k, v in lineage.headline_settings("inference", ev.settings).items())
         table.append(f"<tr><td>{html.escape(ev.label)}</td><td>{ev.report.get('matched', 0)}</td>"
                      f"<td><b>{pct(corrected.get('overall'))}</b></td>"
                      f"<td>{pct(corrected.get('closed_accuracy'))}</td><td>{pct(corrected.get('open_recall'))}</td>"
                      f"<td>{pct(corrected.get('exact_match'))}</td><td>{pct(mcqa)}</td>"
                      f"<td>{html.escape(decoding)}</td><td><code>{html.escape(ev.uri)}</code></td></tr>")
     table.append("</table>")
-    chart = _img(bars_png(groups, title="accuracy per answer type", size=(760, 380)), "accuracy per answer type")
+    chart = pages.img(bars_png(groups, title="accuracy per answer type", size=(760, 380)), "accuracy per answer type")
     return chart + "\n" + "\n".join(table) + (
         "<p class=meta>Overall: the mean of closed accuracy and open exact match (the figure <code>medray demo</code> "
         "checks). The corrected figures of <code>medray eval</code>; report.json also holds LLaVA-Med's released "
         "run_eval.py figures.</p>")
-
-
-def _thumbnail(uri: str, prefixes: list[str] | None = None) -> str:
-    """The image at `uri` as an inline thumbnail; outside `prefixes` (when given) it is not
-    read: a served job's page must not show what its client may not read."""
-    from medray.data import load_image
-
-    if prefixes is not None and not storage.within(uri, prefixes):
-        return '<div class="noimg">not shown</div>'
-    try:
-        image = load_image(storage.read_bytes(uri), uri).convert("RGB")  # DICOM: windowed, as the model sees it
-    except Exception as e:  # a sample that cannot be shown says so; the page still renders
-        return f'<div class="noimg">{html.escape(type(e).__name__)}</div>'
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return _img(buf.getvalue(), uri.rsplit("/", 1)[-1], "thumb")
-
-
-def _reference(row: dict) -> str:
-    try:
-        value = json.loads(row.get("references") or "null")
-    except ValueError:
-        value = row.get("references")
-    return "" if value is None else str(value)
-
-
-def _mark(answer: str, reference: str) -> str:
-    """Right or wrong as the corrected scores read it (medray.eval.answer_right); "?" for an
-    answer to a yes/no question that is neither."""
-    from medray.eval.metrics import answer_kind, answer_right, yes_no
-
-    if not (answer and reference):
-        return ""
-    if answer_right(answer, reference):
-        return " ✓"
-    return " ?" if answer_kind(reference) == "CLOSED" and not yes_no(answer) else " ✗"
-
-
-def _scores_line(rows: list[dict]) -> str:
-    """The corrected figures over the rows that have a reference (yes/no ones closed, the
-    others open), as the eval report names them; nothing where no row has one."""
-    from medray.eval.metrics import answer_kind, corrected_scores
-
-    pairs = [(r.get("answer") or "", ref, answer_kind(ref))
-             for r in rows if not r.get("error") and (ref := _reference(r))]
-    if not pairs:
-        return ""
-    c = corrected_scores(pairs)
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-    return (f"<p><b>overall {pct(c['overall'])}</b>: closed accuracy {pct(c['closed_accuracy'])}, open exact match "
-            f"{pct(c['exact_match'])}, over the {len(pairs)} answered rows with a reference (yes/no references closed, "
-            "the others open; overall is the mean of the two, as medray eval reports it)</p>")
 
 
 def _samples(evals: list[Evaluation], n: int) -> str:
@@ -262,73 +200,24 @@ def _samples(evals: list[Evaluation], n: int) -> str:
     cells = []
     for i in dict.fromkeys(picked):
         row = shown[-1].answers[i]
-        reference = _reference(row)
+        reference = pages.reference_of(row)
         lines = []
         for ev in shown:
             answer = ev.answers.get(i, {})
             text = answer.get("answer") or (f"error: {answer['error']}" if answer.get("error") else "")
-            mark = _mark(text, reference)
+            mark = pages.mark(text, reference)
             lines.append(f"<div><b>{html.escape(ev.label)}:</b> {html.escape(text)}{mark}</div>")
-        cells.append(f'<figure>{_thumbnail(row["image"])}<figcaption><div class=q>{html.escape(row["question"])}'
+        cells.append(f'<figure>{pages.thumbnail(row["image"])}<figcaption><div class=q>{html.escape(row["question"])}'
                      f'</div><div><b>reference:</b> {html.escape(reference)}</div>{"".join(lines)}'
                      f'<div class=meta>{html.escape(str(i))}</div></figcaption></figure>')
     return f'<div class="grid">{"".join(cells)}</div>'
-
-
-def answers_page(output: str, title: str, limit: int = 200, image_prefixes: list[str] | None = None) -> str:
-    """One batch-inference output as a page (a served job's "report" link): every row (up to
-    `limit`) with its image (only inside `image_prefixes`, when given), question, answer or
-    error and reference, and the output's lineage."""
-    from medray.data.shards import read_shards
-
-    rows = sorted(read_shards(output), key=lambda r: str(r["id"]))
-    cells = []
-    for row in rows[:limit]:
-        reference = _reference(row)
-        answer = (f'<div class="error">error: {html.escape(row["error"])}</div>' if row.get("error")
-                  else f"<div><b>answer:</b> {html.escape(row.get('answer') or '')}"
-                       f"{_mark(row.get('answer') or '', reference)}</div>")
-        cells.append(f'<figure>{_thumbnail(row["image"], image_prefixes) if row.get("image") else ""}<figcaption>'
-                     f'<div class=q>{html.escape(row.get("question") or "")}</div>{answer}'
-                     + (f"<div><b>reference:</b> {html.escape(reference)}</div>" if reference else "")
-                     + f'<div class=meta>{html.escape(str(row["id"]))}</div></figcaption></figure>')
-    errors = sum(1 for r in rows if r.get("error"))
-    more = f" (the first {limit} shown)" if len(rows) > limit else ""
-    lineage = _tree_html(output)
-    return "\n".join([
-        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">',
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1><p class=meta><code>{html.escape(output)}</code>: {len(rows)} rows, "
-        f"{errors} errors{more}</p>", _scores_line(rows),
-        f'<div class="grid">{"".join(cells)}</div>', "<h2>Provenance</h2>", lineage, "</body></html>"])
 
 
 def _lineage(run: Run) -> str:
     target = run.evals[-1].uri if run.evals else (run.stages[-1].uri if run.stages else None)
     if target is None:
         return "<p>No medray provenance under this URI.</p>"
-    return _tree_html(target)
-
-
-def _tree_html(uri: str) -> str:
-    """`medray show URI` as a <pre> block, or a line saying there is no record."""
-    tree = provenance.lineage(uri)
-    if not tree.get("kind"):
-        return "<p>No medray provenance record at this URI.</p>"
-    return f"<pre>{html.escape(chr(10).join(provenance.render_tree(tree)))}</pre>"
-
-
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{margin-bottom:0}.meta{color:#666;font-size:.85em}code{font-size:.85em}
-img.chart{max-width:100%;margin:.3em .5em .3em 0;border:1px solid #eee}
-table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:1em}
-figure{margin:0;border:1px solid #ddd;padding:.5em;border-radius:4px}figcaption{font-size:.85em}
-img.thumb{display:block;margin:0 auto .4em;max-width:100%}.q{font-style:italic;margin-bottom:.3em}
-.noimg{height:80px;background:#f3f3f3;color:#888;text-align:center;line-height:80px}
-pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:.8em}.error{color:#a40000}
-"""
+    return pages.tree_html(target)
 
 
 def render(run: Run, samples: int = SAMPLES) -> str:
@@ -338,7 +227,7 @@ def render(run: Run, samples: int = SAMPLES) -> str:
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         # No favicon request: the page is one file, and a missing icon is a console error.
         '<link rel="icon" href="data:,">',
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+        f"<title>{html.escape(title)}</title><style>{pages.STYLE}</style></head><body>",
         f"<h1>medray report</h1><p class=meta><code>{html.escape(run.root)}</code>: {len(run.stages)} stages, "
         f"{len(run.evals)} evaluations; made {provenance.now()} by medray {provenance.made_by().medray}</p>",
         "<h2>Training curves</h2>", _curves(run.stages),

@@ -59,7 +59,7 @@ def test_generation_settings_are_declared_once():
     it refuses (ANSWER_FIELDS), whatever the setting."""
     from medray.cli import build_parser
     from medray.infer.pipeline import ANSWER_FIELDS
-    from medray.infer.types import GENERATION_FIELDS, GenerationFields, GenerationSettings
+    from medray.engines.types import GENERATION_FIELDS, GenerationFields, GenerationSettings
     from medray.serve.openai_api import OPENAI_NAMED, ChatRequest
 
     declared = GenerationFields.model_fields

@@ -209,7 +209,7 @@ def test_a_job_s_page_marks_rows_and_scores_those_with_a_reference(tmp_path):
     each answer as the corrected scores read it and gives the same figures medray eval would,
     over the answered rows that have a reference."""
     from medray.data.shards import COLUMNS, write_shard
-    from medray.report import answers_page
+    from medray.pages import answers_page
 
     rows = {c: [""] * 5 for c in COLUMNS}
     rows.update(id=["1", "2", "3", "4", "5"], question=["Is there an opacity?"] * 2 + ["Where is it?"] * 2 + ["?"],

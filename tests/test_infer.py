@@ -347,7 +347,8 @@ def test_experts_stages_run_without_ray_with_injected_engines(tmp_path):
     import numpy as np
 
     from medray.infer import GenerationEngine
-    from medray.infer.stages import Generator, load_engine, preprocess
+    from medray.engines.hf import load_engine
+    from medray.infer.stages import Generator, preprocess
 
     made, prompts = [], []
 
@@ -386,16 +387,16 @@ def test_max_model_len_defaults_to_the_model_context_and_is_refused_over_it(tmp_
     refused when they are built, naming both lengths and the config key."""
     from transformers import LlamaConfig
 
-    from medray.infer.vllm_engine import VLLMOptions, _engine_kwargs, check_options_for, model_context
+    from medray.engines.vllm_sizing import VLLMOptions, check_options_for, engine_kwargs, model_context
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     assert VLLMOptions().max_model_len is None
     tiny = write_tiny_model("llava-mistral", tmp_path / "tiny")
     assert model_context(json.loads((tiny / "config.json").read_text())) == (2048, "max_position_embeddings")
-    assert _engine_kwargs(tiny, VLLMOptions(), [])["max_model_len"] is None
+    assert engine_kwargs(tiny, VLLMOptions(), [])["max_model_len"] is None
     with pytest.raises(ValueError, match=r"max_model_len 4096 is over the context of model tiny: 2048 tokens "
                                          r"\(max_position_embeddings in its config.json\)"):
-        _engine_kwargs(tiny, VLLMOptions(max_model_len=4096), [])
+        engine_kwargs(tiny, VLLMOptions(max_model_len=4096), [])
     with pytest.raises(ValueError, match=r"max_model_len 2049 .* 2048 tokens"):
         check_options_for(str(tiny), VLLMOptions(max_model_len=2049))
     check_options_for(str(tiny), VLLMOptions(max_model_len=2048))
@@ -411,9 +412,9 @@ def test_a_kv_budget_below_one_sequence_is_refused_at_start(tmp_path, monkeypatc
     published ones: Llama-2-7B 0.5 MiB, Mistral-7B (8 KV heads) 128 KiB, in 16 bits."""
     from transformers import LlamaConfig, LlavaConfig, MistralConfig
 
-    from medray.infer.vllm_engine import VLLMOptions, _engine_kwargs, kv_cache_floor
+    from medray.engines.vllm_sizing import VLLMOptions, engine_kwargs, kv_cache_floor
 
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # restored after (_engine_kwargs sets it)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # restored after (engine_kwargs sets it)
     llama = LlavaConfig(text_config=LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                                 max_position_embeddings=4096, dtype="float16").to_dict())
     mistral = MistralConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -424,13 +425,13 @@ def test_a_kv_budget_below_one_sequence_is_refused_at_start(tmp_path, monkeypatc
         (model / "config.json").write_text(config.to_json_string())
         fits = VLLMOptions(max_model_len=4096, kv_cache_gib=4096 * per_token / 2**30)
         assert kv_cache_floor(config.to_dict(), fits) == (4096 * per_token, per_token)
-        assert _engine_kwargs(model, fits, [])["kv_cache_memory_bytes"] == 4096 * per_token
+        assert engine_kwargs(model, fits, [])["kv_cache_memory_bytes"] == 4096 * per_token
         short = fits.model_copy(update={"kv_cache_gib": fits.kv_cache_gib / 2})
         with pytest.raises(ValueError, match=rf"max_model_len 4096 .*\({per_token} bytes per token\).* holds 2048 "
                                              "tokens") as refused:
-            _engine_kwargs(model, short, [])
+            engine_kwargs(model, short, [])
         assert "Raise kv_cache_gib, or lower max_model_len" in str(refused.value)
-        _engine_kwargs(model, short.model_copy(update={"max_model_len": 2048}), [])  # what it holds fits
+        engine_kwargs(model, short.model_copy(update={"max_model_len": 2048}), [])  # what it holds fits
     # float32 weights run in 16 bits under dtype auto (vLLM's CPU platform as its GPUs), unless
     # float32 is asked for, as the shipped CPU config does: 1,024 bytes per token, the figure
     # vLLM's own cache reports in test_vllm's load test (1 MiB, 1,024 tokens).
@@ -451,12 +452,12 @@ def test_the_engine_a_run_gets_and_why(tmp_path, monkeypatch):
     import argparse
 
     from medray.infer import add_infer_arguments, infer_config_from_args
-    from medray.infer.vllm_engine import choose_engine
+    from medray.engines import choose
 
     monkeypatch.setenv("MEDRAY_VLLM_PYTHON", sys.executable)  # an interpreter that exists
-    assert choose_engine("hf", model="m") == ("hf", "")
-    assert choose_engine("vllm", model="m") == ("vllm", "")
-    engine, why = choose_engine("vllm", model="m", experts=True)
+    assert choose("hf", model="m") == ("hf", "")
+    assert choose("vllm", model="m") == ("vllm", "")
+    engine, why = choose("vllm", model="m", experts=True)
     assert engine == "hf" and "GIT" in why
     # PEFT's own adapter_config.json for LLaVA's LoRA recipe: the projector trained in full.
     adapter = tmp_path / "adapter"
@@ -464,11 +465,11 @@ def test_the_engine_a_run_gets_and_why(tmp_path, monkeypatch):
     (adapter / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
         "modules_to_save": ["multi_modal_projector"], "base_model_name_or_path": "tiny://llava-mistral"}))
-    engine, why = choose_engine("vllm", model="m", adapter=str(adapter))
+    engine, why = choose("vllm", model="m", adapter=str(adapter))
     assert engine == "hf" and "modules_to_save" in why and "multi_modal_projector" in why
     monkeypatch.setenv("MEDRAY_VLLM_PYTHON", str(tmp_path / "no-such-python"))
-    with pytest.raises(RuntimeError, match="vLLM is not installed"):
-        choose_engine("vllm", model="m")
+    with pytest.raises(RuntimeError, match="engine vllm asked for m, but it is not installed here: install vLLM"):
+        choose("vllm", model="m")
 
     parser = argparse.ArgumentParser()
     add_infer_arguments(parser)
@@ -486,8 +487,8 @@ def test_adapters_a_run_can_mix_and_the_ones_it_cannot(tmp_path, monkeypatch):
     import argparse
 
     from medray.infer import add_infer_arguments, infer_config_from_args
-    from medray.infer.pipeline import check_mixed_adapters
-    from medray.infer.vllm_engine import choose_engine
+    from medray.engines import check_adapters
+    from medray.engines import choose
 
     def adapter(name: str, **extra) -> str:  # PEFT's own adapter_config.json fields
         path = tmp_path / name
@@ -511,9 +512,9 @@ def test_adapters_a_run_can_mix_and_the_ones_it_cannot(tmp_path, monkeypatch):
             InferConfig(model="m", input="i", output="o", adapters={bad: plain})
 
     monkeypatch.setenv("MEDRAY_VLLM_PYTHON", sys.executable)
-    assert choose_engine("vllm", model="m", adapters={"x": plain}) == ("vllm", "")
-    engine, why = choose_engine("vllm", model="m", adapters={"x": plain, "y": projector})
+    assert choose("vllm", model="m", adapters={"x": plain}) == ("vllm", "")
+    engine, why = choose("vllm", model="m", adapters={"x": plain, "y": projector})
     assert engine == "hf" and "multi_modal_projector" in why
-    check_mixed_adapters({"x": plain, "default": plain})
-    with pytest.raises(ValueError, match="y .*modules_to_save.*--adapter"):
-        check_mixed_adapters({"x": plain, "y": projector})
+    check_adapters({"x": plain, "default": plain}, "m", "hf")
+    with pytest.raises(ValueError, match="'y' .*modules_to_save.*--adapter"):
+        check_adapters({"x": plain, "y": projector}, "m", "hf", alone="Run each alone (--adapter). ")

@@ -13,24 +13,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "config": {"storage", "models", "data", "infer", "train", "eval", "serve", "cli", "demo", "provenance"},
-    "storage": {"models", "data", "infer", "train", "eval", "serve", "cli", "demo", "raycluster", "provenance"},
-    "raycluster": {"storage", "models", "data", "infer", "train", "eval", "serve", "cli", "demo", "provenance"},
-    "localray": {"config", "storage", "raycluster", "models", "data", "infer", "train", "eval", "serve", "cli", "demo",
+    "config": {"engines", "storage", "models", "data", "infer", "train", "eval", "serve", "cli", "demo", "provenance"},
+    "storage": {"engines", "models", "data", "infer", "train", "eval", "serve", "cli", "demo", "raycluster", "provenance"},
+    "raycluster": {"engines", "storage", "models", "data", "infer", "train", "eval", "serve", "cli", "demo", "provenance"},
+    "localray": {"engines", "config", "storage", "raycluster", "models", "data", "infer", "train", "eval", "serve", "cli", "demo",
                  "provenance"},
-    "quiet": {"config", "storage", "raycluster", "localray", "models", "data", "infer", "train", "eval", "serve",
+    "quiet": {"engines", "config", "storage", "raycluster", "localray", "models", "data", "infer", "train", "eval", "serve",
               "cli", "demo", "provenance"},
-    "models": {"data", "infer", "train", "eval", "serve", "cli", "demo", "provenance"},
-    "data": {"infer", "train", "eval", "serve", "cli", "demo", "provenance"},
+    "models": {"engines", "data", "infer", "train", "eval", "serve", "cli", "demo", "provenance"},
+    "data": {"engines", "infer", "train", "eval", "serve", "cli", "demo", "provenance"},
+    "engines": {"data", "infer", "train", "eval", "serve", "cli", "demo", "provenance", "report"},
     "infer": {"train", "eval", "serve", "cli", "demo"},
-    "train": {"infer", "eval", "serve", "cli", "demo"},
-    "provenance": {"data", "infer", "train", "eval", "serve", "cli", "demo"},  # raycluster: restore_cwd
-    "eval": {"infer", "train", "serve", "cli", "demo"},
+    "train": {"engines", "infer", "eval", "serve", "cli", "demo"},
+    "lineage": {"engines", "data", "infer", "train", "eval", "serve", "cli", "demo", "report"},
+    "provenance": {"lineage", "engines", "data", "infer", "train", "eval", "serve", "cli", "demo"},  # raycluster: restore_cwd
+    "eval": {"engines", "infer", "train", "serve", "cli", "demo"},
     "serve": {"train", "cli", "demo"},
     "report": {"train", "serve", "cli", "demo"},
-    "digests": {"config", "storage", "raycluster", "models", "data", "infer", "train", "eval", "serve", "cli", "demo",
+    "pages": {"train", "serve", "cli", "demo", "report"},
+    "digests": {"engines", "config", "storage", "raycluster", "models", "data", "infer", "train", "eval", "serve", "cli", "demo",
                 "provenance", "report", "charts"},
-    "charts": {"config", "storage", "raycluster", "models", "data", "infer", "train", "eval", "serve", "cli", "demo",
+    "charts": {"engines", "config", "storage", "raycluster", "models", "data", "infer", "train", "eval", "serve", "cli", "demo",
                "provenance", "report"},
 }
 
@@ -77,6 +80,7 @@ build_parser().parse_args(["tiny-model", "--family", "llava-mistral", "--out", "
 from medray.train import load_manifest
 load_manifest("manifests/tiny/llava-med.yaml", ["output=/tmp/unused"])
 from medray.infer import GenerationSettings, InferConfig
+from medray.engines import ENGINES, EngineName, choose
 InferConfig(model="tiny://llava-mistral", input="s3://b/in/", output="s3://b/out/")
 from medray.serve import ServeConfig
 import medray.serve.app  # the ingress deployment's module
@@ -91,7 +95,7 @@ def test_config_parsing_and_the_ingress_load_no_torch():
     assert run.returncode == 0, run.stderr[-2000:]
 
 
-@pytest.mark.parametrize("package", ["medray.data", "medray.infer", "medray.models", "medray.serve", "medray.train"])
+@pytest.mark.parametrize("package", ["medray.data", "medray.engines", "medray.infer", "medray.models", "medray.serve", "medray.train"])
 def test_every_lazily_exported_name_resolves(package):
     module = importlib.import_module(package)
     for name in module.__all__:

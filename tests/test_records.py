@@ -169,3 +169,16 @@ def test_a_jsonl_shard_holds_values_where_parquet_holds_json_text(tmp_path):
     old.write_text(json.dumps({**{c: "" for c in COLUMNS}, "id": "a", "references": '"none"',
                                "generation": '{"max_new_tokens": 6}'}) + "\n")
     assert read_shard(str(old))[0]["references"] == '"none"'
+
+
+def test_a_block_of_rows_has_exactly_the_shard_columns():
+    """The generation stage's output is built by `shards.block`, so a column left out or one
+    the format does not know fails where the block is made, naming it."""
+    from medray.data.shards import COLUMNS, block
+
+    full = {c: [c] for c in COLUMNS}
+    assert list(block(**dict(reversed(full.items())))) == COLUMNS  # in the declared order
+    with pytest.raises(TypeError, match=r"missing \['latency_s'\], unknown \[\]"):
+        block(**{c: v for c, v in full.items() if c != "latency_s"})
+    with pytest.raises(TypeError, match=r"unknown \['latency'\]"):
+        block(**full, latency=[1.0])

@@ -506,9 +506,9 @@ def test_adapters_the_server_cannot_batch_are_refused_at_start(tmp_path, monkeyp
     get_peft_model(load_model("tiny://llava-mistral").model, LoraConfig(
         r=4, target_modules=r".*vision_tower.*\.(q_proj|v_proj)")).save_pretrained(tmp_path / "vision")
     on_vllm = {"name": "m", "uri": "tiny://llava-mistral", "engine": "vllm"}
-    with pytest.raises(ValueError, match="'projector'.*cannot run on vLLM.*modules_to_save.*merged export"):
+    with pytest.raises(ValueError, match="'projector'.*modules_to_save.*cannot run on engine vllm.*merged export"):
         build_app({"models": [{**on_vllm, "adapters": {"projector": str(tmp_path / "with-projector")}}]})
-    with pytest.raises(ValueError, match="'vision'.*cannot run on vLLM.*vision tower"):
+    with pytest.raises(ValueError, match="'vision'.*vision tower.*cannot run on engine vllm"):
         build_app({"models": [{**on_vllm, "adapters": {"vision": str(tmp_path / "vision")}}]})
     assert app("tiny://llava-mistral", {"vision": str(tmp_path / "vision")}) is not None  # hf serves it
 
@@ -528,7 +528,7 @@ def test_shipped_serve_config_builds(monkeypatch):
     _, apps = load_applications(str(REPO / "manifests/serve/tiny-vllm.yaml"))
     assert [m.engine for m in ServeConfig.model_validate(apps[0]["args"]).models] == ["vllm"]
     monkeypatch.setenv("MEDRAY_VLLM_PYTHON", str(REPO / "no-such-env" / "python"))
-    with pytest.raises(RuntimeError, match="vLLM is not installed.*make vllm"):
+    with pytest.raises(RuntimeError, match="engine vllm, which is not installed here.*make vllm"):
         build(apps[0])
     monkeypatch.setenv("MEDRAY_VLLM_PYTHON", sys.executable)  # an interpreter that exists
     assert build(apps[0]) is not None

@@ -21,6 +21,16 @@ from medray.digests import SetDigest
 
 COLUMNS = ["id", "image", "question", "answer", "references", "model", "generation", "latency_s",
            "completion_tokens", "error", "image_type", "expert_text"]
+
+
+def block(**columns):
+    """A block of shard rows, its columns by name in COLUMNS' order: what the generation stage
+    returns. A column missing or unknown is a TypeError here, where it is made, not a shard
+    that lacks it (the columns are declared once, above)."""
+    missing, unknown = [c for c in COLUMNS if c not in columns], sorted(set(columns) - set(COLUMNS))
+    if missing or unknown:
+        raise TypeError(f"shard columns: missing {missing}, unknown {unknown} (medray.data.shards.COLUMNS)")
+    return {c: columns[c] for c in COLUMNS}
 SHARD_GLOB = "part-*"
 # The Parquet key-value metadata entry that holds the run's provenance record (JSON).
 PROVENANCE_KEY = "medray.provenance"

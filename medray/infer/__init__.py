@@ -19,8 +19,9 @@ __all__ = ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "Generation
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     ".ask": ["ask"],
-    ".engine": ["GenerationEngine", "encode_request"],
-    ".types": ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "GenerationSettings", "Request",
+    "medray.engines.hf": ["GenerationEngine"],
+    "medray.engines.encoding": ["encode_request"],
+    "medray.engines.types": ["MAX_NEW_TOKENS", "MAX_TEMPERATURE", "Answer", "Encoded", "GenerationSettings", "Request",
                "RequestRejected"],
     ".options": ["AllRowsFailed", "InferConfig", "Summary", "add_infer_arguments", "infer_config_from_args"],
     ".pipeline": ["OutputConflict", "run_inference"],

@@ -6,8 +6,8 @@ from medray import storage
 from medray.data import load_image, user_message
 from medray.models import load_model
 
-from .engine import GenerationEngine
-from .types import Answer, GenerationSettings, Request
+from medray.engines.hf import GenerationEngine
+from medray.engines.types import Answer, GenerationSettings, Request
 
 
 def ask(model: str, question: str, *, image: str | None = None, adapter: str | None = None,

@@ -26,10 +26,10 @@ from medray.config import StrictModel
 from medray.data import user_message
 
 from .prompts import messages_for
-from .types import Encoded, GenerationSettings, Request
+from medray.engines.types import Encoded, GenerationSettings, Request
 
 if TYPE_CHECKING:  # the engine loads torch; ExpertsConfig is read by flag parsers too
-    from .engine import GenerationEngine
+    from medray.engines.hf import GenerationEngine
 
 ImageType = Literal["radiology", "plot", "other"]
 
@@ -88,7 +88,7 @@ def encode_for_expert(image, cfg: ExpertsConfig, processor_for: Callable) -> tup
     expert = cfg.expert_for(kind)
     if not expert:
         return kind, None
-    from .engine import encode_request
+    from medray.engines.encoding import encode_request
 
     processor, family = processor_for(expert)
     return kind, encode_request(processor, Request(messages_for("caption", family.kind, "", True), [image]))

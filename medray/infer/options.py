@@ -11,9 +11,10 @@ from pydantic import Field, model_validator
 
 from medray.config import StrictModel, add_arguments, values_from_args
 
-from .types import DEFAULT_ADAPTER, GenerationFields
+from medray.engines.types import DEFAULT_ADAPTER, GenerationFields
 from .experts import ExpertsConfig
-from .vllm_engine import EngineName, VLLMOptions
+from medray.engines import EngineName
+from medray.engines.vllm_sizing import VLLMOptions
 
 
 class InferConfig(StrictModel, GenerationFields):

@@ -29,24 +29,10 @@ from medray.digests import SetDigest
 from medray.provenance import Artifact, OutputConflict, Provenance
 
 from .options import AllRowsFailed, InferConfig, Summary, adapter_role
-from .types import GENERATION_FIELDS, GenerationSettings
-from .vllm_engine import actor_runtime_env, check_options_for, choose_engine
+from medray.engines import ENGINES, check_adapters, choose
+from medray.engines.types import GENERATION_FIELDS, GenerationSettings
 
 log = logging.getLogger(__name__)
-
-
-def check_mixed_adapters(adapters: dict[str, str]) -> None:
-    """Refuse, before any row runs, adapters that cannot share generate calls: PEFT mixes
-    LoRA layers only (vLLM's LoRA loads the LLM's linear layers only; such an adapter already
-    sent the run to hf). One adapter alone still runs: give it as --adapter in a run of its own."""
-    from medray.models.loading import adapter_extras, read_adapter_config
-
-    problems = [f"{name} ({uri}) {extras}" for name, uri in adapters.items()
-                if (extras := adapter_extras(read_adapter_config(uri)))]
-    if problems:
-        raise ValueError("these adapters cannot answer rows mixed with other adapters' in one run: "
-                         + "; ".join(problems) + ". Run each alone (--adapter), or use the stage's merged export "
-                         "(lora.merge: true) as --model")
 
 
 # The settings that change what an answer says: a rerun into an output made with other values
@@ -155,7 +141,7 @@ def _dataset(cfg: InferConfig, parts, index, ledger, record: Provenance):
         # vLLM may live in another Python environment on the nodes (MEDRAY_VLLM_PYTHON).
         # A dead actor is replaced and the rows it held are sent again: Ray Data's own default
         # for actor pools (max_restarts and max_task_retries -1), which medray relies on.
-        runtime_env=actor_runtime_env() if cfg.engine == "vllm" else None)
+        runtime_env=ENGINES[cfg.engine].runtime_env() or None)
 
 
 @dataclass(frozen=True)
@@ -206,15 +192,16 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
     connect(log_to_driver=False)  # RAY_ADDRESS when set (as under `ray job submit`), else a local Ray
     t0 = time.perf_counter()
     # A fallback to hf is logged there, by name; the rows record the engine that made them.
-    engine, _ = choose_engine(cfg.engine, model=cfg.model, adapter=cfg.adapter, adapters=cfg.adapters,
-                              experts=cfg.experts is not None)
+    engine, _ = choose(cfg.engine, model=cfg.model, adapter=cfg.adapter, adapters=cfg.adapters,
+                       experts=cfg.experts is not None)
     cfg = cfg.model_copy(update={"engine": engine})
-    if engine == "vllm":
-        check_options_for(cfg.model, cfg.vllm)
+    entry = ENGINES[engine]
+    if entry.check_options:
+        entry.check_options(cfg.model, entry.options_of(cfg))
     record = inference_provenance(cfg)
     then = check_output(cfg.output, record)  # before anything is written, finished or not
-    if cfg.adapters:
-        check_mixed_adapters(cfg.all_adapters())
+    if cfg.adapters:  # rows of different adapters share generate calls; one adapter alone runs
+        check_adapters(cfg.all_adapters(), cfg.model, engine, alone="Run each alone (--adapter), a run of its own. ")
     parts = plan_parts(cfg)
     check_input(cfg, parts)
     index = build_done_index(cfg.output)

@@ -18,13 +18,15 @@ import numpy as np
 from medray import storage
 from medray.data import shards
 
-from .types import Encoded, Request
+from medray.engines import ENGINES
+from medray.engines.types import Encoded, Request
+
 from .experts import Experts, encode_for_expert
 from .options import InferConfig, adapter_role
 from .prompts import messages_for
 
 if TYPE_CHECKING:
-    from .engine import GenerationEngine
+    from medray.engines.protocol import BatchEngine
 
 _PROCESSORS: dict = {}
 # Rows without an image carry an empty array, so the columns stay tensor columns.
@@ -61,12 +63,12 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
 
     # Imported here, with torch: a preprocess task handed an empty block (every row of a rerun
     # done) then starts without importing it, which was a second of such a rerun.
-    from .engine import encode_request
+    from medray.engines.encoding import encode_request
 
     with _LOADING:  # free, unless a model loads in this very process (see _LOADING)
         pass
     conf = InferConfig.model_validate(cfg)
-    vllm = conf.engine == "vllm"  # the run's engine, as chosen: it takes ids and images, not pixels
+    expand = ENGINES[conf.engine].expands_images  # the run's engine, as chosen: its prompt form
     n = len(batch["id"])
     input_ids, pixels, errors, questions, kinds, prepared, image_kwargs = [], [], [], [], [], [], []
     for i in range(n):
@@ -98,7 +100,7 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
                 if not images and family.kind != "text":
                     raise ValueError("row has no image")
                 enc = encode_request(processor, Request(messages_for(conf.task, family.kind, question, bool(images)),
-                                                        images), expand=not vllm)
+                                                        images), expand=expand)
             input_ids.append(np.asarray(enc.input_ids if enc else [], dtype=np.int64))
             pixels.append(enc.pixel_values if enc else None)
             prepared.append(enc.images[0] if enc and enc.images else None)
@@ -128,27 +130,6 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
     return out
 
 
-def load_engine(model: str, adapter: str | None = None, adapters: dict[str, str] | None = None) -> GenerationEngine:
-    """The default engine factory: a transformers engine over the loaded model, with `adapter`
-    (PEFT's "default") and the named `adapters` loaded beside it for mixed batches."""
-    from medray.models import load_model
-    from medray.models.loading import resolve_adapter_uri
-
-    from .engine import GenerationEngine
-
-    loaded = load_model(model, adapter=adapter)
-    for name, uri in (adapters or {}).items():
-        from peft import PeftModel  # here: importing peft takes ~1 s, which a run without adapters skips
-
-        path = str(resolve_adapter_uri(uri))
-        if isinstance(loaded.model, PeftModel):
-            loaded.model.load_adapter(path, adapter_name=name)
-        else:
-            loaded.model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name)
-        loaded.model.eval()
-    return GenerationEngine(loaded)
-
-
 class Generator:
     """Actor stage: one model per actor; generates over the preprocessed rows, then writes them
     as one shard.
@@ -159,28 +140,25 @@ class Generator:
 
     `engine_for(model, adapter)` makes the engines (the LLM's and the experts'; with
     `adapters=` when the run names adapters); tests pass their own, and Ray Data uses the
-    default.
+    registry's loader for the run's engine (medray.engines.ENGINES).
     """
 
-    def __init__(self, cfg: dict, engine_for: Callable[..., GenerationEngine] | None = None,
+    def __init__(self, cfg: dict, engine_for: Callable[..., BatchEngine] | None = None,
                  record: dict | None = None):
         self.cfg = InferConfig.model_validate(cfg)
         # The run's provenance (medray.provenance): its digests go into every row, and the
         # whole record into every Parquet shard's metadata.
         self.record = record
+        entry = ENGINES[self.cfg.engine]
         if engine_for is None:
-            engine_for = load_engine
-            if self.cfg.engine == "vllm":
-                from .vllm_engine import load_vllm_engine
-
-                engine_for = functools.partial(load_vllm_engine, options=self.cfg.vllm.model_dump())
+            engine_for = functools.partial(entry.load_batch(), options=entry.options_of(self.cfg))
 
         def load():
             engine = engine_for(self.cfg.model, self.cfg.adapter,
                                 **({"adapters": self.cfg.adapters} if self.cfg.adapters else {}))
             return engine, Experts(self.cfg.experts, engine_for) if self.cfg.experts is not None else None
 
-        if self.cfg.engine == "vllm":  # started on the actor's own thread, as vLLM is tested to start
+        if entry.loads_in_start:  # on the actor's own thread (vLLM is tested to start so)
             self._loaded: Future = Future()
             self._loaded.set_result(load())
         else:
@@ -209,7 +187,7 @@ class Generator:
                            for name in [None, *adapters]}
 
     @property
-    def engine(self) -> GenerationEngine:
+    def engine(self) -> BatchEngine:
         return self._loaded.result()[0]
 
     @property
@@ -242,7 +220,7 @@ class Generator:
             encoded_of = lambda i: self.engine.encode(self.experts.llm_request(  # noqa: E731
                 str(batch["question"][i]), expert_texts[i], str(batch["image_type"][i])))
         # vLLM takes the shard's rows at once and batches them step by step itself.
-        size = max(1, len(ok)) if getattr(self.engine, "continuous", False) else self.cfg.batch_size
+        size = max(1, len(ok)) if self.engine.continuous else self.cfg.batch_size
         names = [self.cfg.row_adapter(str(batch["adapter"][i]) if "adapter" in batch else None) for i in range(n)]
         for start in range(0, len(ok), size):
             chunk = ok[start: start + size]
@@ -258,15 +236,15 @@ class Generator:
                     errors[i] = f"{type(r).__name__}: {r}"
                     continue
                 answers[i], completion[i], latency[i] = r.text, r.completion_tokens, dt
-        return {
-            "id": batch["id"], "image": batch["image"], "question": batch["question"],
-            "answer": np.array(answers, dtype=object), "references": batch["references"],
-            "model": np.array([self.cfg.model] * n, dtype=object),
-            "generation": np.array([self.generation.get(name, self.generation[None]) for name in names],
-                                   dtype=object),  # a row naming an unknown adapter failed alone
-            "latency_s": latency, "completion_tokens": completion, "error": errors,
-            "image_type": batch["image_type"], "expert_text": np.array(expert_texts, dtype=object),
-        }
+        return shards.block(
+            id=batch["id"], image=batch["image"], question=batch["question"],
+            answer=np.array(answers, dtype=object), references=batch["references"],
+            model=np.array([self.cfg.model] * n, dtype=object),
+            generation=np.array([self.generation.get(name, self.generation[None]) for name in names],
+                                dtype=object),  # a row naming an unknown adapter failed alone
+            latency_s=latency, completion_tokens=completion, error=errors,
+            image_type=batch["image_type"], expert_text=np.array(expert_texts, dtype=object),
+        )
 
 
 def _write_batch(batch: dict, *, output: str, fmt: str, metadata: dict[str, str] | None = None) -> dict:

@@ -188,13 +188,24 @@ def load_model(uri: str, *, device: str | None = None, dtype: torch.dtype | str 
     if not quantization:
         model.to(device)
     if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(resolve_adapter_uri(adapter)))
+        model = attach_adapter(model, adapter)
     model.eval()
     processor = load_processor(path, family, trust_remote_code=trust_remote_code)
     log.info("loaded %s (%s, %s on %s)", uri, family.name, dtype, device)
     return LoadedModel(model, processor, family, path, uri)
+
+
+def attach_adapter(model, uri: str, name: str = "default"):
+    """`model` with the PEFT adapter at `uri` (local, s3://) loaded beside its others under
+    `name` ("default": PEFT's own name for the first); returns the PeftModel, in eval mode."""
+    from peft import PeftModel  # here: importing peft takes ~1 s, which a run without adapters skips
+
+    path = str(resolve_adapter_uri(uri))
+    if isinstance(model, PeftModel):
+        model.load_adapter(path, adapter_name=name)
+    else:
+        model = PeftModel.from_pretrained(model, path, adapter_name=name)
+    return model.eval()
 
 
 def resolve_adapter_uri(uri: str) -> Path:

@@ -8,8 +8,9 @@ import os
 from pydantic import Field, model_validator
 
 from medray.config import StrictModel
-from medray.infer.types import MAX_NEW_TOKENS
-from medray.infer.vllm_engine import EngineName, VLLMOptions
+from medray.engines.types import MAX_NEW_TOKENS
+from medray.engines import EngineName
+from medray.engines.vllm_sizing import VLLMOptions
 
 
 class Autoscaling(StrictModel):
@@ -83,8 +84,10 @@ class ModelSpec(StrictModel):
     def ongoing_limit(self) -> int:
         if self.max_ongoing_requests:
             return self.max_ongoing_requests
-        # vLLM takes what its steps can hold and queues the rest itself (bounded by its KV cache).
-        return self.vllm.max_num_seqs if self.engine == "vllm" else max(2 * self.max_batch_size, 16)
+        from medray.engines import ENGINES
+
+        # hf: two batches' worth; vLLM: what its steps hold (it queues the rest itself, bounded by its KV cache).
+        return ENGINES[self.engine].ongoing_limit(self)
 
     @model_validator(mode="after")
     def _check_adapters(self):

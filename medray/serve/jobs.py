@@ -27,7 +27,7 @@ from pydantic import Field, create_model
 from medray import provenance, storage
 from medray.config import StrictModel
 from medray.infer import InferConfig
-from medray.infer.types import GENERATION_FIELDS
+from medray.engines.types import GENERATION_FIELDS
 
 log = logging.getLogger(__name__)
 

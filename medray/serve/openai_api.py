@@ -11,8 +11,10 @@ from typing import Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from ray.exceptions import NodeDiedError, RayActorError
+from ray.serve.exceptions import BackPressureError, RayServeException
 
-from medray.infer.types import GENERATION_FIELDS, Answer, GenerationFields, GenerationSettings, RequestRejected
+from medray.engines.types import GENERATION_FIELDS, Answer, GenerationFields, GenerationSettings, RequestRejected
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,33 @@ def last_line(e: BaseException) -> str:
     Ray puts around it (a RayTaskError carries the replica's exception as `cause`)."""
     lines = str(getattr(e, "cause", None) or e).strip().splitlines()
     return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+# A replica (or its node) that died under a request: 503 and retry.
+REPLICA_LOST = (RayActorError, NodeDiedError, RayServeException)
+
+
+def failure(e: BaseException, model: str, time_limit_s: float) -> ApiError:
+    """What went wrong while a request waited on its model, for the client: one mapping for
+    answers (a status) and streams (an error event, the 200 being sent). The request's faults
+    are 400s; the server's are 500, or 503 when a replica went away or the queue is full
+    (retry), or 504 past the time limit."""
+    if isinstance(e, asyncio.TimeoutError):
+        log.warning("request to %s over its time limit (%.0f s)", model, time_limit_s)
+        return ApiError(504, f"no answer from model {model!r} within {time_limit_s:g} s, its time limit; the request "
+                             "was stopped. Retry later, or ask for fewer tokens", kind="timeout", code="timeout")
+    if isinstance(e, BackPressureError):
+        # Serve's queue for this model (max_queued_requests) is full: the caller should come
+        # back shortly, and the openai SDK does so for a 503 on its own.
+        return ApiError(503, f"model {model!r} is busy: its queue is full; retry after a moment",
+                        kind="server_error", code="overloaded", headers={"Retry-After": "1"})
+    if isinstance(e, REPLICA_LOST):  # never the request's fault
+        log.warning("model replica lost: %s", type(e).__name__)
+        return ApiError(503, f"the model replica serving {model!r} went away; retry the request "
+                             "(Serve is replacing it)", kind="server_error", headers={"Retry-After": "1"})
+    if isinstance(e, RequestRejected):  # its messages do not render into a prompt for this model, or do not fit it
+        return ApiError(400, f"the model could not answer this request: {last_line(e)}")
+    return server_fault(model, e)  # failed in the replica's code, on a request it had accepted
 
 
 def server_fault(model: str, e: BaseException) -> ApiError:
@@ -145,7 +174,7 @@ def usage_of(answer) -> dict:
 
 
 async def sse_chunks(events, completion_id: str, model: str, include_usage: bool, first=None,
-                     deadline: float | None = None):
+                     deadline: float | None = None, time_limit_s: float = 0.0):
     """OpenAI's chunk stream: a role delta, content deltas, a finish chunk, [DONE].
 
     `events` yields messages (lists of events: text, then the Answer). `first` is a message
@@ -190,15 +219,9 @@ async def sse_chunks(events, completion_id: str, model: str, include_usage: bool
     except asyncio.CancelledError:  # the client went away; the replica stops generating
         events.cancel()
         raise
-    except asyncio.TimeoutError:
-        events.cancel()
-        log.warning("stream over its time limit; stopped")
-        out += f"data: {json.dumps({'error': {'message': 'the request ran over its time limit', 'type': 'timeout'}})}\n\n"
-    except RequestRejected as e:
-        # The status line is sent already: report in the stream, as OpenAI does.
-        message = f"the model could not answer this request: {last_line(e)}"
-        out += f"data: {json.dumps({'error': {'message': message, 'type': 'invalid_request_error'}})}\n\n"
-    except Exception as e:
-        error = server_fault(model, e)
+    except Exception as e:  # the status line is sent already: reported in the stream, as OpenAI does
+        if isinstance(e, asyncio.TimeoutError):
+            events.cancel()
+        error = failure(e, model, time_limit_s)
         out += f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind}})}\n\n"
     yield out + "data: [DONE]\n\n"

@@ -1,7 +1,7 @@
 """What the engines take and give: requests, settings, answers and encoded rows, plus the
 generation limits. Torch-free, so that whatever only builds or checks these (the Serve
 ingress, config and flag parsers, the OpenAI schema) does not load torch: the engines
-(engine.py, vllm_engine.py) import them from here.
+(hf.py, vllm.py) import them from here.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
-"""The generation engine: chat messages (+ images) in, answers out, batched.
+"""The transformers engine (`hf`): chat messages (+ images) in, answers out, batched, over
+transformers' generate. The embedded default on CPU, and what runs what vLLM cannot.
 
-One engine serves the batch pipeline, the Serve deployment and the demo, so a prompt is
-rendered and decoded the same way everywhere.
-
-One module, though long: the engine, its generation thread and the request encoding that
-preprocess shares are one concept; issue #40 declares the engine seam they sit behind.
+`GenerationEngine` is its batch engine (medray.engines.protocol.BatchEngine): the batch
+pipeline, `medray ask` and the demo call it, and the Serve replica drives it through
+hf_serving.py. One generation thread per engine, and streaming by steps, live here.
 """
 
 from __future__ import annotations
@@ -19,33 +18,32 @@ from typing import Iterator, Sequence
 import torch
 
 from medray.models import LoadedModel, render_chat
-from medray.models.processing import encode_prompt
 
-from .types import Answer, Encoded, GenerationSettings, Request, RequestRejected
+from .encoding import encode_request
+from .types import Answer, Encoded, GenerationSettings, Request
 
 log = logging.getLogger(__name__)
 
 
-def encode_request(processor, request: Request, *, expand: bool = True) -> Encoded:
-    """Render the chat template and run the processor: the CPU half of generation.
+def load_engine(model: str, adapter: str | None = None, adapters: dict[str, str] | None = None,
+                options=None) -> GenerationEngine:
+    """The hf batch engine over a model URI, with `adapter` (PEFT's "default") and the named
+    `adapters` loaded beside it for mixed batches. `options`: none (the registry's loaders
+    share one signature; the hf engine's sizing is the pipeline's batch size)."""
+    from medray.models import load_model
+    from medray.models.loading import attach_adapter
 
-    Separate from generation so a pipeline can run it on CPU workers and ship only ids
-    and pixels to the GPU actors. The model's image rule and prompt tokenization apply
-    (medray.models.processing), for both engines: `expand=False` is vLLM's form (see
-    `encode_prompt`).
-    """
-    try:
-        prompt = render_chat(processor, request.messages, add_generation_prompt=True)
-        enc = encode_prompt(processor, prompt, request.images, expand=expand)
-    except RequestRejected:
-        raise
-    except Exception as e:  # a template's raise_exception, an image the processor refuses, ...
-        raise RequestRejected(str(e) or type(e).__name__) from e
-    return Encoded(enc.input_ids, enc.pixel_values, enc.images, enc.image_kwargs)
+    loaded = load_model(model, adapter=adapter)
+    for name, uri in (adapters or {}).items():
+        loaded.model = attach_adapter(loaded.model, uri, name)
+    return GenerationEngine(loaded)
 
 
 class GenerationEngine:
     """Batched generation over a LoadedModel."""
+
+    continuous = False
+    """It runs static batches: the pipeline hands it `batch_size` rows a call."""
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
