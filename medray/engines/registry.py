@@ -68,6 +68,11 @@ class Engine:
         """Its options from a config that carries them (InferConfig, ModelSpec), or None."""
         return getattr(config, self.options) if self.options else None
 
+    def check_options_of(self, model: str, config) -> None:
+        """`check_options` on the options `config` carries, where the engine has such a check."""
+        if self.check_options:
+            self.check_options(model, self.options_of(config))
+
 
 def _import(path: str):
     module, _, name = path.partition(":")

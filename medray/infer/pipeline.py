@@ -28,9 +28,10 @@ from medray.data.streams import is_records_file
 from medray.digests import SetDigest
 from medray.provenance import Artifact, OutputConflict, Provenance
 
-from .options import AllRowsFailed, InferConfig, Summary, adapter_role
 from medray.engines import ENGINES, check_adapters, choose
 from medray.engines.types import GENERATION_FIELDS, GenerationSettings
+
+from .options import AllRowsFailed, InferConfig, Summary, adapter_role
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +196,7 @@ def run_inference(cfg: InferConfig, *, progress: bool = True,
     engine, _ = choose(cfg.engine, model=cfg.model, adapter=cfg.adapter, adapters=cfg.adapters,
                        experts=cfg.experts is not None)
     cfg = cfg.model_copy(update={"engine": engine})
-    entry = ENGINES[engine]
-    if entry.check_options:
-        entry.check_options(cfg.model, entry.options_of(cfg))
+    ENGINES[engine].check_options_of(cfg.model, cfg)
     record = inference_provenance(cfg)
     then = check_output(cfg.output, record)  # before anything is written, finished or not
     if cfg.adapters:  # rows of different adapters share generate calls; one adapter alone runs

@@ -17,7 +17,6 @@ import numpy as np
 
 from medray import storage
 from medray.data import shards
-
 from medray.engines import ENGINES
 from medray.engines.types import Encoded, Request
 

@@ -278,8 +278,7 @@ def build_app(args: dict[str, Any]):
         if not engine.installed():  # refused here, at deploy time, not in a replica
             raise RuntimeError(f"model {spec.name} asks for engine {spec.engine}, which is not installed here: "
                                f"{engine.install_hint}")
-        if engine.check_options:  # a length over the model's context: here, not in a replica
-            engine.check_options(spec.uri, engine.options_of(spec))
+        engine.check_options_of(spec.uri, spec)  # a length over the model's context: here, not in a replica
         # An engine in its own environment when it has one (vLLM's: MEDRAY_VLLM_PYTHON).
         actor_options = {"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica,
                          "runtime_env": _user_code(True, engine.runtime_env())}

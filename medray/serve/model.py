@@ -54,6 +54,7 @@ class ModelServer:
         self.metrics = MetricsBuffer(metrics) if metrics is not None else None
         self.replica = _replica_id()
         self.ongoing = 0
+        self.engine = None  # reports made while it is built carry no gauges
         self.engine = (engine_cls or ENGINES[self.spec.engine].serving_class())(self.spec, self._report)
         self.digests = model_digests(self.spec)
 
@@ -74,11 +75,8 @@ class ModelServer:
 
     def _report(self, **fields) -> None:
         if self.metrics is not None:  # buffered; sent once a second
-            self.metrics.model(model=self.spec.name, replica=self.replica, **self.engine_gauges(), **fields)
-
-    def engine_gauges(self) -> dict:
-        engine = getattr(self, "engine", None)  # the engine reports while it is being built
-        return engine.gauges() if engine is not None else {}
+            gauges = self.engine.gauges() if self.engine is not None else {}
+            self.metrics.model(model=self.spec.name, replica=self.replica, **gauges, **fields)
 
     def _started(self, time_limit_s: float | None) -> float | None:
         self.ongoing += 1
