@@ -19,6 +19,7 @@ from medray.models import get_family
 from medray.serve.chat import Chat
 from medray.serve.config import ServeConfig
 from medray.serve.job_api import JobApi
+from medray.serve.local import LocalHandle
 from medray.serve.model import ModelServer
 from medray.serve.openai_api import ApiError, ChatRequest
 
@@ -83,54 +84,6 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         pass
-
-
-class _Response:
-    """A DeploymentResponse's face: awaitable, cancellable."""
-
-    def __init__(self, coro):
-        self.task = asyncio.ensure_future(coro)
-
-    def __await__(self):
-        return self.task.__await__()
-
-    def cancel(self):
-        self.task.cancel()
-
-
-class _Stream:
-    """A DeploymentResponseGenerator's face: an async iterator, cancellable."""
-
-    def __init__(self, agen):
-        self.agen = agen
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self.agen.__anext__()
-
-    def cancel(self):
-        asyncio.ensure_future(self.agen.aclose())
-
-
-class LocalHandle:
-    """What Chat calls of a DeploymentHandle, on a ModelServer in this process."""
-
-    def __init__(self, server: ModelServer, stream: bool = False):
-        self.server, self.streaming = server, stream
-
-    def options(self, stream: bool = False):
-        return LocalHandle(self.server, stream)
-
-    def __getattr__(self, name: str):
-        method = getattr(self.server, name)
-
-        async def call(*args):
-            result = method(*args)
-            return await result if inspect.isawaitable(result) else result
-
-        return SimpleNamespace(remote=lambda *args: _Stream(method(*args)) if self.streaming else _Response(call(*args)))
 
 
 def _config(tmp_path, **model) -> ServeConfig:

@@ -37,7 +37,8 @@ from .images import PreviewRequest
 from .job_api import JobApi
 from .jobs import JobRequest
 from .metrics import Metrics
-from .model import ModelDeployment, check_adapters
+from .local import LocalHandle
+from .model import ModelDeployment, ModelServer, check_adapters
 from .openai_api import ApiError, ChatRequest, error_response
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,8 @@ class Api:
     """The routes; their bodies are Chat's (chat.py) and JobApi's (job_api.py)."""
 
     def __init__(self, config: dict, models: dict, metrics=None):
+        """`models`: name -> the model deployment's handle, or its spec (a dict) to run the
+        model in this replica (build_app's "one replica")."""
         self.config = ServeConfig.model_validate(config)
         self.metrics = metrics
         self.created = int(time.time())
@@ -177,8 +180,15 @@ class Api:
 
         STATE.update(config=self.config, keys=self.config.keys(),
                      metrics=MetricsBuffer(metrics) if metrics is not None else None)
+        self.servers = [ModelServer(m, metrics) for m in models.values() if isinstance(m, dict)]
+        local = iter(self.servers)
+        models = {name: LocalHandle(next(local)) if isinstance(m, dict) else m for name, m in models.items()}
         self.chat_api = Chat(self.config, models)
         self.job_api = JobApi(self.config, self.chat_api.model)
+
+    def __del__(self):
+        for server in getattr(self, "servers", []):  # the engine process stops with the replica
+            server.shutdown()
 
     @app.get("/", include_in_schema=False)
     async def page(self):
@@ -263,37 +273,58 @@ def _user_code(own_thread: bool, runtime_env: dict | None = None) -> dict:
     return env
 
 
+def _model_options(spec, engine, own_thread: bool) -> dict:
+    """Serve options of a deployment that runs model `spec`."""
+    a = spec.autoscaling
+    return dict(
+        autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                            "target_ongoing_requests": a.target_ongoing_requests,
+                            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+                            "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
+        # An engine in its own environment when it has one (vLLM's: MEDRAY_VLLM_PYTHON).
+        ray_actor_options={"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica,
+                           "runtime_env": _user_code(own_thread, engine.runtime_env())},
+        max_ongoing_requests=spec.ongoing_limit(), max_queued_requests=spec.max_queued_requests,
+        # A replica that is stopped (redeploy, downscale) takes no new requests and waits
+        # for the ones it holds; none runs longer than its time limit.
+        graceful_shutdown_timeout_s=spec.request_timeout_s + 5, graceful_shutdown_wait_loop_s=0.5,
+        max_surge_percent=spec.max_surge_percent,
+    )
+
+
+def one_replica(config: ServeConfig) -> bool:
+    """Whether the app is one deployment whose replicas are the ingress and the model both:
+    one model, on an engine that computes off the event loop (Engine.frees_loop), unless the
+    config asks for the ingress apart. Requests then skip the ingress -> model hop through Ray,
+    as ray.serve.llm's direct streaming makes its LLMServer the ingress (bench/serve_peer.py
+    measured the hop at about half of both processes' CPU); the ingress's own settings
+    (replicas, CPUs) do not apply, the model's do."""
+    return (len(config.models) == 1 and not config.ingress.separate
+            and ENGINES[config.models[0].engine].frees_loop)
+
+
 def build_app(args: dict[str, Any]):
     """Application builder for `serve run medray.serve:build_app` and RayService."""
     config = ServeConfig.model_validate(args)
     config.keys()  # fail at deploy time, not on the first request, when no key is set
     for spec in config.models:
         check_adapters(spec)  # an adapter the replicas cannot batch fails the deploy, not requests
-
-    metrics = Metrics.bind()
-    models = {}
-    for spec in config.models:
-        a = spec.autoscaling
         engine = ENGINES[spec.engine]
         if not engine.installed():  # refused here, at deploy time, not in a replica
             raise RuntimeError(f"model {spec.name} asks for engine {spec.engine}, which is not installed here: "
                                f"{engine.install_hint}")
         engine.check_options_of(spec.uri, spec)  # a length over the model's context: here, not in a replica
-        # An engine in its own environment when it has one (vLLM's: MEDRAY_VLLM_PYTHON).
-        actor_options = {"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica,
-                         "runtime_env": _user_code(True, engine.runtime_env())}
+
+    metrics = Metrics.bind()
+    if one_replica(config):
+        spec = config.models[0]
+        # On Serve's loop: the engine computes off it, and the ingress only awaits (USER_CODE_THREAD).
+        return Api.options(**_model_options(spec, ENGINES[spec.engine], own_thread=False)).bind(
+            config.model_dump(), {spec.name: spec.model_dump()}, metrics)
+    models = {}
+    for spec in config.models:
         models[spec.name] = ModelDeployment.options(
-            name=f"model-{spec.name}",
-            autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                "target_ongoing_requests": a.target_ongoing_requests,
-                                "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
-                                "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
-            ray_actor_options=actor_options,
-            max_ongoing_requests=spec.ongoing_limit(), max_queued_requests=spec.max_queued_requests,
-            # A replica that is stopped (redeploy, downscale) takes no new requests and waits
-            # for the ones it holds; none runs longer than its time limit.
-            graceful_shutdown_timeout_s=spec.request_timeout_s + 5, graceful_shutdown_wait_loop_s=0.5,
-            max_surge_percent=spec.max_surge_percent,
+            name=f"model-{spec.name}", **_model_options(spec, ENGINES[spec.engine], own_thread=True),
             # The ingress logs each request already; a second access-log line per request on
             # the model hop costs latency (a file write each) and tells nothing new.
             logging_config={"enable_access_log": False},

@@ -162,6 +162,11 @@ class Ingress(StrictModel):
     `{on-demand: 0.01}` with on-demand nodes started with `--resources='{"on-demand": 1}'`).
     Requests in flight at an ingress replica whose node is lost get a 500 from Serve's proxy;
     those at a lost model replica get medray's 503 and can be retried."""
+    separate: bool = False
+    """An app of one model on an engine that computes off the event loop (vllm) runs as one
+    deployment whose replicas are the ingress and the model both, and the settings above do
+    not apply (app.py, one_replica). True keeps the ingress a deployment of its own, for
+    ingress replicas on other nodes than the model's."""
 
 
 class ServeConfig(StrictModel):
