@@ -276,3 +276,21 @@ def test_every_registered_engine_has_the_declared_shape():
         if entry.options:
             assert entry.options in InferConfig.model_fields and entry.options in ModelSpec.model_fields, name
     assert hasattr(BatchEngine, "generate_encoded")
+
+
+def test_a_stream_sends_what_is_certain_and_holds_back_only_an_unsettled_end():
+    """Both engines' rule for streamed text (engines.types.new_text): a half character at the end
+    (U+FFFD, which the next token may complete) and trailing space wait; an invalid byte inside
+    the text is final and does not hold back what follows it (a random-weight model emits them:
+    holding all after one back streamed whole answers as one chunk)."""
+    from medray.engines.types import new_text
+
+    sent, deltas = "", []
+    for text in ["ab", "ab \ufffd", "ab \ufffdcd", "ab \ufffdcd  ", "ab \ufffdcd e", "ab \ufffdcd ef"]:
+        delta = new_text(text, sent)
+        deltas.append(delta)
+        sent += delta
+    assert deltas == ["ab", "", " \ufffdcd", "", " e", "f"]
+    assert sent == "ab \ufffdcd ef"
+    assert new_text("abcdef", "ab", hold=2) == "cd"  # a stop string of 3 characters may be starting
+    assert new_text("xy", "ab") == ""  # text that no longer starts with what was sent: wait

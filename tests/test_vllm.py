@@ -379,7 +379,8 @@ def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
         assert not differ, differ[:5]
         r = httpx.post(url, json=body(kinds[0]), headers=headers, timeout=60)  # healthy afterwards
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == twins[kinds[0]]
-        info = replica_call("model-llava", "vllm", "info")
+        # The app is one deployment (one model on vLLM): the ingress holds the model.
+        info = replica_call("Api", "vllm", "model_call", "llava", "info")
         assert info["ongoing"] == 0  # the ones that left were aborted, not held
         state = info["scheduler"]
         print(f"vLLM scheduler: {state}")

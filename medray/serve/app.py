@@ -190,6 +190,14 @@ class Api:
         for server in getattr(self, "servers", []):  # the engine process stops with the replica
             server.shutdown()
 
+    async def model_call(self, model: str, method: str):
+        """A model replica's `info` or `recent_batch_sizes`, asked through the ingress, for a
+        handle (`serve.get_deployment_handle("Api", app)`): it reaches the model in either
+        shape of the app, its own deployment or this replica (ServeConfig.one_replica)."""
+        if method not in ("info", "recent_batch_sizes"):
+            raise ValueError(f"model_call asks info or recent_batch_sizes, not {method!r}")
+        return await getattr(self.chat_api.models[model], method).remote()
+
     @app.get("/", include_in_schema=False)
     async def page(self):
         return HTMLResponse(PAGE.read_text())
@@ -292,17 +300,6 @@ def _model_options(spec, engine, own_thread: bool) -> dict:
     )
 
 
-def one_replica(config: ServeConfig) -> bool:
-    """Whether the app is one deployment whose replicas are the ingress and the model both:
-    one model, on an engine that computes off the event loop (Engine.frees_loop), unless the
-    config asks for the ingress apart. Requests then skip the ingress -> model hop through Ray,
-    as ray.serve.llm's direct streaming makes its LLMServer the ingress (bench/serve_peer.py
-    measured the hop at about half of both processes' CPU); the ingress's own settings
-    (replicas, CPUs) do not apply, the model's do."""
-    return (len(config.models) == 1 and not config.ingress.separate
-            and ENGINES[config.models[0].engine].frees_loop)
-
-
 def build_app(args: dict[str, Any]):
     """Application builder for `serve run medray.serve:build_app` and RayService."""
     config = ServeConfig.model_validate(args)
@@ -316,7 +313,7 @@ def build_app(args: dict[str, Any]):
         engine.check_options_of(spec.uri, spec)  # a length over the model's context: here, not in a replica
 
     metrics = Metrics.bind()
-    if one_replica(config):
+    if config.one_replica():
         spec = config.models[0]
         # On Serve's loop: the engine computes off it, and the ingress only awaits (USER_CODE_THREAD).
         return Api.options(**_model_options(spec, ENGINES[spec.engine], own_thread=False)).bind(

@@ -164,9 +164,9 @@ class Ingress(StrictModel):
     those at a lost model replica get medray's 503 and can be retried."""
     separate: bool = False
     """An app of one model on an engine that computes off the event loop (vllm) runs as one
-    deployment whose replicas are the ingress and the model both, and the settings above do
-    not apply (app.py, one_replica). True keeps the ingress a deployment of its own, for
-    ingress replicas on other nodes than the model's."""
+    deployment whose replicas are the ingress and the model both (ServeConfig.one_replica),
+    sized by the model's settings; the settings above are then refused. True keeps the
+    ingress a deployment of its own (ingress replicas on other nodes than the model's)."""
 
 
 class ServeConfig(StrictModel):
@@ -190,7 +190,28 @@ class ServeConfig(StrictModel):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("model names must be unique")
+        # By value, not by fields set: the app's config reaches each replica dumped in full.
+        ignored = sorted(name for name, field in Ingress.model_fields.items() if name != "separate"
+                         and getattr(self.ingress, name) != field.get_default(call_default_factory=True))
+        if ignored and self.one_replica():
+            spec = self.models[0]
+            raise ValueError(
+                f"ingress.{', ingress.'.join(ignored)} set, but this app of one model on engine {spec.engine} runs "
+                "as one deployment whose replicas are the ingress and the model both, sized by the model's "
+                f"settings ({spec.name}: autoscaling, cpus_per_replica, gpus_per_replica): remove the ingress "
+                "block, or set ingress.separate: true for an ingress deployment of its own")
         return self
+
+    def one_replica(self) -> bool:
+        """Whether the app is one deployment whose replicas are the ingress and the model both:
+        one model, on an engine that computes off the event loop (Engine.frees_loop), unless
+        ingress.separate. Requests then skip the ingress -> model hop through Ray, as
+        ray.serve.llm's direct streaming makes its LLMServer the ingress: under `vllm bench
+        serve` that hop and the streamed items over it took about half of both processes' CPU
+        (bench/serve_peer.py --profile)."""
+        from medray.engines import ENGINES
+
+        return len(self.models) == 1 and not self.ingress.separate and ENGINES[self.models[0].engine].frees_loop
 
     def model(self, name: str) -> tuple[ModelSpec, str | None]:
         """'<model>' or '<model>:<adapter>' -> (spec, adapter name); KeyError says what exists."""
