@@ -294,3 +294,7 @@ def test_a_stream_sends_what_is_certain_and_holds_back_only_an_unsettled_end():
     assert sent == "ab \ufffdcd ef"
     assert new_text("abcdef", "ab", hold=2) == "cd"  # a stop string of 3 characters may be starting
     assert new_text("xy", "ab") == ""  # text that no longer starts with what was sent: wait
+    # vLLM's text grows by whole characters (its detokenizer holds half ones back): a U+FFFD
+    # at its end is final, sent at once; trailing space still waits.
+    assert new_text("ab\ufffd", "ab", whole_chars=True) == "\ufffd"
+    assert new_text("ab\ufffd ", "ab", whole_chars=True) == "\ufffd"

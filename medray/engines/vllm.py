@@ -264,7 +264,7 @@ class AsyncVLLMEngine:
         async with aclosing(self._outputs(request, settings, adapter, final_only=False)) as outputs:
             async for out in _client_errors_rejected(outputs):
                 last = out
-                delta = "" if out.finished else new_text(out.outputs[0].text.lstrip(), sent)
+                delta = "" if out.finished else new_text(out.outputs[0].text.lstrip(), sent, whole_chars=True)
                 if delta:
                     yield delta
                     sent += delta
