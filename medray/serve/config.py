@@ -65,7 +65,8 @@ class ModelSpec(StrictModel):
     max_queued_requests: int = Field(256, ge=1)
     """Requests each ingress replica lets wait for a free model replica. Past it, a request is
     answered 503 with Retry-After at once (the openai SDK retries those), instead of waiting
-    without end while the autoscaler catches up."""
+    without end while the autoscaler catches up. In one replica (ServeConfig.one_replica):
+    the requests each replica lets wait for a free slot of its own (max_ongoing_requests)."""
     request_timeout_s: float = Field(300, gt=0)
     """A request still unanswered after this long gets a 504, and stops: a waiting request
     leaves the queue, a streamed one stops generating."""
