@@ -3,17 +3,18 @@
 `build_app(args)` is the application builder that `serve run` and a RayService call with
 the `args` block of the config. It binds one model deployment per configured model
 (medray.serve.model, on the engine its spec names), one `Metrics` deployment, and the `Api`
-ingress here. The ingress authenticates, validates and decodes requests, so a bad request
-gets its 4xx before it costs any model time; it also runs the batch-job API and serves the
-web page. Here: the routes, the gate in front of them and the error handlers; the routes'
-bodies are plain objects (chat.py, job_api.py), schemas and errors are openai_api.py's.
+ingress here; or, for one model on an engine that frees the event loop, the `Api` ingress
+alone, each replica holding the model (ServeConfig.one_replica). The ingress authenticates,
+validates and decodes requests, so a bad request gets its 4xx before it costs any model
+time; it also runs the batch-job API and serves the web page. Here: the routes and the error
+handlers; the gate in front of them is gate.py's, the routes' bodies are plain objects
+(chat.py, job_api.py), schemas and errors are openai_api.py's.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types (Request, the
 # body model) on the ingress methods, which Serve wraps. `@serve.ingress` also pickles the
 # app (routes included) when the class is defined, so everything the routes call must be
 # importable (chat.py, job_api.py, openai_api.py) or defined above the class.
-import hashlib
 import importlib.util
 import logging
 import time
@@ -26,13 +27,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from ray import serve
-from starlette.datastructures import Headers
 
 from medray import storage
 from medray.engines import ENGINES
 
 from .chat import Chat
 from .config import ServeConfig
+from .gate import Gate
 from .images import PreviewRequest
 from .job_api import JobApi
 from .jobs import JobRequest
@@ -71,62 +72,7 @@ async def _docs_asset(name: str):
                         headers={"Cache-Control": "public, max-age=86400"})
 
 
-class _Gate:
-    """Keys, body size and request metrics, in front of every route.
-
-    A plain ASGI middleware, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs
-    the route in a task of its own and passes the response, every chunk of a stream included,
-    through a memory channel between the two tasks. This one only wraps `send`.
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        from medray.serve._replica import STATE  # imported here: see _replica's docstring
-
-        started = time.perf_counter()
-        config: ServeConfig | None = STATE.get("config")
-        headers = Headers(scope=scope)
-        size = headers.get("content-length")
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        path = path[len(root):] if root and path.startswith(root) else path  # under a route_prefix
-        refusal = None
-        if path.startswith("/v1/") and not _key_ok(headers.get("authorization", ""), STATE.get("keys", set())):
-            # Every /v1/ route needs a key, checked here, before the body is read or validated:
-            # a client without a key learns nothing about the API's schema, and costs nothing.
-            refusal = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                     kind="authentication_error", code="invalid_api_key")
-        elif config and size and size.isdigit() and int(size) > config.limits.max_body_bytes:
-            # Refused before the body is read: an oversized upload costs nothing.
-            refusal = error_response(413, f"request body over {config.limits.max_body_bytes} bytes; "
-                                          "send smaller images")
-
-        async def send_and_count(message):
-            if message["type"] == "http.response.start":
-                # Counted when the response starts (a stream's first byte), as the route is known.
-                metrics = STATE.get("metrics")
-                if metrics is not None:  # buffered; sent once a second
-                    route = scope.get("route")
-                    metrics.request(getattr(route, "path", "unmatched"), scope.get("method", ""),
-                                    message["status"], time.perf_counter() - started)
-            await send(message)
-
-        if refusal is not None:
-            return await refusal(scope, receive, send_and_count)
-        await self.app(scope, receive, send_and_count)
-
-
-app.add_middleware(_Gate)
-
-
-def _key_ok(header: str, keys: set[str]) -> bool:
-    """`Authorization: Bearer <key>` with a key whose SHA-256 digest is configured."""
-    scheme, _, token = header.partition(" ")
-    return (scheme.lower() == "bearer" and bool(token.strip())
-            and hashlib.sha256(token.strip().encode()).hexdigest() in keys)
+app.add_middleware(Gate)
 
 
 @app.exception_handler(ApiError)
