@@ -74,5 +74,8 @@ def finish(started: dict[str, tuple[subprocess.Popen, Path]], rate: int = 50) ->
             part = next((p for p, marks in PARTS if any(m in stack for m in marks)), "other")
             parts[part] += int(count) / rate
         result[name] = dict(parts.most_common())
-        path.unlink()
+        if os.environ.get("BENCH_PROFILE_KEEP"):  # a folder: the raw samples, for a closer look
+            path.rename(Path(os.environ["BENCH_PROFILE_KEEP"]) / f"{name.replace(' ', '-')}-{path.name}")
+        else:
+            path.unlink()
     return result

@@ -15,7 +15,9 @@ runs at a time, in turn, `--repeat` times each, on this machine's 2 cores:
 - `medray`: `medray serve` (its own local Ray) with `engine: vllm` and the default
   stream_interval_s (0.05: a chunk per 50 ms);
 - `medray-0`: the same with stream_interval_s 0 (a chunk per engine step), so ITL is reported
-  both ways.
+  both ways;
+- `medray-2hop` (not run unless named): `ingress.separate: true`, the ingress a deployment of
+  its own and one Ray hop before the model replica (the shape before ServeConfig.one_replica).
 
 Printed: requests/s, output tokens/s, TTFT and ITL at p50 and p99, chunks per answer and the
 start-up time of each, as median (min to max); and medray's ratios to vllm. Goals (issue #40):
@@ -60,7 +62,7 @@ def vllm_server(vllm_python: str, model: Path, port: int) -> list[str]:
             "--distributed-executor-backend", "uni", "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0"]
 
 
-def medray_server(model: Path, port: int, interval: float | None, workdir: Path) -> list[str]:
+def medray_server(model: Path, port: int, interval: float | None, workdir: Path, separate: bool = False) -> list[str]:
     import yaml
 
     spec = {"name": "m", "uri": str(model), "engine": "vllm", "vllm": ENGINE, "cpus_per_replica": 1,
@@ -69,9 +71,11 @@ def medray_server(model: Path, port: int, interval: float | None, workdir: Path)
         spec["stream_interval_s"] = interval
     config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
               "applications": [{"name": "medray", "route_prefix": "/", "import_path": "medray.serve:build_app",
-                                "args": {"models": [spec], "api_keys": [],
-                                         "ingress": {"min_replicas": 1, "max_replicas": 1,
-                                                     "cpus_per_replica": 0.25}}}]}
+                                # One model on vLLM: one deployment, its replica the ingress too.
+                                "args": {"models": [spec], "api_keys": []}}]}
+    if separate:  # the ingress as a deployment of its own, one Ray hop before the model
+        config["applications"][0]["args"]["ingress"] = {"separate": True, "min_replicas": 1, "max_replicas": 1,
+                                                        "cpus_per_replica": 0.25}
     path = workdir / f"serve-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     return [str(Path(sys.executable).with_name("medray")), "serve", str(path)]
@@ -180,7 +184,8 @@ def main() -> None:
             if name == "vllm":
                 command, env = vllm_server(vllm_python, model, port), THREADS
             else:
-                command = medray_server(model, port, 0.0 if name == "medray-0" else None, work)
+                command = medray_server(model, port, 0.0 if name == "medray-0" else None, work,
+                                        separate=name == "medray-2hop")
                 env = {"MEDRAY_API_KEYS": KEY, "MEDRAY_VLLM_PYTHON": vllm_python}
             proc, startup = start(command, port, env, work / f"{name}-{r}.log")
             titles = ({"API server": ""} if name == "vllm" else

@@ -19,6 +19,7 @@ from medray.models import get_family
 from medray.serve.chat import Chat
 from medray.serve.config import ServeConfig
 from medray.serve.job_api import JobApi
+from medray.serve.local import LocalHandle
 from medray.serve.model import ModelServer
 from medray.serve.openai_api import ApiError, ChatRequest
 
@@ -83,54 +84,6 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         pass
-
-
-class _Response:
-    """A DeploymentResponse's face: awaitable, cancellable."""
-
-    def __init__(self, coro):
-        self.task = asyncio.ensure_future(coro)
-
-    def __await__(self):
-        return self.task.__await__()
-
-    def cancel(self):
-        self.task.cancel()
-
-
-class _Stream:
-    """A DeploymentResponseGenerator's face: an async iterator, cancellable."""
-
-    def __init__(self, agen):
-        self.agen = agen
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self.agen.__anext__()
-
-    def cancel(self):
-        asyncio.ensure_future(self.agen.aclose())
-
-
-class LocalHandle:
-    """What Chat calls of a DeploymentHandle, on a ModelServer in this process."""
-
-    def __init__(self, server: ModelServer, stream: bool = False):
-        self.server, self.streaming = server, stream
-
-    def options(self, stream: bool = False):
-        return LocalHandle(self.server, stream)
-
-    def __getattr__(self, name: str):
-        method = getattr(self.server, name)
-
-        async def call(*args):
-            result = method(*args)
-            return await result if inspect.isawaitable(result) else result
-
-        return SimpleNamespace(remote=lambda *args: _Stream(method(*args)) if self.streaming else _Response(call(*args)))
 
 
 def _config(tmp_path, **model) -> ServeConfig:
@@ -323,3 +276,25 @@ def test_every_registered_engine_has_the_declared_shape():
         if entry.options:
             assert entry.options in InferConfig.model_fields and entry.options in ModelSpec.model_fields, name
     assert hasattr(BatchEngine, "generate_encoded")
+
+
+def test_a_stream_sends_what_is_certain_and_holds_back_only_an_unsettled_end():
+    """Both engines' rule for streamed text (engines.types.new_text): a half character at the end
+    (U+FFFD, which the next token may complete) and trailing space wait; an invalid byte inside
+    the text is final and does not hold back what follows it (a random-weight model emits them:
+    holding all after one back streamed whole answers as one chunk)."""
+    from medray.engines.types import new_text
+
+    sent, deltas = "", []
+    for text in ["ab", "ab \ufffd", "ab \ufffdcd", "ab \ufffdcd  ", "ab \ufffdcd e", "ab \ufffdcd ef"]:
+        delta = new_text(text, sent)
+        deltas.append(delta)
+        sent += delta
+    assert deltas == ["ab", "", " \ufffdcd", "", " e", "f"]
+    assert sent == "ab \ufffdcd ef"
+    assert new_text("abcdef", "ab", hold=2) == "cd"  # a stop string of 3 characters may be starting
+    assert new_text("xy", "ab") == ""  # text that no longer starts with what was sent: wait
+    # vLLM's text grows by whole characters (its detokenizer holds half ones back): a U+FFFD
+    # at its end is final, sent at once; trailing space still waits.
+    assert new_text("ab\ufffd", "ab", whole_chars=True) == "\ufffd"
+    assert new_text("ab\ufffd ", "ab", whole_chars=True) == "\ufffd"

@@ -531,7 +531,29 @@ def test_shipped_serve_config_builds(monkeypatch):
     with pytest.raises(RuntimeError, match="engine vllm, which is not installed here.*make vllm"):
         build(apps[0])
     monkeypatch.setenv("MEDRAY_VLLM_PYTHON", sys.executable)  # an interpreter that exists
-    assert build(apps[0]) is not None
+    # One model on vLLM: one deployment, the ingress whose replicas hold the model, sized and
+    # placed as the model's spec says (its CPUs, vLLM's interpreter, its autoscaling and limit),
+    # on Serve's event loop (the engine computes on its own thread and process).
+    ingress = build(apps[0])._bound_deployment
+    [spec] = apps[0]["args"]["models"]
+    assert ingress.name == "Api" and isinstance(ingress.init_args[1][spec["name"]], dict)
+    assert ingress.ray_actor_options["num_cpus"] == spec["cpus_per_replica"]
+    assert ingress.ray_actor_options["runtime_env"] == {
+        "py_executable": sys.executable, "env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+    config = ingress._deployment_config
+    assert config.max_ongoing_requests == spec["vllm"]["max_num_seqs"]
+    assert config.autoscaling_config.max_replicas == spec["autoscaling"]["max_replicas"]
+    # Ingress settings would not apply to it: refused, saying what to do; `separate` keeps
+    # the two deployments, the model's behind the ingress's handle.
+    with pytest.raises(ValueError, match=r"ingress.cpus_per_replica, ingress.min_replicas set, but this app of one "
+                                         r"model on engine vllm runs as one deployment.*ingress.separate: true"):
+        ServeConfig.model_validate({**apps[0]["args"], "ingress": {"min_replicas": 2, "cpus_per_replica": 0.5}})
+    split = build({**apps[0], "args": {**apps[0]["args"], "ingress": {"separate": True, "cpus_per_replica": 0.25}}})
+    model = split._bound_deployment.init_args[1][spec["name"]]
+    assert split._bound_deployment.ray_actor_options["num_cpus"] == 0.25
+    assert model._bound_deployment.name == f"model-{spec['name']}"
+    # Two models, or one on hf (its batch steps hold the event loop): the ingress apart.
+    assert not ServeConfig.model_validate({"models": [{"name": "m", "uri": "tiny://llava-mistral"}]}).one_replica()
 
 
 def test_keys_reach_the_cluster_as_digests_never_as_secrets(monkeypatch):

@@ -294,6 +294,8 @@ def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
     # hold a place in it, fewer than the 16 of max_num_seqs and the 32 clients. Full, it must
     # make requests wait, never refuse them.
     model["vllm"]["kv_cache_gib"] = 2**-10
+    # Every token as it comes (stream_interval_s 0): the strictest stream, frames per token.
+    model["stream_interval_s"] = 0
     args["api_keys"] = [key]
     serve.run(build_app(args), name="vllm", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -327,6 +329,25 @@ def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
             r = httpx.post(url, json={**body(kind), "temperature": 1.5, "seed": 0, "top_k": 1, "min_p": 0.5,
                                       "repetition_penalty": 1.0, "min_tokens": 0}, headers=headers, timeout=120)
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == twins[kind], r.text
+        # One frame per token: a token goes out as it comes, except one that ends in space (it
+        # goes with the next: answers are stripped, and the frames add up to the answer) and the
+        # bytes of a character (vLLM's detokenizer holds them until the character is whole, or
+        # invalid: U+FFFD, which this random model emits often, and which once held all after it
+        # back).
+        for kind in kinds[:4]:
+            frames, usage = [], None
+            with httpx.stream("POST", url, headers=headers, timeout=120, json={
+                    **body(kind, True), "max_tokens": 24, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        usage = chunk.get("usage") or usage
+                        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            frames.append(chunk["choices"][0]["delta"]["content"])
+            text = "".join(frames)
+            merged = len(re.findall(r"\s+", text)) + 1 + text.count("\ufffd")  # (and a leading space)
+            assert usage["completion_tokens"] == 24 and 24 - merged <= len(frames) <= 24, (frames, usage)
         r = httpx.post(url, json={**body(kinds[0]), "min_p": 2}, headers=headers, timeout=120)
         assert r.status_code == 400 and "min_p" in r.text, r.text
         for adapter in ("llava:a", "llava:b"):  # each adapter acts, and differently
@@ -379,7 +400,8 @@ def test_serve_on_vllm_under_load(ray_cluster, tmp_path, monkeypatch):
         assert not differ, differ[:5]
         r = httpx.post(url, json=body(kinds[0]), headers=headers, timeout=60)  # healthy afterwards
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == twins[kinds[0]]
-        info = replica_call("model-llava", "vllm", "info")
+        # The app is one deployment (one model on vLLM): the ingress holds the model.
+        info = replica_call("Api", "vllm", "model_call", "llava", "info")
         assert info["ongoing"] == 0  # the ones that left were aborted, not held
         state = info["scheduler"]
         print(f"vLLM scheduler: {state}")

@@ -20,7 +20,7 @@ import torch
 from medray.models import LoadedModel, render_chat
 
 from .encoding import encode_request
-from .types import Answer, Encoded, GenerationSettings, Request
+from .types import Answer, Encoded, GenerationSettings, Request, new_text
 
 log = logging.getLogger(__name__)
 
@@ -274,13 +274,10 @@ class _RowText:
         text = self.engine._visible(self.new, self.settings)
         if text is None:  # a stop string appeared: the row ends with it
             return self.finish()
-        # Hold back trailing space and a possible stop-string prefix, and never emit half a
-        # multi-byte character (the tokenizer shows it as U+FFFD).
-        safe = text.rstrip()
-        safe = safe[: max(len(self.sent), len(safe) - self.hold)] if self.hold else safe
-        if "\ufffd" in safe[len(self.sent):] or not (len(safe) > len(self.sent) and safe.startswith(self.sent)):
+        delta = new_text(text, self.sent, self.hold)  # hold: a stop string may be starting
+        if not delta:
             return []
-        delta, self.sent = safe[len(self.sent):], safe
+        self.sent += delta
         return [delta]
 
     def finish(self) -> list[str | Answer]:

@@ -57,6 +57,11 @@ class Engine:
     """Refuse at start, in words, options the engine would refuse later in its own process."""
     ongoing_limit: Callable[[Any], int] = field(default=lambda spec: max(2 * spec.max_batch_size, 16))
     """A Serve replica's max_ongoing_requests when the spec sets none."""
+    frees_loop: bool = False
+    """True: its ServingEngine computes off the replica's event loop (vLLM: on a thread of its
+    own and in its engine process), so the replica's loop stays free to serve HTTP and one
+    replica can be the ingress too (medray.serve.app, "one replica"). hf's batch steps hold
+    their loop."""
 
     def load_batch(self) -> Callable:
         return _import(self.batch)
@@ -87,7 +92,7 @@ ENGINES: dict[str, Engine] = {
                    options="vllm", lora_scope_problem=vllm_sizing.lora_scope_problem,
                    installed=vllm_sizing.vllm_available, install_hint=vllm_sizing.INSTALL_HINT,
                    runtime_env=vllm_sizing.actor_runtime_env, check_options=vllm_sizing.check_options_for,
-                   ongoing_limit=lambda spec: spec.vllm.max_num_seqs),
+                   ongoing_limit=lambda spec: spec.vllm.max_num_seqs, frees_loop=True),
 }
 EngineName = Literal[tuple(ENGINES)]  # type: ignore[valid-type]
 """`hf`: medray's engine over transformers' generate: the embedded default, and what runs what

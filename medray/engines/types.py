@@ -6,6 +6,7 @@ ingress, config and flag parsers, the OpenAI schema) does not load torch: the en
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,24 @@ class Answer:
     completion_tokens: int
     finish_reason: str
     """'stop' (EOS or a stop string) or 'length'."""
+
+
+_UNSETTLED_END = re.compile(r"[\s\ufffd]+$")
+_SPACE_END = re.compile(r"\s+$")
+
+
+def new_text(text: str, sent: str, hold: int = 0, whole_chars: bool = False) -> str:
+    """What a streamed answer's text so far adds to `sent` that is certain, both engines' rule:
+    not trailing space (answers are stripped; the space is sent once text follows it), not a
+    trailing U+FFFD (half a multi-byte character, which the next token may complete; one
+    inside the text is final: a random-weight model emits invalid bytes, and holding back
+    everything after one held a whole answer back) unless the text grows by whole characters
+    only (`whole_chars`: vLLM's detokenizer holds half characters back itself), not the last
+    `hold` characters (a stop string may be starting). '' when nothing new is certain."""
+    safe = (_SPACE_END if whole_chars else _UNSETTLED_END).sub("", text)
+    if hold:
+        safe = safe[: max(len(sent), len(safe) - hold)]
+    return safe[len(sent):] if len(safe) > len(sent) and safe.startswith(sent) else ""
 
 
 @dataclass

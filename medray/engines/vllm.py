@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .encoding import encode_request
-from .types import DEFAULT_ADAPTER, Answer, Encoded, GenerationSettings, RequestRejected
+from .types import DEFAULT_ADAPTER, Answer, Encoded, GenerationSettings, RequestRejected, new_text
 from .vllm_sizing import VLLMOptions, engine_kwargs
 
 log = logging.getLogger(__name__)
@@ -264,11 +264,10 @@ class AsyncVLLMEngine:
         async with aclosing(self._outputs(request, settings, adapter, final_only=False)) as outputs:
             async for out in _client_errors_rejected(outputs):
                 last = out
-                safe = out.outputs[0].text.strip()
-                if not out.finished and len(safe) > len(sent) and safe.startswith(sent) \
-                        and "\ufffd" not in safe[len(sent):]:
-                    yield safe[len(sent):]
-                    sent = safe
+                delta = "" if out.finished else new_text(out.outputs[0].text.lstrip(), sent, whole_chars=True)
+                if delta:
+                    yield delta
+                    sent += delta
                     if self.interval_s:
                         await asyncio.sleep(self.interval_s)
         answer = answer_of(last)
@@ -284,9 +283,11 @@ class AsyncVLLMEngine:
             while True:
                 # A wait per delta, not one timeout around the loop: a timeout's cancellation
                 # must not land in the consumer while this generator is suspended at a yield.
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                # asyncio.timeout_at, not wait_for: no task made per delta (loop.time() is
+                # time.monotonic()).
                 try:  # past the deadline the wait is cancelled, and with it the request inside vLLM
-                    event = await asyncio.wait_for(events.__anext__(), left)
+                    async with asyncio.timeout_at(deadline):
+                        event = await events.__anext__()
                 except StopAsyncIteration:
                     return
                 if isinstance(event, Answer):  # with the text not sent yet

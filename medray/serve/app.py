@@ -3,17 +3,18 @@
 `build_app(args)` is the application builder that `serve run` and a RayService call with
 the `args` block of the config. It binds one model deployment per configured model
 (medray.serve.model, on the engine its spec names), one `Metrics` deployment, and the `Api`
-ingress here. The ingress authenticates, validates and decodes requests, so a bad request
-gets its 4xx before it costs any model time; it also runs the batch-job API and serves the
-web page. Here: the routes, the gate in front of them and the error handlers; the routes'
-bodies are plain objects (chat.py, job_api.py), schemas and errors are openai_api.py's.
+ingress here; or, for one model on an engine that frees the event loop, the `Api` ingress
+alone, each replica holding the model (ServeConfig.one_replica). The ingress authenticates,
+validates and decodes requests, so a bad request gets its 4xx before it costs any model
+time; it also runs the batch-job API and serves the web page. Here: the routes and the error
+handlers; the gate in front of them is gate.py's, the routes' bodies are plain objects
+(chat.py, job_api.py), schemas and errors are openai_api.py's.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types (Request, the
 # body model) on the ingress methods, which Serve wraps. `@serve.ingress` also pickles the
 # app (routes included) when the class is defined, so everything the routes call must be
 # importable (chat.py, job_api.py, openai_api.py) or defined above the class.
-import hashlib
 import importlib.util
 import logging
 import time
@@ -26,18 +27,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from ray import serve
-from starlette.datastructures import Headers
 
 from medray import storage
 from medray.engines import ENGINES
 
 from .chat import Chat
 from .config import ServeConfig
+from .gate import Gate
 from .images import PreviewRequest
 from .job_api import JobApi
 from .jobs import JobRequest
 from .metrics import Metrics
-from .model import ModelDeployment, check_adapters
+from .local import LocalHandle
+from .model import ModelDeployment, ModelServer, check_adapters
 from .openai_api import ApiError, ChatRequest, error_response
 
 log = logging.getLogger(__name__)
@@ -70,62 +72,7 @@ async def _docs_asset(name: str):
                         headers={"Cache-Control": "public, max-age=86400"})
 
 
-class _Gate:
-    """Keys, body size and request metrics, in front of every route.
-
-    A plain ASGI middleware, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs
-    the route in a task of its own and passes the response, every chunk of a stream included,
-    through a memory channel between the two tasks. This one only wraps `send`.
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        from medray.serve._replica import STATE  # imported here: see _replica's docstring
-
-        started = time.perf_counter()
-        config: ServeConfig | None = STATE.get("config")
-        headers = Headers(scope=scope)
-        size = headers.get("content-length")
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        path = path[len(root):] if root and path.startswith(root) else path  # under a route_prefix
-        refusal = None
-        if path.startswith("/v1/") and not _key_ok(headers.get("authorization", ""), STATE.get("keys", set())):
-            # Every /v1/ route needs a key, checked here, before the body is read or validated:
-            # a client without a key learns nothing about the API's schema, and costs nothing.
-            refusal = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                     kind="authentication_error", code="invalid_api_key")
-        elif config and size and size.isdigit() and int(size) > config.limits.max_body_bytes:
-            # Refused before the body is read: an oversized upload costs nothing.
-            refusal = error_response(413, f"request body over {config.limits.max_body_bytes} bytes; "
-                                          "send smaller images")
-
-        async def send_and_count(message):
-            if message["type"] == "http.response.start":
-                # Counted when the response starts (a stream's first byte), as the route is known.
-                metrics = STATE.get("metrics")
-                if metrics is not None:  # buffered; sent once a second
-                    route = scope.get("route")
-                    metrics.request(getattr(route, "path", "unmatched"), scope.get("method", ""),
-                                    message["status"], time.perf_counter() - started)
-            await send(message)
-
-        if refusal is not None:
-            return await refusal(scope, receive, send_and_count)
-        await self.app(scope, receive, send_and_count)
-
-
-app.add_middleware(_Gate)
-
-
-def _key_ok(header: str, keys: set[str]) -> bool:
-    """`Authorization: Bearer <key>` with a key whose SHA-256 digest is configured."""
-    scheme, _, token = header.partition(" ")
-    return (scheme.lower() == "bearer" and bool(token.strip())
-            and hashlib.sha256(token.strip().encode()).hexdigest() in keys)
+app.add_middleware(Gate)
 
 
 @app.exception_handler(ApiError)
@@ -168,6 +115,8 @@ class Api:
     """The routes; their bodies are Chat's (chat.py) and JobApi's (job_api.py)."""
 
     def __init__(self, config: dict, models: dict, metrics=None):
+        """`models`: name -> the model deployment's handle, or its spec (a dict) to run the
+        model in this replica (build_app's "one replica")."""
         self.config = ServeConfig.model_validate(config)
         self.metrics = metrics
         self.created = int(time.time())
@@ -177,8 +126,23 @@ class Api:
 
         STATE.update(config=self.config, keys=self.config.keys(),
                      metrics=MetricsBuffer(metrics) if metrics is not None else None)
+        self.servers = [ModelServer(m, metrics) for m in models.values() if isinstance(m, dict)]
+        local = iter(self.servers)
+        models = {name: LocalHandle(next(local)) if isinstance(m, dict) else m for name, m in models.items()}
         self.chat_api = Chat(self.config, models)
         self.job_api = JobApi(self.config, self.chat_api.model)
+
+    def __del__(self):
+        for server in getattr(self, "servers", []):  # the engine process stops with the replica
+            server.shutdown()
+
+    async def model_call(self, model: str, method: str):
+        """A model replica's `info` or `recent_batch_sizes`, asked through the ingress, for a
+        handle (`serve.get_deployment_handle("Api", app)`): it reaches the model in either
+        shape of the app, its own deployment or this replica (ServeConfig.one_replica)."""
+        if method not in ("info", "recent_batch_sizes"):
+            raise ValueError(f"model_call asks info or recent_batch_sizes, not {method!r}")
+        return await getattr(self.chat_api.models[model], method).remote()
 
     @app.get("/", include_in_schema=False)
     async def page(self):
@@ -263,37 +227,47 @@ def _user_code(own_thread: bool, runtime_env: dict | None = None) -> dict:
     return env
 
 
+def _model_options(spec, engine, own_thread: bool) -> dict:
+    """Serve options of a deployment that runs model `spec`."""
+    a = spec.autoscaling
+    return dict(
+        autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                            "target_ongoing_requests": a.target_ongoing_requests,
+                            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+                            "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
+        # An engine in its own environment when it has one (vLLM's: MEDRAY_VLLM_PYTHON).
+        ray_actor_options={"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica,
+                           "runtime_env": _user_code(own_thread, engine.runtime_env())},
+        max_ongoing_requests=spec.ongoing_limit(), max_queued_requests=spec.max_queued_requests,
+        # A replica that is stopped (redeploy, downscale) takes no new requests and waits
+        # for the ones it holds; none runs longer than its time limit.
+        graceful_shutdown_timeout_s=spec.request_timeout_s + 5, graceful_shutdown_wait_loop_s=0.5,
+        max_surge_percent=spec.max_surge_percent,
+    )
+
+
 def build_app(args: dict[str, Any]):
     """Application builder for `serve run medray.serve:build_app` and RayService."""
     config = ServeConfig.model_validate(args)
     config.keys()  # fail at deploy time, not on the first request, when no key is set
     for spec in config.models:
         check_adapters(spec)  # an adapter the replicas cannot batch fails the deploy, not requests
-
-    metrics = Metrics.bind()
-    models = {}
-    for spec in config.models:
-        a = spec.autoscaling
         engine = ENGINES[spec.engine]
         if not engine.installed():  # refused here, at deploy time, not in a replica
             raise RuntimeError(f"model {spec.name} asks for engine {spec.engine}, which is not installed here: "
                                f"{engine.install_hint}")
         engine.check_options_of(spec.uri, spec)  # a length over the model's context: here, not in a replica
-        # An engine in its own environment when it has one (vLLM's: MEDRAY_VLLM_PYTHON).
-        actor_options = {"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica,
-                         "runtime_env": _user_code(True, engine.runtime_env())}
+
+    metrics = Metrics.bind()
+    if config.one_replica():
+        spec = config.models[0]
+        # On Serve's loop: the engine computes off it, and the ingress only awaits (USER_CODE_THREAD).
+        return Api.options(**_model_options(spec, ENGINES[spec.engine], own_thread=False)).bind(
+            config.model_dump(), {spec.name: spec.model_dump()}, metrics)
+    models = {}
+    for spec in config.models:
         models[spec.name] = ModelDeployment.options(
-            name=f"model-{spec.name}",
-            autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                "target_ongoing_requests": a.target_ongoing_requests,
-                                "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
-                                "metrics_interval_s": 1.0, "look_back_period_s": 5.0},
-            ray_actor_options=actor_options,
-            max_ongoing_requests=spec.ongoing_limit(), max_queued_requests=spec.max_queued_requests,
-            # A replica that is stopped (redeploy, downscale) takes no new requests and waits
-            # for the ones it holds; none runs longer than its time limit.
-            graceful_shutdown_timeout_s=spec.request_timeout_s + 5, graceful_shutdown_wait_loop_s=0.5,
-            max_surge_percent=spec.max_surge_percent,
+            name=f"model-{spec.name}", **_model_options(spec, ENGINES[spec.engine], own_thread=True),
             # The ingress logs each request already; a second access-log line per request on
             # the model hop costs latency (a file write each) and tells nothing new.
             logging_config={"enable_access_log": False},

@@ -65,7 +65,8 @@ class ModelSpec(StrictModel):
     max_queued_requests: int = Field(256, ge=1)
     """Requests each ingress replica lets wait for a free model replica. Past it, a request is
     answered 503 with Retry-After at once (the openai SDK retries those), instead of waiting
-    without end while the autoscaler catches up."""
+    without end while the autoscaler catches up. In one replica (ServeConfig.one_replica):
+    the requests each replica lets wait for a free slot of its own (max_ongoing_requests)."""
     request_timeout_s: float = Field(300, gt=0)
     """A request still unanswered after this long gets a 504, and stops: a waiting request
     leaves the queue, a streamed one stops generating."""
@@ -162,6 +163,11 @@ class Ingress(StrictModel):
     `{on-demand: 0.01}` with on-demand nodes started with `--resources='{"on-demand": 1}'`).
     Requests in flight at an ingress replica whose node is lost get a 500 from Serve's proxy;
     those at a lost model replica get medray's 503 and can be retried."""
+    separate: bool = False
+    """An app of one model on an engine that computes off the event loop (vllm) runs as one
+    deployment whose replicas are the ingress and the model both (ServeConfig.one_replica),
+    sized by the model's settings; the settings above are then refused. True keeps the
+    ingress a deployment of its own (ingress replicas on other nodes than the model's)."""
 
 
 class ServeConfig(StrictModel):
@@ -185,7 +191,28 @@ class ServeConfig(StrictModel):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("model names must be unique")
+        # By value, not by fields set: the app's config reaches each replica dumped in full.
+        ignored = sorted(name for name, field in Ingress.model_fields.items() if name != "separate"
+                         and getattr(self.ingress, name) != field.get_default(call_default_factory=True))
+        if ignored and self.one_replica():
+            spec = self.models[0]
+            raise ValueError(
+                f"ingress.{', ingress.'.join(ignored)} set, but this app of one model on engine {spec.engine} runs "
+                "as one deployment whose replicas are the ingress and the model both, sized by the model's "
+                f"settings ({spec.name}: autoscaling, cpus_per_replica, gpus_per_replica): remove the ingress "
+                "block, or set ingress.separate: true for an ingress deployment of its own")
         return self
+
+    def one_replica(self) -> bool:
+        """Whether the app is one deployment whose replicas are the ingress and the model both:
+        one model, on an engine that computes off the event loop (Engine.frees_loop), unless
+        ingress.separate. Requests then skip the ingress -> model hop through Ray, as
+        ray.serve.llm's direct streaming makes its LLMServer the ingress: under `vllm bench
+        serve` that hop and the streamed items over it took about half of both processes' CPU
+        (bench/serve_peer.py --profile)."""
+        from medray.engines import ENGINES
+
+        return len(self.models) == 1 and not self.ingress.separate and ENGINES[self.models[0].engine].frees_loop
 
     def model(self, name: str) -> tuple[ModelSpec, str | None]:
         """'<model>' or '<model>:<adapter>' -> (spec, adapter name); KeyError says what exists."""

@@ -61,7 +61,10 @@ class ModelServer:
     def __del__(self):
         # Serve calls this when the replica stops (redeploy, downscale), after it has drained:
         # an engine process (vLLM's engine core) stops now, not when it notices its parent has gone.
-        engine = getattr(self, "engine", None)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             engine.shutdown()
 

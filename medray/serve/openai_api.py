@@ -202,11 +202,12 @@ async def sse_chunks(events, completion_id: str, model: str, include_usage: bool
             yield first
         iterator = events.__aiter__()
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            try:
-                yield await asyncio.wait_for(iterator.__anext__(), left)
+            try:  # a timeout per message, not around the loop: a cancel must not land at the yield
+                async with asyncio.timeout_at(deadline):  # no task per message, as wait_for makes
+                    message = await iterator.__anext__()
             except StopAsyncIteration:
                 return
+            yield message
 
     # Each replica message (a list of events) goes out as one write: the final one with [DONE].
     out = chunk({"role": "assistant", "content": ""})
