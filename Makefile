@@ -66,7 +66,7 @@ demo: install
 # Installed when missing and apt-get can run; otherwise that one test skips, unless
 # MEDRAY_CI=1 (CI) makes it fail.
 # Debian packages the tests run against: chromium (the web page test) and Orthanc with its
-# DICOMweb plugin (a real PACS on loopback, tests/_orthanc.py). One apt-get for both: two at
+# DICOMweb plugin (a real PACS on loopback, medray.storage.local_pacs). One apt-get for both: two at
 # once would wait on dpkg's lock.
 browser:
 	@missing=""; command -v chromium >/dev/null || missing="chromium"; \

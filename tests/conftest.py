@@ -77,7 +77,7 @@ def bucket(s3_server) -> str:
     return f"s3://{name}"
 
 
-# The test PACS's credentials (tests/_orthanc.py), in the environment before the session's
+# The test PACS's credentials (medray.storage.local_pacs), in the environment before the session's
 # Ray starts: a PACS's credentials reach a cluster's processes through their environment, as
 # the nodes' own would (medray.storage.dicomweb), never through a config.
 os.environ.setdefault("MEDRAY_DICOMWEB_USER", "medray")

@@ -1,4 +1,4 @@
-"""DICOMweb against a real PACS (tests/_orthanc.py): QIDO-RS searches page through exactly the
+"""DICOMweb against a real PACS (medray.storage.local_pacs): QIDO-RS searches page through exactly the
 matching instances, WADO-RS fetches each one's file, credentials come from the environment
 and never show in a message, and only allowed servers are reached. The DICOM files are made
 here with pydicom (and pydicom's own samples), stored through Orthanc's REST API."""
@@ -16,9 +16,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from medray.storage import AccessDenied
 from medray.storage import dicomweb
 
-import _orthanc
+from medray.storage import local_pacs
 
-pytestmark = pytest.mark.skipif(not _orthanc.available() and os.environ.get("MEDRAY_CI") != "1",
+pytestmark = pytest.mark.skipif(not local_pacs.available() and os.environ.get("MEDRAY_CI") != "1",
                                 reason="Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
 
 
@@ -47,7 +47,7 @@ def instance(modality: str, study: str, series: str, number: int, corrupt: bool 
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
-    server = _orthanc.start(tmp_path_factory.mktemp("orthanc"))
+    server = local_pacs.start(tmp_path_factory.mktemp("orthanc"))
     try:
         studies = {"ct-a": generate_uid(), "ct-b": generate_uid(), "cr": generate_uid()}
         stored = {"CT": set(), "CR": set()}
@@ -132,15 +132,17 @@ def test_the_read_tasks_share_a_search_page_by_page(pacs, login, monkeypatch):
 
 
 def test_a_pacs_query_is_answered_row_by_row_exactly_once(ray_cluster, pacs, tmp_path):
-    """`medray infer --input dicomweb://...?Modality=CT` on the session's Ray: every CT instance
-    once, by its SOP Instance UID, with its study and series; no CR instance; the corrupt one
-    failed in its own row; a rerun finds all done and writes nothing."""
+    """`medray infer --input dicomweb://...?Modality=CT --sr-output dicomweb://...` on the
+    session's Ray: every CT instance once, by its SOP Instance UID, with its study and series;
+    no CR instance; the corrupt one failed in its own row; an SR per answer stored back; a
+    rerun finds all done and writes nothing, and answering again stores no second SR."""
     from medray.data.shards import read_shards
     from medray.infer import InferConfig, run_inference
 
     server, stored, studies = pacs
     cfg = InferConfig(model="tiny://llava-mistral", task="vqa", question="Is there an opacity?", max_new_tokens=3,
-                      batch_size=4, rows_per_shard=4, input=server.root + "?Modality=CT", output=str(tmp_path / "out"))
+                      batch_size=4, rows_per_shard=4, input=server.root + "?Modality=CT", output=str(tmp_path / "out"),
+                      sr_output=server.root)
     summary = run_inference(cfg, progress=False)
     rows = {r["id"]: r for r in read_shards(cfg.output)}
     assert len(read_shards(cfg.output)) == len(rows) == len(stored["CT"]) == summary.rows
@@ -152,9 +154,47 @@ def test_a_pacs_query_is_answered_row_by_row_exactly_once(ray_cluster, pacs, tmp
     for r in rows.values():  # the row names its instance: study, series, and the WADO-RS URI
         assert r["image"] == f"{server.root}/studies/{r['study_uid']}/series/{r['series_uid']}/instances/{r['id']}"
     assert {rows[i]["study_uid"] for i in rows} >= {studies["ct-a"], studies["ct-b"]}
+    # Each answered instance has one SR in the PACS, read back with QIDO/WADO and pydicom: in
+    # the source's study, referencing it, naming the model, holding the question and answer.
+    reports = dicomweb.parse(server.root + "?Modality=SR")
+    found = dicomweb.search_instances(reports, 0, 100)
+    assert len(found) == len(rows) - 1
+    for f in found:
+        sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(dicomweb.fetch_instance(f.uri(reports))))
+        items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in sr.ContentSequence}
+        source = rows[items["Source image"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+        assert sr.StudyInstanceUID == source["study_uid"] and not source["error"]
+        assert items["Finding"].TextValue == source["answer"] and items["Request"].TextValue == "Is there an opacity?"
+        assert items["Device Observer Model Name"].TextValue == "tiny://llava-mistral"
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
     again = run_inference(cfg, progress=False)
     assert (again.rows, again.skipped) == (0, len(stored["CT"]))
     assert len(read_shards(cfg.output)) == len(stored["CT"])
+    # A rerun of the whole output (a crash before its shards were written) stores the same SRs:
+    # the PACS still holds one per instance.
+    import shutil
+
+    shutil.rmtree(cfg.output)
+    run_inference(cfg, progress=False)
+    assert len(dicomweb.search_instances(reports, 0, 100)) == len(rows) - 1
+
+
+def test_reports_go_to_a_folder_too_and_a_missing_source_fails_its_row_alone(pacs, login, tmp_path):
+    from medray.infer.reports import write_reports
+
+    server, _, _ = pacs
+    service = dicomweb.parse(server.root + "?Modality=CR")
+    rows = [{"id": f.sop_uid, "image": f.uri(service), "question": "Describe it.", "answer": "A chest.", "error": ""}
+            for f in dicomweb.search_instances(service, 0, 10)]
+    gone = {**rows[0], "id": "1.2.3", "image": rows[0]["image"].rsplit("/", 1)[0] + "/1.2.3"}
+    failed = write_reports([*rows, gone, {**rows[0], "id": "x", "error": "earlier"}], sr_output=str(tmp_path / "sr"),
+                           model="m", model_digest="sha256:0", run="r")
+    assert list(failed) == ["1.2.3"] and "/instances/1.2.3/metadata (HTTP 404)" in failed["1.2.3"]
+    written = sorted(tmp_path.glob("sr/*/*.dcm"))
+    assert [p.stem for p in written] == sorted(r["id"] for r in rows)
+    for path in written:
+        sr = pydicom.dcmread(path)
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == path.parent.name
 
 
 def test_only_allowed_servers_and_no_credentials_in_uris():

@@ -103,7 +103,7 @@ class RowMaker:
             while True:
                 found = dicomweb.search_instances(service, page * DICOMWEB_PAGE, DICOMWEB_PAGE)
                 # The instance's SOP Instance UID is its id; the row's image, its WADO-RS URI. A
-                # multi-frame instance is one row: its middle frame, or --dicom-frame (medray.data.images).
+                # multi-frame instance is one row: its middle frame (medray.data.images' DICOM rule).
                 rows = [{"id": i.sop_uid, "image": i.uri(service), "question": "", "references": "",
                          "adapter": "", "error": ""} for i in found]
                 if rows:

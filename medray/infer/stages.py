@@ -215,8 +215,24 @@ class Generator:
                        [np.asarray(image)] if image.size else None, json.loads(kwargs) if kwargs else None)
 
     def __call__(self, batch: dict) -> dict:
-        return _write_batch(self.generate(batch), output=self.cfg.output, fmt=self.cfg.format,
+        generated = self.generate(batch)
+        if self.cfg.sr_output:  # before the shard: a row in the output has its SR (reports.py)
+            self.reports(generated)
+        return _write_batch(generated, output=self.cfg.output, fmt=self.cfg.format,
                             metadata={shards.PROVENANCE_KEY: json.dumps(self.record)} if self.record else None)
+
+    def reports(self, batch: dict) -> None:
+        """The batch's answers as DICOM SRs; a row whose SR failed keeps its answer and says so."""
+        from .reports import write_reports
+
+        digest = next((a["digest"] for a in (self.record or {}).get("inputs", []) if a["role"] == "model"), "")
+        rows = [{c: str(batch[c][i]) for c in ("id", "image", "question", "answer", "error")}
+                for i in range(len(batch["id"]))]
+        failed = write_reports(rows, sr_output=self.cfg.sr_output, model=self.cfg.model, model_digest=digest or "",
+                               run=self.cfg.output)
+        if failed:
+            batch["error"] = np.array([failed.get(str(i), e) for i, e in zip(batch["id"], batch["error"])],
+                                      dtype=object)
 
     def generate(self, batch: dict) -> dict:
         n = len(batch["id"])
@@ -279,8 +295,14 @@ def _fetch_all(uris: list[str], allowed: list[str] | None) -> dict:
         except Exception as e:
             return e
 
-    with ThreadPoolExecutor(min(FETCH_THREADS, len(uris))) as pool:
-        return dict(zip(uris, pool.map(fetch, uris)))
+    return dict(zip(uris, _fetch_pool().map(fetch, uris)))
+
+
+@functools.cache
+def _fetch_pool() -> ThreadPoolExecutor:
+    # Kept for the process: its threads keep their HTTP sessions (dicomweb._session), and with
+    # them their connections to the PACS, from batch to batch.
+    return ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="dicomweb-fetch")
 
 
 def _write_batch(batch: dict, *, output: str, fmt: str, metadata: dict[str, str] | None = None) -> dict:

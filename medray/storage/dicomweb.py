@@ -18,6 +18,7 @@ names a CA bundle for dicomwebs://.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -97,17 +98,27 @@ def check_allowed(uri: str, allowed: list[str] | None = None) -> Service:
     return service
 
 
+_sessions = threading.local()
+
+
 def _session():
+    """This thread's HTTP session for the credentials the environment holds now: kept, so its
+    connections are (a new connection per instance cost more than the instance's transfer)."""
     import requests
 
+    key = tuple(os.environ.get(k) for k in (TOKEN_ENV, USER_ENV, PASSWORD_ENV, CA_BUNDLE_ENV))
+    kept = getattr(_sessions, "kept", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
     session = requests.Session()
-    token = os.environ.get(TOKEN_ENV)
+    token, user, password, ca_bundle = key
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
-    elif os.environ.get(USER_ENV):
-        session.auth = (os.environ[USER_ENV], os.environ.get(PASSWORD_ENV, ""))
-    if os.environ.get(CA_BUNDLE_ENV):
-        session.verify = os.environ[CA_BUNDLE_ENV]
+    elif user:
+        session.auth = (user, password or "")
+    if ca_bundle:
+        session.verify = ca_bundle
+    _sessions.kept = (key, session)
     return session
 
 
@@ -130,6 +141,8 @@ def _get(service: Service, path: str, params: dict | None = None, accept: str = 
         raise AccessDenied(f"DICOMweb server {service.server} refused {how}: HTTP {response.status_code}")
     if response.status_code == 204:
         return None
+    if response.status_code == 404:
+        raise DicomwebError(f"DICOMweb server {service.server} has nothing at {path} (HTTP 404)")
     if response.status_code >= 400:
         raise DicomwebError(f"DICOMweb server {service.server} answered HTTP {response.status_code} to {path}")
     return response
@@ -201,6 +214,39 @@ def fetch_instance(uri: str) -> bytes:
     if response is None:
         raise DicomwebError(f"DICOMweb server {service.server} has no instance {sop}")
     return _first_part(response.headers.get("Content-Type", ""), response.content, service)
+
+
+def instance_metadata(uri: str) -> dict:
+    """An instance's attributes without its pixels (WADO-RS metadata), as DICOM JSON."""
+    service, study, series, sop = parse_instance_uri(uri)
+    response = _get(service, f"/studies/{study}/series/{series}/instances/{sop}/metadata")
+    if response is None or not response.json():
+        raise DicomwebError(f"DICOMweb server {service.server} has no instance {sop}")
+    return response.json()[0]
+
+
+def store_instances(root: str, files: list[bytes]) -> None:
+    """Store DICOM files with STOW-RS (`POST ROOT/studies`, one multipart/related request).
+    An instance the server holds already (the same SOP Instance UID) is not stored twice."""
+    import uuid
+
+    import requests
+
+    service = parse(root)
+    boundary = uuid.uuid4().hex
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f + b"\r\n"
+                    for f in files) + b"--" + boundary.encode() + b"--\r\n"
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+               "Accept": "application/dicom+json"}
+    try:
+        response = _session().post(service.url + "/studies", data=body, headers=headers, timeout=TIMEOUT_S)
+    except requests.RequestException as e:
+        raise DicomwebError(f"DICOMweb server {service.server} cannot be reached: {type(e).__name__}") from None
+    if response.status_code in (401, 403):
+        raise AccessDenied(f"DICOMweb server {service.server} refused to store: HTTP {response.status_code}")
+    if response.status_code >= 300:
+        raise DicomwebError(f"DICOMweb server {service.server} did not store {len(files)} instance(s): HTTP "
+                            f"{response.status_code}")
 
 
 def _first_part(content_type: str, body: bytes, service: Service) -> bytes:

@@ -1,7 +1,8 @@
-"""A real PACS for the tests: Debian's Orthanc with its DICOMweb plugin (`make test` installs
-both, as it installs chromium), started on free loopback ports with HTTP basic auth and an
-empty storage directory, as moto's server stands in for S3. DICOM files go in through
-Orthanc's own REST API (POST /instances), not through medray."""
+"""A PACS on loopback, for the tests and the benches: Debian's Orthanc with its DICOMweb
+plugin (`make test` installs both, as it installs chromium), started on free loopback ports
+with HTTP basic auth and an empty storage directory, as local_s3 runs moto's server for S3.
+DICOM files go in through Orthanc's own REST API (POST /instances), not through medray's
+DICOMweb code, which the tests then read them back with."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import requests
+
+from .local_s3 import free_port
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -38,7 +41,7 @@ class Orthanc:
         return f"dicomweb://127.0.0.1:{self.port}/dicom-web"
 
     def store(self, data: bytes) -> dict:
-        r = httpx.post(f"{self.http}/instances", content=data, auth=(self.user, self.password), timeout=30)
+        r = requests.post(f"{self.http}/instances", data=data, auth=(self.user, self.password), timeout=30)
         r.raise_for_status()
         return r.json()
 
@@ -52,8 +55,6 @@ class Orthanc:
 
 
 def start(directory: Path, user: str = "medray", password: str = "pacs-secret-7") -> Orthanc:
-    from medray.storage.local_s3 import free_port
-
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = {"Name": "medray-test", "StorageDirectory": str(directory / "db"), "IndexDirectory": str(directory / "db"),
@@ -66,9 +67,9 @@ def start(directory: Path, user: str = "medray", password: str = "pacs-secret-7"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/system", auth=(user, password), timeout=2).status_code == 200:
+            if requests.get(f"http://127.0.0.1:{port}/system", auth=(user, password), timeout=2).status_code == 200:
                 return Orthanc(port, user, password, process)
-        except httpx.HTTPError:
+        except requests.RequestException:
             pass
         if process.poll() is not None:
             break
