@@ -197,12 +197,55 @@ def test_reports_go_to_a_folder_too_and_a_missing_source_fails_its_row_alone(pac
         assert sr.Modality == "SR" and sr.StudyInstanceUID == path.parent.name
 
 
+def test_a_chat_request_names_a_pacs_instance(ray_cluster, pacs):
+    """Serve: the openai client sends a DICOMweb instance URL as its image; the ingress fetches
+    it (WADO-RS, on an allowed server) and the model answers; an instance on another server
+    is a 403 naming it, one the PACS lacks a 404, and the PACS's credentials appear nowhere."""
+    import openai
+    from ray import serve
+
+    from medray.serve import build_app
+    from medray.storage.local_s3 import free_port
+
+    server, _, _ = pacs
+    key = "sk-pacs-test"
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    import ray
+    from ray.serve.context import _get_global_client
+
+    port = ray.get(_get_global_client()._controller.get_http_config.remote()).port
+    args = {"models": [{"name": "llava", "uri": "tiny://llava-mistral", "cpus_per_replica": 0.25}],
+            "api_keys": [key], "allowed_dicomweb_servers": [server.root]}
+    serve.run(build_app(args), name="pacs", route_prefix="/pacs")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/pacs/v1", api_key=key, max_retries=0)
+        service = dicomweb.parse(server.root + "?Modality=CR")
+        url = dicomweb.search_instances(service, 0, 1)[0].uri(service)
+
+        def ask(image_url: str):
+            return client.chat.completions.create(model="llava", max_tokens=4, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "What is shown?"}]}])
+
+        answer = ask(url)
+        assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+        with pytest.raises(openai.PermissionDeniedError, match="127.0.0.1:1/dicom-web/studies/.* is not on an allowed DICOMweb server"):
+            ask(url.replace(f":{server.port}/", ":1/"))
+        with pytest.raises(openai.NotFoundError, match="HTTP 404") as missing:
+            ask(url.rsplit("/", 1)[0] + "/1.2.3")
+        assert server.password not in str(missing.value)
+    finally:
+        serve.delete("pacs")
+
+
 def test_only_allowed_servers_and_no_credentials_in_uris():
     allowed = ["dicomweb://pacs.hospital.org:8042/dicom-web"]
     service = dicomweb.check_allowed("dicomweb://PACS.hospital.org:8042/dicom-web/?Modality=CT", allowed)
     assert service.url == "http://pacs.hospital.org:8042/dicom-web" and service.query == (("Modality", "CT"),)
-    with pytest.raises(AccessDenied, match="other.org:8042/dicom-web is not allowed"):
+    with pytest.raises(AccessDenied, match="other.org:8042/dicom-web is not on an allowed"):
         dicomweb.check_allowed("dicomweb://other.org:8042/dicom-web?Modality=CT", allowed)
+    dicomweb.check_allowed("dicomweb://pacs.hospital.org:8042/dicom-web/studies/1/series/2/instances/3", allowed)
+    with pytest.raises(AccessDenied, match="is not on an allowed"):  # a root that merely starts the same
+        dicomweb.check_allowed("dicomweb://pacs.hospital.org:8042/dicom-web2/studies/1/series/2/instances/3", allowed)
     with pytest.raises(AccessDenied, match="allowed: none"):
         dicomweb.check_allowed("dicomweb://pacs.hospital.org:8042/dicom-web", [])
     with pytest.raises(ValueError, match="carries no credentials.*MEDRAY_DICOMWEB_USER"):

@@ -235,7 +235,7 @@ def test_job_routes_refuse_what_the_server_does_not_allow(tmp_path):
             with pytest.raises(ApiError) as e:
                 await api.submit(JobRequest(**{**good, field: value}))
             assert (e.value.status, e.value.param) == (403, field)
-        assert "other-pacs:8042/dicom-web is not allowed" in e.value.message  # the PACS named, and what is
+        assert "other-pacs:8042/dicom-web is not on an allowed DICOMweb server" in e.value.message  # the PACS named, and what is
         with pytest.raises(ApiError) as e:
             await api.submit(JobRequest(**good, max_new_tokens=64))
         assert (e.value.status, e.value.param) == (400, "max_new_tokens")

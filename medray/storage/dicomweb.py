@@ -85,16 +85,18 @@ def allowed_servers() -> list[str] | None:
 
 
 def check_allowed(uri: str, allowed: list[str] | None = None) -> Service:
-    """The service of `uri`, if its server is one of `allowed` (by default allowed_servers(),
-    where None allows any); AccessDenied naming the server otherwise. [] allows none."""
+    """The service of `uri` (a search, or an instance below a service root), if it is on one of
+    the `allowed` service roots (by default allowed_servers(), where None allows any);
+    AccessDenied naming the server otherwise. [] allows none."""
     service = parse(uri)
     allowed = allowed if allowed is not None else allowed_servers()
     if allowed is None:
         return service
     servers = {parse(a).server for a in allowed}
-    if service.server not in servers:
-        raise AccessDenied(f"DICOMweb server {service.server} is not allowed here; allowed: "
-                           f"{sorted(servers) or 'none'} ({ALLOWED_ENV}, or the config's allowed DICOMweb servers)")
+    # A search names the service root; an instance, a path below it.
+    if not any(service.server == root or service.server.startswith(root + "/") for root in servers):
+        raise AccessDenied(f"{service.server} is not on an allowed DICOMweb server; allowed: "
+                           f"{sorted(servers) or 'none'} ({ALLOWED_ENV}, or the config's allowed_dicomweb_servers)")
     return service
 
 
@@ -126,12 +128,13 @@ class DicomwebError(StorageError):
     """A DICOMweb server refused or failed a request; says which server, never a credential."""
 
 
-def _get(service: Service, path: str, params: dict | None = None, accept: str = "application/dicom+json"):
+def _get(service: Service, path: str, params: dict | None = None, accept: str = "application/dicom+json",
+         timeout_s: float = TIMEOUT_S):
     import requests
 
     url = service.url + path + ("?" + urlencode(params) if params else "")
     try:
-        response = _session().get(url, headers={"Accept": accept}, timeout=TIMEOUT_S)
+        response = _session().get(url, headers={"Accept": accept}, timeout=timeout_s)
     except requests.RequestException as e:
         raise DicomwebError(f"DICOMweb server {service.server} cannot be reached: {type(e).__name__}") from None
     if response.status_code in (401, 403):
@@ -206,11 +209,11 @@ def uids_of(uri: str) -> tuple[str, str]:
     return study, series
 
 
-def fetch_instance(uri: str) -> bytes:
+def fetch_instance(uri: str, timeout_s: float = TIMEOUT_S) -> bytes:
     """An instance's DICOM file (WADO-RS, the first part of its multipart/related answer)."""
     service, study, series, sop = parse_instance_uri(uri)
     response = _get(service, f"/studies/{study}/series/{series}/instances/{sop}",
-                    accept='multipart/related; type="application/dicom"')
+                    accept='multipart/related; type="application/dicom"', timeout_s=timeout_s)
     if response is None:
         raise DicomwebError(f"DICOMweb server {service.server} has no instance {sop}")
     return _first_part(response.headers.get("Content-Type", ""), response.content, service)
