@@ -1,8 +1,8 @@
 """Instances fetched and decoded from a PACS per second: medray's pipeline against a plain loop.
 Run by hand: `python bench/dicomweb.py [--instances 2000] [--repeat 3]`.
 
-A local Orthanc (medray.storage.local_pacs) holds `--instances` synthetic CT instances (64x64,
-16-bit), stored through its REST API. Measured, in turn, `--repeat` times:
+A local Orthanc (medray.storage.local_pacs) holds `--instances` synthetic CT instances
+(`--side`: 512x512 16-bit, a CT slice's size), stored through its REST API. Measured, in turn, `--repeat` times:
 - `loop`: what a user would write without medray: dicomweb-client's QIDO-RS search, page by
   page, and for each instance its WADO-RS retrieve and pydicom's pixel_array, one at a time;
 - `medray, N read tasks`: the pipeline's own parts of the search (infer.sources.plan_parts and
@@ -28,7 +28,7 @@ from _stats import add_repeat, record, spread
 USER, PASSWORD = "bench", "bench-secret"
 
 
-def instance(study: str, series: str, number: int) -> bytes:
+def instance(study: str, series: str, number: int, side: int) -> bytes:
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -39,16 +39,16 @@ def instance(study: str, series: str, number: int) -> bytes:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID, ds.Modality = study, series, "BENCH", "CT"
-    ds.InstanceNumber, ds.Rows, ds.Columns = number, 64, 64
+    ds.InstanceNumber, ds.Rows, ds.Columns = number, side, side
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (np.random.default_rng(number).integers(0, 4096, (64, 64), dtype=np.uint16)).tobytes()
+    ds.PixelData = (np.random.default_rng(number).integers(0, 4096, (side, side), dtype=np.uint16)).tobytes()
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
 
 
-def loop(root_url: str) -> int:
+def loop(root_url: str, side: int) -> int:
     """The plain client: search a page, fetch and decode each instance, one at a time."""
     from dicomweb_client.api import DICOMwebClient
     from dicomweb_client.session_utils import create_session_from_user_pass
@@ -60,7 +60,7 @@ def loop(root_url: str) -> int:
         for item in page:
             ds = client.retrieve_instance(item["0020000D"]["Value"][0], item["0020000E"]["Value"][0],
                                           item["00080018"]["Value"][0])
-            assert ds.pixel_array.shape == (64, 64)
+            assert ds.pixel_array.shape == (side, side)
             done += 1
         if len(page) < 100:
             return done
@@ -96,6 +96,7 @@ def medray_pipeline(uri: str, tasks: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=2000)
+    parser.add_argument("--side", type=int, default=512, help="rows and columns of each instance (a CT slice: 512)")
     parser.add_argument("--tasks", default="1,2,4,8", help="read tasks to try, comma-separated")
     add_repeat(parser)
     args = parser.parse_args()
@@ -109,7 +110,7 @@ def main() -> None:
     try:
         studies = [(generate_uid(), generate_uid()) for _ in range(20)]  # 20 studies of a series each
         for n in range(args.instances):
-            pacs.store(instance(*studies[n % 20], n))
+            pacs.store(instance(*studies[n % 20], n, args.side))
         env = {k: v for k, v in os.environ.items() if k.startswith("MEDRAY_")}
         connect("local", local={"num_cpus": 2, "include_dashboard": False}, log_to_driver=False,
                 runtime_env={"env_vars": env})
@@ -119,21 +120,22 @@ def main() -> None:
         for r in range(args.repeat):
             for name in ["loop"] + [f"medray, {t} read tasks" for t in tasks]:  # in turn
                 t0 = time.perf_counter()
-                n = loop(f"{pacs.http}/dicom-web") if name == "loop" else medray_pipeline(uri, int(name.split()[1]))
+                n = (loop(f"{pacs.http}/dicom-web", args.side) if name == "loop" else
+                     medray_pipeline(uri, int(name.split()[1])))
                 if n != args.instances:
                     raise SystemExit(f"{name}: {n} instances, not {args.instances}")
                 got.setdefault(name, []).append(n / (time.perf_counter() - t0))
                 print(f"run {r + 1} {name}: {got[name][-1]:.1f} instances/s", flush=True)
     finally:
         pacs.stop()
-    lines = [f"{args.instances} CT instances (64x64, 16-bit) from Orthanc on loopback, fetched (WADO-RS) and "
-             "decoded; generation left out:"]
+    lines = [f"{args.instances} CT instances ({args.side}x{args.side}, 16-bit) from Orthanc on loopback, fetched "
+             "(WADO-RS) and decoded; generation left out:"]
     for name, values in got.items():
         ratio = "" if name == "loop" else ", " + spread([v / b for v, b in zip(values, got["loop"])]) + "x the loop"
         lines.append(f"{name}: {spread(values, '{:.1f}')} instances/s{ratio}")
     print("\n".join("- " + line for line in lines))
     if not args.no_record:
-        record("dicomweb", lines)
+        record("dicomweb", lines, threads=None)
 
 
 if __name__ == "__main__":
