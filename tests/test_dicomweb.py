@@ -207,11 +207,15 @@ def test_a_chat_request_names_a_pacs_instance(ray_cluster, pacs):
     from medray.serve import build_app
     from medray.storage.local_s3 import free_port
 
-    server, _, _ = pacs
-    key = "sk-pacs-test"
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     import ray
     from ray.serve.context import _get_global_client
+
+    server, _, _ = pacs
+    key = "sk-pacs-test"
+    # Serve is left as this test found it: a Serve started here stops at its end, so a later
+    # module's own serve.start gets the HTTP port it asks for.
+    started_here = _get_global_client(raise_if_no_controller_running=False) is None
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
 
     port = ray.get(_get_global_client()._controller.get_http_config.remote()).port
     args = {"models": [{"name": "llava", "uri": "tiny://llava-mistral", "cpus_per_replica": 0.25}],
@@ -235,6 +239,8 @@ def test_a_chat_request_names_a_pacs_instance(ray_cluster, pacs):
         assert server.password not in str(missing.value)
     finally:
         serve.delete("pacs")
+        if started_here:
+            serve.shutdown()
 
 
 def test_only_allowed_servers_and_no_credentials_in_uris():
