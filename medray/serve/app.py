@@ -126,14 +126,13 @@ class Api:
 
         STATE.update(config=self.config, keys=self.config.keys(),
                      metrics=MetricsBuffer(metrics) if metrics is not None else None)
-        self.servers = [ModelServer(m, metrics) for m in models.values() if isinstance(m, dict)]
-        local = iter(self.servers)
-        models = {name: LocalHandle(next(local)) if isinstance(m, dict) else m for name, m in models.items()}
+        self.servers = {name: ModelServer(m, metrics) for name, m in models.items() if isinstance(m, dict)}
+        models = {name: LocalHandle(self.servers[name]) if name in self.servers else m for name, m in models.items()}
         self.chat_api = Chat(self.config, models)
         self.job_api = JobApi(self.config, self.chat_api.model)
 
     def __del__(self):
-        for server in getattr(self, "servers", []):  # the engine process stops with the replica
+        for server in getattr(self, "servers", {}).values():  # the engine process stops with the replica
             server.shutdown()
 
     async def model_call(self, model: str, method: str):
@@ -227,9 +226,9 @@ def _user_code(own_thread: bool, runtime_env: dict | None = None) -> dict:
     return env
 
 
-def _model_options(spec, engine, own_thread: bool) -> dict:
+def _model_options(spec, own_thread: bool) -> dict:
     """Serve options of a deployment that runs model `spec`."""
-    a = spec.autoscaling
+    a, engine = spec.autoscaling, ENGINES[spec.engine]
     return dict(
         autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                             "target_ongoing_requests": a.target_ongoing_requests,
@@ -262,12 +261,12 @@ def build_app(args: dict[str, Any]):
     if config.one_replica():
         spec = config.models[0]
         # On Serve's loop: the engine computes off it, and the ingress only awaits (USER_CODE_THREAD).
-        return Api.options(**_model_options(spec, ENGINES[spec.engine], own_thread=False)).bind(
+        return Api.options(**_model_options(spec, own_thread=False)).bind(
             config.model_dump(), {spec.name: spec.model_dump()}, metrics)
     models = {}
     for spec in config.models:
         models[spec.name] = ModelDeployment.options(
-            name=f"model-{spec.name}", **_model_options(spec, ENGINES[spec.engine], own_thread=True),
+            name=f"model-{spec.name}", **_model_options(spec, own_thread=True),
             # The ingress logs each request already; a second access-log line per request on
             # the model hop costs latency (a file write each) and tells nothing new.
             logging_config={"enable_access_log": False},
