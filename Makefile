@@ -65,10 +65,16 @@ demo: install
 # The web page's test drives Debian's Chromium (Playwright cannot download a browser here).
 # Installed when missing and apt-get can run; otherwise that one test skips, unless
 # MEDRAY_CI=1 (CI) makes it fail.
+# Debian packages the tests run against: chromium (the web page test) and Orthanc with its
+# DICOMweb plugin (a real PACS on loopback, medray.storage.local_pacs). One apt-get for both: two at
+# once would wait on dpkg's lock.
 browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  (apt-get update -qq >/dev/null 2>&1; apt-get install -y -qq chromium >/dev/null) ; } || \
-	  echo "note: no chromium; the web page test will skip (apt-get install chromium)"
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
+	  { command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so; } || \
+	    missing="$$missing orthanc orthanc-dicomweb"; \
+	  [ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq >/dev/null 2>&1; apt-get install -y -qq $$missing >/dev/null) ; } || \
+	  echo "note: missing $$missing; the web page or DICOMweb tests will skip (apt-get install $$missing)"
 
 # The three installs run side by side (pip waits on the network and on unpacking as much as
 # on the CPU); the tests start when all are done.

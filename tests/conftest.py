@@ -77,6 +77,13 @@ def bucket(s3_server) -> str:
     return f"s3://{name}"
 
 
+# The test PACS's credentials (medray.storage.local_pacs), in the environment before the session's
+# Ray starts: a PACS's credentials reach a cluster's processes through their environment, as
+# the nodes' own would (medray.storage.dicomweb), never through a config.
+os.environ.setdefault("MEDRAY_DICOMWEB_USER", "medray")
+os.environ.setdefault("MEDRAY_DICOMWEB_PASSWORD", "pacs-secret-7")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server, tmp_path_factory):
     """One local Ray for the whole run, sized for a 2-core machine."""

@@ -220,7 +220,8 @@ def test_job_routes_refuse_what_the_server_does_not_allow(tmp_path):
     output or input outside the allowed prefixes (403 naming the field), too many tokens."""
     config = _config(tmp_path)
     jobs = {"store": str(tmp_path / "jobs"), "allowed_input_prefixes": [str(tmp_path / "in")],
-            "allowed_output_prefixes": [str(tmp_path / "out")], "max_new_tokens": 32}
+            "allowed_output_prefixes": [str(tmp_path / "out")], "max_new_tokens": 32,
+            "allowed_dicomweb_servers": ["dicomweb://pacs:8042/dicom-web"]}
     with_jobs = ServeConfig.model_validate({**config.model_dump(), "jobs": jobs})
     from medray.serve.jobs import JobRequest
 
@@ -229,10 +230,12 @@ def test_job_routes_refuse_what_the_server_does_not_allow(tmp_path):
         api = JobApi(with_jobs, chat.model)
         good = {"model": "m", "input": str(tmp_path / "in"), "output": str(tmp_path / "out" / "run")}
         for field, value in (("output", str(tmp_path / "elsewhere")), ("input", "s3://other/scans/"),
-                             ("image_folder", str(tmp_path / "secret"))):
+                             ("image_folder", str(tmp_path / "secret")),
+                             ("input", "dicomweb://other-pacs:8042/dicom-web?Modality=CT")):
             with pytest.raises(ApiError) as e:
                 await api.submit(JobRequest(**{**good, field: value}))
             assert (e.value.status, e.value.param) == (403, field)
+        assert "other-pacs:8042/dicom-web is not on an allowed DICOMweb server" in e.value.message  # the PACS named, and what is
         with pytest.raises(ApiError) as e:
             await api.submit(JobRequest(**good, max_new_tokens=64))
         assert (e.value.status, e.value.param) == (400, "max_new_tokens")

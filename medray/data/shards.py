@@ -20,7 +20,8 @@ from medray import storage
 from medray.digests import SetDigest
 
 COLUMNS = ["id", "image", "question", "answer", "references", "model", "generation", "latency_s",
-           "completion_tokens", "error", "image_type", "expert_text"]
+           "completion_tokens", "error", "image_type", "expert_text", "study_uid", "series_uid"]
+"""study_uid, series_uid: a DICOMweb instance's study and series ("" for other images)."""
 
 
 def block(**columns):

@@ -95,6 +95,14 @@ class InferConfig(StrictModel, GenerationFields):
     """When set, an image outside these prefixes fails its row unread. The job API sets its
     allowed input prefixes here: a records file must not name images that the server may
     read and its client may not."""
+    sr_output: str | None = None
+    """Where each answer of a DICOMweb instance also goes as a DICOM Structured Report: a
+    DICOMweb service root (`dicomweb://HOST:PORT/ROOT`, stored with STOW-RS), or a directory or
+    s3:// prefix (`<study>/<sop>.dcm`). medray.infer.reports."""
+    allowed_dicomweb_servers: list[str] | None = None
+    """When set, the DICOMweb service roots (`dicomweb://HOST:PORT/ROOT`) the run may read: an
+    input on another server fails at start, an image row naming one fails unread. None: what
+    MEDRAY_DICOMWEB_ALLOWED allows where the run's processes run (any server, unset)."""
     experts: ExpertsConfig | None = None
     """Visual-experts mode: `model` is a text LLM; each image is routed to an expert whose
     text goes into the LLM's prompt."""

@@ -30,6 +30,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from medray import storage
+from medray.storage import dicomweb
 from medray.data.records import RecordError
 from medray.data.streams import FilePart, is_records_file, read_part, split_records_file
 from medray.digests import SetDigest
@@ -49,16 +50,38 @@ CHUNK_BYTES = 40 << 10
 
 
 @dataclass(frozen=True)
+class SearchPart:
+    """Every `of`-th page of a DICOMweb search (QIDO-RS `offset`/`limit`), from page `first`:
+    the parts of a search read its pages side by side, and a page shorter than PAGE ends each
+    part, so the driver never lists the matches (a server tells no count up front)."""
+
+    uri: str
+    first: int
+    of: int
+
+
+DICOMWEB_PAGE = 100
+DICOMWEB_PARTS = 8
+
+
+@dataclass(frozen=True)
 class Part:
-    """One read task's share of the input: a key range of a prefix, or part of a records file."""
+    """One read task's share of the input: a key range of a prefix, part of a records file, or
+    pages of a DICOMweb search."""
 
     index: int
     keys: storage.KeyRange | None = None
     file: FilePart | None = None
+    search: SearchPart | None = None
 
 
 def plan_parts(cfg: InferConfig, max_parts: int = MAX_PARTS) -> list[Part]:
     """The parts of the run's input: the driver's whole share of the listing."""
+    if dicomweb.is_dicomweb(cfg.input):
+        dicomweb.check_allowed(cfg.input, cfg.allowed_dicomweb_servers)
+        dicomweb.check_access(cfg.input)  # a refused credential fails the run here, naming the server
+        n = min(max_parts, DICOMWEB_PARTS)
+        return [Part(i, search=SearchPart(cfg.input, i, n)) for i in range(n)]
     if is_records_file(cfg.input):
         return [Part(i, file=f) for i, f in enumerate(split_records_file(cfg.input, max_parts))]
     return [Part(i, keys=r) for i, r in enumerate(storage.split_prefix(cfg.input, max_parts))]
@@ -75,6 +98,19 @@ class RowMaker:
         self.cfg = cfg
 
     def pages(self, part: Part) -> Iterator[list[dict]]:
+        if part.search is not None:
+            service, page = dicomweb.parse(part.search.uri), part.search.first
+            while True:
+                found = dicomweb.search_instances(service, page * DICOMWEB_PAGE, DICOMWEB_PAGE)
+                # The instance's SOP Instance UID is its id; the row's image, its WADO-RS URI. A
+                # multi-frame instance is one row: its middle frame (medray.data.images' DICOM rule).
+                rows = [{"id": i.sop_uid, "image": i.uri(service), "question": "", "references": "",
+                         "adapter": "", "error": ""} for i in found]
+                if rows:
+                    yield rows
+                if len(found) < DICOMWEB_PAGE:
+                    return
+                page += part.search.of
         if part.keys is not None:
             for files in storage.list_range(part.keys, include=self.cfg.include, exclude=self.cfg.exclude):
                 rows = [self._image_row(f.uri) for f in files if f.uri.lower().endswith(IMAGE_SUFFIXES)]

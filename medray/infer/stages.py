@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from medray import storage
+from medray.storage import dicomweb
 from medray.data import shards
 from medray.engines import ENGINES
 from medray.engines.types import Encoded, Request
@@ -69,6 +70,10 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
     conf = InferConfig.model_validate(cfg)
     expand = ENGINES[conf.engine].expands_images  # the run's engine, as chosen: its prompt form
     n = len(batch["id"])
+    # A PACS answers each WADO-RS request in its own time: the batch's instances are asked for
+    # at once, so a task waits on the server once per batch, not once per row.
+    fetched = _fetch_all([str(u) for u in batch["image"] if dicomweb.is_dicomweb(str(u))],
+                         conf.allowed_dicomweb_servers)
     input_ids, pixels, errors, questions, kinds, prepared, image_kwargs = [], [], [], [], [], [], []
     for i in range(n):
         uri, question = str(batch["image"][i]), str(batch["question"][i]) or (conf.question or "")
@@ -81,9 +86,18 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
             if conf.task == "vqa" and not question:
                 raise ValueError("no question: give --question or a question per row")
             images = []
-            if uri and conf.allowed_image_prefixes is not None and not storage.within(uri, conf.allowed_image_prefixes):
+            if uri and dicomweb.is_dicomweb(uri):
+                pass  # checked against the allowed servers as it was fetched (_fetch_all)
+            elif uri and conf.allowed_image_prefixes is not None and not storage.within(uri, conf.allowed_image_prefixes):
                 raise PermissionError(f"{uri} is outside the allowed input prefixes {conf.allowed_image_prefixes}")
-            if uri:
+            if uri and dicomweb.is_dicomweb(uri):  # fetched for the whole batch at once, above
+                data = fetched[uri]
+                if isinstance(data, Exception):
+                    raise data
+                if len(data) > conf.max_image_bytes:
+                    raise ValueError(f"{uri} is {len(data)} bytes, over the limit of {conf.max_image_bytes}")
+                images = [load_image(data, uri + ".dcm", ImageOptions(max_pixels=conf.max_pixels))]
+            elif uri:
                 size = storage.default_storage().size(uri)
                 if size > conf.max_image_bytes:
                     raise ValueError(f"{uri} is {size} bytes, over the limit of {conf.max_image_bytes}")
@@ -201,8 +215,24 @@ class Generator:
                        [np.asarray(image)] if image.size else None, json.loads(kwargs) if kwargs else None)
 
     def __call__(self, batch: dict) -> dict:
-        return _write_batch(self.generate(batch), output=self.cfg.output, fmt=self.cfg.format,
+        generated = self.generate(batch)
+        if self.cfg.sr_output:  # before the shard: a row in the output has its SR (reports.py)
+            self.reports(generated)
+        return _write_batch(generated, output=self.cfg.output, fmt=self.cfg.format,
                             metadata={shards.PROVENANCE_KEY: json.dumps(self.record)} if self.record else None)
+
+    def reports(self, batch: dict) -> None:
+        """The batch's answers as DICOM SRs; a row whose SR failed keeps its answer and says so."""
+        from .reports import write_reports
+
+        digest = next((a["digest"] for a in (self.record or {}).get("inputs", []) if a["role"] == "model"), "")
+        rows = [{c: str(batch[c][i]) for c in ("id", "image", "question", "answer", "error")}
+                for i in range(len(batch["id"]))]
+        failed = write_reports(rows, sr_output=self.cfg.sr_output, model=self.cfg.model, model_digest=digest or "",
+                               run=self.cfg.output)
+        if failed:
+            batch["error"] = np.array([failed.get(str(i), e) for i, e in zip(batch["id"], batch["error"])],
+                                      dtype=object)
 
     def generate(self, batch: dict) -> dict:
         n = len(batch["id"])
@@ -235,6 +265,7 @@ class Generator:
                     errors[i] = f"{type(r).__name__}: {r}"
                     continue
                 answers[i], completion[i], latency[i] = r.text, r.completion_tokens, dt
+        uids = [dicomweb.uids_of(str(uri)) for uri in batch["image"]]  # a PACS instance's study, series
         return shards.block(
             id=batch["id"], image=batch["image"], question=batch["question"],
             answer=np.array(answers, dtype=object), references=batch["references"],
@@ -243,7 +274,35 @@ class Generator:
                                 dtype=object),  # a row naming an unknown adapter failed alone
             latency_s=latency, completion_tokens=completion, error=errors,
             image_type=batch["image_type"], expert_text=np.array(expert_texts, dtype=object),
+            study_uid=np.array([u[0] for u in uids], dtype=object),
+            series_uid=np.array([u[1] for u in uids], dtype=object),
         )
+
+
+FETCH_THREADS = 8
+
+
+def _fetch_all(uris: list[str], allowed: list[str] | None) -> dict:
+    """uri -> the instance's bytes, or the exception that fetching it raised (its row fails
+    alone); an instance on a server not `allowed` is not asked for."""
+    if not uris:
+        return {}
+
+    def fetch(uri):
+        try:
+            dicomweb.check_allowed(uri, allowed)
+            return dicomweb.fetch_instance(uri)
+        except Exception as e:
+            return e
+
+    return dict(zip(uris, _fetch_pool().map(fetch, uris)))
+
+
+@functools.cache
+def _fetch_pool() -> ThreadPoolExecutor:
+    # Kept for the process: its threads keep their HTTP sessions (dicomweb._session), and with
+    # them their connections to the PACS, from batch to batch.
+    return ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="dicomweb-fetch")
 
 
 def _write_batch(batch: dict, *, output: str, fmt: str, metadata: dict[str, str] | None = None) -> dict:

@@ -109,6 +109,10 @@ class JobsConfig(StrictModel):
     """Prefixes a job may read images or manifests from."""
     allowed_output_prefixes: list[str] = Field(default_factory=list)
     """Prefixes a job may write results into."""
+    allowed_dicomweb_servers: list[str] = Field(default_factory=list)
+    """DICOMweb service roots (`dicomweb://HOST:PORT/ROOT`) a job's input may search (a PACS);
+    its credentials come from MEDRAY_DICOMWEB_USER/PASSWORD or MEDRAY_DICOMWEB_TOKEN where the
+    job runs, never from a job."""
     batch_size: int = Field(8, ge=1)
     rows_per_shard: int = Field(64, ge=1)
     max_actors: int = Field(1, ge=1)
@@ -181,6 +185,10 @@ class ServeConfig(StrictModel):
     """s3:// prefixes that image URLs may point into; empty allows no s3:// images."""
     allow_http_images: bool = False
     """Fetching http(s) image URLs is off by default (SSRF)."""
+    allowed_dicomweb_servers: list[str] = Field(default_factory=list)
+    """DICOMweb service roots (`dicomweb://HOST:PORT/ROOT`) whose instances a chat request may
+    name as its image_url (fetched by the ingress with WADO-RS, under the image limits; the
+    credentials from MEDRAY_DICOMWEB_USER/PASSWORD or MEDRAY_DICOMWEB_TOKEN where it runs)."""
     limits: Limits = Field(default_factory=Limits)
     ingress: Ingress = Field(default_factory=Ingress)
     jobs: JobsConfig | None = None

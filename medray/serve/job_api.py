@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
 from medray import storage
+from medray.storage import dicomweb
 
 from .config import ServeConfig
 from .images import read_image
@@ -56,6 +57,13 @@ class JobApi:
         spec, adapter = self.model(body.model)
         for field, side in (("input", "input"), ("image_folder", "input"), ("output", "output")):
             uri = getattr(body, field)
+            if field == "input" and dicomweb.is_dicomweb(uri):  # a PACS: allowed by server, as S3 by prefix
+                try:
+                    dicomweb.check_allowed(uri, jobs.allowed_dicomweb_servers)
+                except (storage.AccessDenied, ValueError) as e:  # AccessDenied names the server, what is allowed
+                    raise ApiError(403 if isinstance(e, storage.AccessDenied) else 400, f"input: {e}", param=field,
+                                   kind="permission_error") from None
+                continue
             if uri is not None and not storage.within(uri, getattr(jobs, f"allowed_{side}_prefixes")):
                 raise ApiError(403, f"{field} {uri} is outside the allowed {side} prefixes", param=field,
                                kind="permission_error")
@@ -72,6 +80,7 @@ class JobApi:
             infer = InferConfig(model=spec.uri, adapter=spec.adapters[adapter] if adapter else None,
                                 adapters=spec.adapters if records else {}, engine=spec.engine, vllm=spec.vllm,
                                 allowed_image_prefixes=jobs.allowed_input_prefixes,
+                                allowed_dicomweb_servers=jobs.allowed_dicomweb_servers,
                                 **body.model_dump(exclude={"model"}), **jobs.pipeline_resources())
         except ValidationError as e:
             raise ApiError(400, f"invalid job: {e.errors()[0]['msg']}") from None
