@@ -132,7 +132,7 @@ def _get(service: Service, path: str, params: dict | None = None, accept: str = 
          timeout_s: float = TIMEOUT_S):
     import requests
 
-    url = service.url + path + ("?" + urlencode(params) if params else "")
+    url = service.url + path + ("?" + urlencode(params, doseq=True) if params else "")
     try:
         response = _session().get(url, headers={"Accept": accept}, timeout=timeout_s)
     except requests.RequestException as e:
@@ -178,6 +178,49 @@ def search_instances(service: Service, offset: int = 0, limit: int = 100) -> lis
     found = [] if response is None else response.json()
     return [Instance(_value(i, STUDY_UID), _value(i, SERIES_UID), _value(i, SOP_UID), int(_value(i, FRAMES) or 1))
             for i in found]
+
+
+# The keys of an instance search that a study search takes too (QIDO-RS study level), and the
+# one it names otherwise: an instance's Modality is its study's ModalitiesInStudy (Orthanc
+# answers a study search by Modality with nothing, silently). Series and instance keys only
+# narrow a job's instances, not the list of studies.
+STUDY_KEYS = {"StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "PatientID", "PatientName",
+              "StudyDescription", "StudyID", "ReferringPhysicianName", "ModalitiesInStudy", "fuzzymatching"}
+STUDY_FIELDS = {"date": "00080020", "description": "00081030", "modalities": "00080061",
+                "instances": "00201208", "accession": "00080050"}
+
+
+@dataclass(frozen=True)
+class Study:
+    """One study a search found, as a person picks it: its UID, date, description, modalities
+    and number of instances (all of the study's, whatever the query's instance keys)."""
+
+    uid: str
+    date: str = ""
+    description: str = ""
+    modalities: tuple[str, ...] = ()
+    instances: int = 0
+    accession: str = ""
+
+
+def search_studies(service: Service, offset: int = 0, limit: int = 50) -> list[Study]:
+    """One page of the studies that hold the instances the URI's query names (QIDO-RS
+    `ROOT/studies`, with the query's study-level keys: STUDY_KEYS). Orthanc 1.10 applies
+    `offset` before it matches ModalitiesInStudy: there, pages after the first may miss studies
+    (the web page asks for one page of 200)."""
+    params: dict[str, str | list[str]] = {}
+    for key, value in service.query:
+        key = "ModalitiesInStudy" if key == "Modality" else key
+        if key in STUDY_KEYS:
+            params[key] = value
+    params.update(offset=str(offset), limit=str(limit), includefield=list(STUDY_FIELDS.values()))
+    response = _get(service, "/studies", params)
+    found = [] if response is None else response.json()
+    return [Study(_value(s, STUDY_UID), str(_value(s, STUDY_FIELDS["date"]) or ""),
+                  str(_value(s, STUDY_FIELDS["description"]) or ""),
+                  tuple((s.get(STUDY_FIELDS["modalities"]) or {}).get("Value") or ()),
+                  int(_value(s, STUDY_FIELDS["instances"]) or 0), str(_value(s, STUDY_FIELDS["accession"]) or ""))
+            for s in found]
 
 
 def check_access(uri: str) -> Service:
