@@ -275,7 +275,8 @@ def test_reports_go_to_a_folder_too_and_a_missing_source_fails_its_row_alone(pac
 
     server, _, _ = pacs
     service = dicomweb.parse(server.root + "?Modality=CR")
-    rows = [{"id": f.sop_uid, "image": f.uri(service), "question": "Describe it.", "answer": "A chest.", "error": ""}
+    answer = "Léger épanchement, 肺 \ufffd"  # any text a model writes: stored as UTF-8, not Latin-1's '?'
+    rows = [{"id": f.sop_uid, "image": f.uri(service), "question": "Describe it.", "answer": answer, "error": ""}
             for f in dicomweb.search_instances(service, 0, 10)]
     gone = {**rows[0], "id": "1.2.3", "image": rows[0]["image"].rsplit("/", 1)[0] + "/1.2.3"}
     failed = write_reports([*rows, gone, {**rows[0], "id": "x", "error": "earlier"}], sr_output=str(tmp_path / "sr"),
@@ -286,6 +287,8 @@ def test_reports_go_to_a_folder_too_and_a_missing_source_fails_its_row_alone(pac
     for path in written:
         sr = pydicom.dcmread(path)
         assert sr.Modality == "SR" and sr.StudyInstanceUID == path.parent.name
+        items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in sr.ContentSequence}
+        assert items["Finding"].TextValue == answer
 
 
 def test_the_service_answers_from_a_pacs_and_runs_a_job_over_picked_studies(ray_cluster, pacs, tmp_path,
@@ -383,11 +386,19 @@ def test_the_service_answers_from_a_pacs_and_runs_a_job_over_picked_studies(ray_
         assert "succeeded" in status and "5 / 5 rows" in status, status
         rows = read_shards(str(results / "page"))
         in_a = {i.sop_uid for i in dicomweb.search_instances(
-            dicomweb.parse(f"{server.root}?StudyInstanceUID={studies['ct-a']}"), 0, 100)}
+            dicomweb.parse(f"{server.root}?Modality=CT&StudyInstanceUID={studies['ct-a']}"), 0, 100)}
         assert sorted(r["id"] for r in rows) == sorted(in_a | {sample.SOPInstanceUID})  # each once, no ct-b
         assert all(r["answer"] and not r["error"] for r in rows)
         written = sorted(p.stem for p in (results / "sr").glob("*/*.dcm"))
         assert written == sorted(r["id"] for r in rows)
+        # Its report shows each instance, fetched from the PACS and windowed as the model saw it.
+        with page.context.expect_page() as opened:
+            page.click("#job-status a.report")
+        report = opened.value
+        report.wait_for_load_state("load")
+        assert "5 rows, 0 errors" in report.inner_text("body")
+        assert report.evaluate("document.querySelectorAll('img.thumb').length") == 5
+        assert report.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
         assert not errors, errors
     finally:
         serve.delete("pacs")

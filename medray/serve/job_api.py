@@ -138,7 +138,8 @@ class JobApi:
 
         record = await asyncio.to_thread(self._job, job_id)
         page = await asyncio.to_thread(answers_page, record["output"], f"medray job {job_id}",
-                                       image_prefixes=self.config.jobs.allowed_input_prefixes)
+                                       image_prefixes=self.config.jobs.allowed_input_prefixes,
+                                       dicomweb_servers=self.config.jobs.allowed_dicomweb_servers)
         return HTMLResponse(page)
 
     async def preview(self, url: str) -> Response:
