@@ -156,6 +156,108 @@ def test_wrong_credentials_fail_naming_the_server_and_no_secret(pacs, monkeypatc
         assert server.password not in message and "wrong-password-9" not in message
 
 
+def _self_signed(directory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, self-signed (cryptography): their PEM paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.TraditionalOpenSSL,
+                                                          serialization.NoEncryption()))
+    return str(directory / "cert.pem"), str(directory / "key.pem")
+
+
+def _tls_front(port: int, cert: str, key: str):
+    """HTTPS on a free loopback port in front of http://127.0.0.1:`port`, as a hospital's
+    TLS-terminating proxy stands before its PACS (Debian's Orthanc 1.10 crashes serving HTTPS
+    itself: a civetweb segfault on the first TLS connection). Returns (its port, a stop)."""
+    import socket
+    import ssl
+    import threading
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def handle(raw):
+        try:
+            conn = context.wrap_socket(raw, server_side=True)
+        except OSError:  # a client that does not trust the certificate ends the handshake
+            raw.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", port))
+        threading.Thread(target=pump, args=(conn, upstream), daemon=True).start()
+        pump(upstream, conn)
+
+    def accept():
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(raw,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener.getsockname()[1], listener.close
+
+
+def test_tls_trusts_the_ca_bundle_given_and_a_token_is_named_not_shown(pacs, tmp_path, monkeypatch):
+    """dicomwebs:// to the PACS behind HTTPS with a self-signed certificate: untrusted without
+    MEDRAY_DICOMWEB_CA_BUNDLE (a clear error naming the server), searched and fetched with it;
+    a bearer token the PACS refuses is named by its variable, never shown."""
+    server, stored, _ = pacs
+    cert, key = _self_signed(tmp_path)
+    port, stop = _tls_front(server.port, cert, key)
+    root = f"dicomwebs://127.0.0.1:{port}/dicom-web"
+    try:
+        monkeypatch.setenv(dicomweb.USER_ENV, server.user)
+        monkeypatch.setenv(dicomweb.PASSWORD_ENV, server.password)
+        monkeypatch.delenv(dicomweb.TOKEN_ENV, raising=False)
+        monkeypatch.delenv(dicomweb.CA_BUNDLE_ENV, raising=False)
+        with pytest.raises(dicomweb.DicomwebError, match=f"{root} cannot be reached: SSLError"):
+            dicomweb.check_access(root + "?Modality=CR")
+        monkeypatch.setenv(dicomweb.CA_BUNDLE_ENV, cert)
+        service = dicomweb.check_access(root + "?Modality=CR")
+        found = dicomweb.search_instances(service, 0, 10)
+        assert {f.sop_uid for f in found} == stored["CR"]
+        ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(dicomweb.fetch_instance(found[0].uri(service))))
+        assert ds.SOPInstanceUID == found[0].sop_uid
+        monkeypatch.setenv(dicomweb.TOKEN_ENV, "tok-secret-123")
+        with pytest.raises(AccessDenied) as refused:
+            dicomweb.check_access(root + "?Modality=CR")
+        assert "the token in MEDRAY_DICOMWEB_TOKEN" in str(refused.value) and "tok-secret-123" not in str(refused.value)
+    finally:
+        stop()
+
+
 def test_the_read_tasks_share_a_search_page_by_page(pacs, login, monkeypatch):
     """The pipeline's parts of a search (infer.sources): part i reads every n-th page from page
     i, and stops at a short page; together they hold every match once, whatever the count."""

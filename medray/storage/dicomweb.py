@@ -130,9 +130,17 @@ def _session():
     elif user:
         session.auth = (user, password or "")
     if ca_bundle:
-        session.verify = ca_bundle
+        session.verify = ca_bundle  # passed with each request too (_send): see there
     _sessions.kept = (key, session)
     return session
+
+
+def _send(method: str, url: str, **kwargs):
+    session = _session()
+    # The session's CA bundle given per request: requests lets REQUESTS_CA_BUNDLE (set on many
+    # machines, to the system's bundle) override a session's own `verify`, and then
+    # MEDRAY_DICOMWEB_CA_BUNDLE went unused.
+    return session.request(method, url, verify=session.verify, **kwargs)
 
 
 class DicomwebError(StorageError):
@@ -146,7 +154,7 @@ def _get(service: Service, path: str, params: dict | None = None, accept: str = 
     url = service.url + path + ("?" + urlencode(params, doseq=True) if params else "")
     headers = {"Accept": accept} if compressed else {"Accept": accept, "Accept-Encoding": "identity"}
     try:
-        response = _session().get(url, headers=headers, timeout=timeout_s)
+        response = _send("GET", url, headers=headers, timeout=timeout_s)
     except requests.RequestException as e:
         raise DicomwebError(f"DICOMweb server {service.server} cannot be reached: {type(e).__name__}") from None
     if response.status_code in (401, 403):
@@ -300,7 +308,7 @@ def store_instances(root: str, files: list[bytes]) -> None:
     headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                "Accept": "application/dicom+json"}
     try:
-        response = _session().post(service.url + "/studies", data=body, headers=headers, timeout=TIMEOUT_S)
+        response = _send("POST", service.url + "/studies", data=body, headers=headers, timeout=TIMEOUT_S)
     except requests.RequestException as e:
         raise DicomwebError(f"DICOMweb server {service.server} cannot be reached: {type(e).__name__}") from None
     if response.status_code in (401, 403):
