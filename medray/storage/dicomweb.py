@@ -107,14 +107,12 @@ def _session():
     """This thread's HTTP session for the credentials the environment holds now: kept, so its
     connections are (a new connection per instance cost more than the instance's transfer)."""
     import requests
+    from urllib3.util.retry import Retry
 
     key = tuple(os.environ.get(k) for k in (TOKEN_ENV, USER_ENV, PASSWORD_ENV, CA_BUNDLE_ENV))
     kept = getattr(_sessions, "kept", None)
     if kept is not None and kept[0] == key:
         return kept[1]
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
-
     session = requests.Session()
     # A kept connection that the server closed meanwhile (Orthanc closes idle ones after 1 s)
     # fails the next request sent on it, and its row with it: such a request is sent once
@@ -122,15 +120,14 @@ def _session():
     # the same SOP Instance UIDs (stored once). One retry of a read: a timeout waits twice.
     retry = Retry(total=2, connect=2, read=1, status=0, other=0, backoff_factor=0.1, raise_on_status=False,
                   allowed_methods=frozenset({"GET", "POST"}))
-    for prefix in ("http://", "https://"):
-        session.mount(prefix, HTTPAdapter(max_retries=retry))
+    session.mount("http://", requests.adapters.HTTPAdapter(max_retries=retry))
+    session.mount("https://", requests.adapters.HTTPAdapter(max_retries=retry))
     token, user, password, ca_bundle = key
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
     elif user:
         session.auth = (user, password or "")
-    if ca_bundle:
-        session.verify = ca_bundle  # passed with each request too (_send): see there
+    session.verify = ca_bundle or True  # passed with each request too (_send): see there
     _sessions.kept = (key, session)
     return session
 
@@ -200,10 +197,8 @@ def search_instances(service: Service, offset: int = 0, limit: int = 100) -> lis
             for i in found]
 
 
-# The keys of an instance search that a study search takes too (QIDO-RS study level), and the
-# one it names otherwise: an instance's Modality is its study's ModalitiesInStudy (Orthanc
-# answers a study search by Modality with nothing, silently). Series and instance keys only
-# narrow a job's instances, not the list of studies.
+# The keys of an instance search that a study search takes too, and Modality, which it asks as
+# ModalitiesInStudy (Orthanc answers a study search by Modality with nothing, silently).
 STUDY_KEYS = {"StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "PatientID", "PatientName",
               "StudyDescription", "StudyID", "ReferringPhysicianName", "ModalitiesInStudy", "fuzzymatching"}
 STUDY_FIELDS = {"date": "00080020", "description": "00081030", "modalities": "00080061",
