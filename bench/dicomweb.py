@@ -5,6 +5,8 @@ A local Orthanc (medray.storage.local_pacs) holds `--instances` synthetic CT ins
 (`--side`: 512x512 16-bit, a CT slice's size), stored through its REST API. Measured, in turn, `--repeat` times:
 - `loop`: what a user would write without medray: dicomweb-client's QIDO-RS search, page by
   page, and for each instance its WADO-RS retrieve and pydicom's pixel_array, one at a time;
+- `loop, uncompressed`: the same, asking for uncompressed answers as medray does (dicomweb-client
+  asks for gzip, and Orthanc's gzip of the pixels is most of its CPU per instance);
 - `medray, N read tasks`: the pipeline's own parts of the search (infer.sources.plan_parts and
   RowMaker, N parts read side by side on Ray Data) and its decode stage's fetch (a batch's
   instances at once, stages._fetch_all) and decode (medray.data.load_image), with no model:
@@ -48,12 +50,17 @@ def instance(study: str, series: str, number: int, side: int) -> bytes:
     return out.getvalue()
 
 
-def loop(root_url: str, side: int) -> int:
-    """The plain client: search a page, fetch and decode each instance, one at a time."""
+def loop(root_url: str, side: int, plain: bool = False) -> int:
+    """The plain client: search a page, fetch and decode each instance, one at a time. `plain`:
+    asking for uncompressed HTTP answers, as medray does (dicomweb-client asks for gzip, as
+    requests does by default), to show what of the ratio that choice is."""
     from dicomweb_client.api import DICOMwebClient
     from dicomweb_client.session_utils import create_session_from_user_pass
 
-    client = DICOMwebClient(url=root_url, session=create_session_from_user_pass(USER, PASSWORD))
+    session = create_session_from_user_pass(USER, PASSWORD)
+    if plain:
+        session.headers["Accept-Encoding"] = "identity"
+    client = DICOMwebClient(url=root_url, session=session)
     done, offset = 0, 0
     while True:
         page = client.search_for_instances(search_filters={"Modality": "CT"}, limit=100, offset=offset)
@@ -72,6 +79,9 @@ def fetch_and_decode(batch: dict) -> dict:
     from medray.infer.stages import _fetch_all
 
     fetched = _fetch_all([str(u) for u in batch["image"]], None)
+    failed = [f for f in fetched.values() if isinstance(f, Exception)]
+    if failed:  # a row that fails in a run fails the bench: the rates are of whole fetches
+        raise failed[0]
     sizes = [load_image(fetched[str(u)], str(u) + ".dcm").size[0] for u in batch["image"]]
     return {"width": np.array(sizes)}
 
@@ -118,10 +128,10 @@ def main() -> None:
         tasks = [int(t) for t in args.tasks.split(",")]
         got: dict[str, list[float]] = {}
         for r in range(args.repeat):
-            for name in ["loop"] + [f"medray, {t} read tasks" for t in tasks]:  # in turn
+            for name in ["loop", "loop, uncompressed"] + [f"medray, {t} read tasks" for t in tasks]:  # in turn
                 t0 = time.perf_counter()
-                n = (loop(f"{pacs.http}/dicom-web", args.side) if name == "loop" else
-                     medray_pipeline(uri, int(name.split()[1])))
+                n = (loop(f"{pacs.http}/dicom-web", args.side, plain="uncompressed" in name) if name.startswith("loop")
+                     else medray_pipeline(uri, int(name.split()[1])))
                 if n != args.instances:
                     raise SystemExit(f"{name}: {n} instances, not {args.instances}")
                 got.setdefault(name, []).append(n / (time.perf_counter() - t0))

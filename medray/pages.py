@@ -33,15 +33,24 @@ def img(png: bytes, alt: str, cls: str = "chart") -> str:
             f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
 
 
-def thumbnail(uri: str, prefixes: list[str] | None = None) -> str:
-    """The image at `uri` as an inline thumbnail; outside `prefixes` (when given) it is not
-    read: a served job's page must not show what its client may not read."""
+def thumbnail(uri: str, prefixes: list[str] | None = None, servers: list[str] | None = None) -> str:
+    """The image at `uri` as an inline thumbnail; outside `prefixes`, or for a PACS instance on
+    none of `servers` (each when given), it is not read: a served job's page must not show
+    what its client may not read."""
     from medray.data import load_image
+    from medray.storage import dicomweb
 
-    if prefixes is not None and not storage.within(uri, prefixes):
+    pacs = dicomweb.is_dicomweb(uri)
+    try:
+        if pacs:
+            dicomweb.check_allowed(uri, servers)
+        elif prefixes is not None and not storage.within(uri, prefixes):
+            raise storage.AccessDenied(uri)
+    except storage.AccessDenied:
         return '<div class="noimg">not shown</div>'
     try:
-        image = load_image(storage.read_bytes(uri), uri).convert("RGB")  # DICOM: windowed, as the model sees it
+        data = dicomweb.fetch_instance(uri) if pacs else storage.read_bytes(uri)
+        image = load_image(data, uri + ".dcm" if pacs else uri).convert("RGB")  # DICOM: windowed, as the model sees it
     except Exception as e:  # a sample that cannot be shown says so; the page still renders
         return f'<div class="noimg">{html.escape(type(e).__name__)}</div>'
     image.thumbnail((THUMBNAIL, THUMBNAIL))
@@ -94,10 +103,11 @@ def scores_line(rows: list[dict]) -> str:
             "the others open; overall is the mean of the two, as medray eval reports it)</p>")
 
 
-def answers_page(output: str, title: str, limit: int = 200, image_prefixes: list[str] | None = None) -> str:
+def answers_page(output: str, title: str, limit: int = 200, image_prefixes: list[str] | None = None,
+                 dicomweb_servers: list[str] | None = None) -> str:
     """One batch-inference output as a page (a served job's "report" link): every row (up to
-    `limit`) with its image (only inside `image_prefixes`, when given), question, answer or
-    error and reference, and the output's lineage."""
+    `limit`) with its image (only inside `image_prefixes` or on `dicomweb_servers`, when
+    given), question, answer or error and reference, and the output's lineage."""
     from medray.data.shards import read_shards
 
     rows = sorted(read_shards(output), key=lambda r: str(r["id"]))
@@ -107,7 +117,7 @@ def answers_page(output: str, title: str, limit: int = 200, image_prefixes: list
         answer = (f'<div class="error">error: {html.escape(row["error"])}</div>' if row.get("error")
                   else f"<div><b>answer:</b> {html.escape(row.get('answer') or '')}"
                        f"{mark(row.get('answer') or '', reference)}</div>")
-        cells.append(f'<figure>{thumbnail(row["image"], image_prefixes) if row.get("image") else ""}<figcaption>'
+        cells.append(f'<figure>{thumbnail(row["image"], image_prefixes, dicomweb_servers) if row.get("image") else ""}<figcaption>'
                      f'<div class=q>{html.escape(row.get("question") or "")}</div>{answer}'
                      + (f"<div><b>reference:</b> {html.escape(reference)}</div>" if reference else "")
                      + f'<div class=meta>{html.escape(str(row["id"]))}</div></figcaption></figure>')

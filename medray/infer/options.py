@@ -15,6 +15,7 @@ from medray.engines.types import DEFAULT_ADAPTER, GenerationFields
 from .experts import ExpertsConfig
 from medray.engines import EngineName
 from medray.engines.vllm_sizing import VLLMOptions
+from medray.storage import dicomweb
 
 
 class InferConfig(StrictModel, GenerationFields):
@@ -116,6 +117,8 @@ class InferConfig(StrictModel, GenerationFields):
         bad = [n for n in self.adapters if not n or n == DEFAULT_ADAPTER or ":" in n]
         if bad:
             raise ValueError(f"adapter names must be non-empty, without ':', and not {DEFAULT_ADAPTER!r}: {bad}")
+        if self.sr_output and dicomweb.is_dicomweb(self.sr_output) and dicomweb.parse(self.sr_output).query:
+            raise ValueError("sr_output names a DICOMweb service root (dicomweb://HOST:PORT/ROOT), without a query")
         return self
 
     def preprocess_concurrency(self) -> int:

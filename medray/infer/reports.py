@@ -58,6 +58,9 @@ def build_sr(source: dict, *, question: str, answer: str, model: str, model_dige
         sop_instance_uid=generate_uid(entropy_srcs=["medray-sr", run, evidence.SOPInstanceUID]),
         instance_number=1, manufacturer="medray", series_description=f"medray answers ({model})"[:64],
         is_complete=True, is_final=False, is_verified=False)
+    # UTF-8: an answer is any text (a model's output may hold any character, U+FFFD included);
+    # the source's character set (often Latin-1, copied by highdicom) would turn it into '?'.
+    sr.SpecificCharacterSet = "ISO_IR 192"
     out = BytesIO()
     sr.save_as(out, enforce_file_format=True)
     return out.getvalue()

@@ -77,6 +77,8 @@ class Part:
 
 def plan_parts(cfg: InferConfig, max_parts: int = MAX_PARTS) -> list[Part]:
     """The parts of the run's input: the driver's whole share of the listing."""
+    if cfg.sr_output and dicomweb.is_dicomweb(cfg.sr_output):  # SRs go only where a PACS is allowed
+        dicomweb.check_allowed(cfg.sr_output, cfg.allowed_dicomweb_servers)
     if dicomweb.is_dicomweb(cfg.input):
         dicomweb.check_allowed(cfg.input, cfg.allowed_dicomweb_servers)
         dicomweb.check_access(cfg.input)  # a refused credential fails the run here, naming the server

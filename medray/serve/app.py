@@ -193,6 +193,10 @@ class Api:
     async def preview(self, body: PreviewRequest):
         return await self.job_api.preview(body.url)
 
+    @app.get("/v1/dicomweb/studies")
+    async def pacs_studies(self, url: str, limit: int = Query(50, ge=1, le=200), offset: int = Query(0, ge=0)):
+        return await self.job_api.studies(url, limit, offset)
+
     @app.get("/v1/jobs")
     async def list_jobs(self, limit: int = Query(20, ge=1, le=100), after: str | None = None) -> dict:
         return await self.job_api.list(limit, after)

@@ -55,9 +55,10 @@ class JobApi:
     async def submit(self, body: JobRequest) -> dict:
         store, jobs = self.store(), self.config.jobs
         spec, adapter = self.model(body.model)
-        for field, side in (("input", "input"), ("image_folder", "input"), ("output", "output")):
+        for field, side in (("input", "input"), ("image_folder", "input"), ("output", "output"),
+                            ("sr_output", "output")):
             uri = getattr(body, field)
-            if field == "input" and dicomweb.is_dicomweb(uri):  # a PACS: allowed by server, as S3 by prefix
+            if field in ("input", "sr_output") and uri and dicomweb.is_dicomweb(uri):  # a PACS: by server
                 try:
                     dicomweb.check_allowed(uri, jobs.allowed_dicomweb_servers)
                 except (storage.AccessDenied, ValueError) as e:  # AccessDenied names the server, what is allowed
@@ -102,6 +103,25 @@ class JobApi:
         problem = await asyncio.to_thread(self.jobs.problem)
         return {"available": problem is None, "store": self.jobs.prefix, "problem": problem}
 
+    async def studies(self, url: str, limit: int, offset: int) -> dict:
+        """A page of the studies a PACS query finds (QIDO-RS, on a server jobs may read): what
+        the web page lists, to submit a job over the query narrowed to the studies picked."""
+        self.store()
+        try:
+            service = dicomweb.check_allowed(url, self.config.jobs.allowed_dicomweb_servers)
+        except storage.AccessDenied as e:
+            raise ApiError(403, f"url: {e}", param="url", kind="permission_error") from None
+        except ValueError as e:
+            raise ApiError(400, f"url: {e}", param="url") from None
+        try:  # one more than the page: whether there is a next one
+            found = await asyncio.to_thread(dicomweb.search_studies, service, offset, limit + 1)
+        except (dicomweb.DicomwebError, storage.AccessDenied) as e:  # the PACS refused or failed medray
+            raise ApiError(502, f"url: {e}", kind="server_error") from None
+        return {"object": "list", "input": url, "has_more": len(found) > limit,
+                "data": [{"study_uid": s.uid, "date": s.date, "description": s.description,
+                          "modalities": list(s.modalities), "instances": s.instances, "accession": s.accession}
+                         for s in found[:limit]]}
+
     async def answers(self, job_id: str) -> Response:
         """The job's output rows as JSON lines (a download: a person opens it, a script reads it)."""
         from medray.data.shards import as_values, read_shards
@@ -118,7 +138,8 @@ class JobApi:
 
         record = await asyncio.to_thread(self._job, job_id)
         page = await asyncio.to_thread(answers_page, record["output"], f"medray job {job_id}",
-                                       image_prefixes=self.config.jobs.allowed_input_prefixes)
+                                       image_prefixes=self.config.jobs.allowed_input_prefixes,
+                                       dicomweb_servers=self.config.jobs.allowed_dicomweb_servers)
         return HTMLResponse(page)
 
     async def preview(self, url: str) -> Response:

@@ -41,7 +41,7 @@ _ID = re.compile(r"^job-[0-9a-f]{16}$")
 # What a client may set in a job: a declared subset of InferConfig, so a pipeline option is
 # defined once. Resources (actors, CPUs, batch sizes) stay the server's (JobsConfig), and
 # `model` names a served model instead of a URI.
-JOB_FIELDS = ("input", "image_folder", "output", "task", "question", *GENERATION_FIELDS, "format", "include", "exclude")
+JOB_FIELDS = ("input", "image_folder", "output", "sr_output", "task", "question", *GENERATION_FIELDS, "format", "include", "exclude")
 JobRequest = create_model(
     "JobRequest", __base__=StrictModel, __doc__="The body of POST /v1/jobs.",
     model=(str, Field(description="A served model name, or '<model>:<adapter>'.")),
