@@ -9,7 +9,7 @@ A local Orthanc (medray.storage.local_pacs) holds `--instances` synthetic CT ins
   asks for gzip, and Orthanc's gzip of the pixels is most of its CPU per instance);
 - `medray, N read tasks`: the pipeline's own parts of the search (infer.sources.plan_parts and
   RowMaker, N parts read side by side on Ray Data) and its decode stage's fetch (a batch's
-  instances at once, stages._fetch_all) and decode (medray.data.load_image), with no model:
+  instances at once, sources.fetch_instances) and decode (medray.data.load_image), with no model:
   generation is left out, so this is the input side's speed.
 Printed: instances/s of each, and each medray setting's ratio to the loop run by run, so it
 shows how the ratio grows with the read tasks. Goal (issue #41): >= 2x on 2 cores.
@@ -76,9 +76,9 @@ def loop(root_url: str, side: int, plain: bool = False) -> int:
 
 def fetch_and_decode(batch: dict) -> dict:
     from medray.data import load_image
-    from medray.infer.stages import _fetch_all
+    from medray.infer.sources import fetch_instances
 
-    fetched = _fetch_all([str(u) for u in batch["image"]], None)
+    fetched = fetch_instances([str(u) for u in batch["image"]], None)
     failed = [f for f in fetched.values() if isinstance(f, Exception)]
     if failed:  # a row that fails in a run fails the bench: the rates are of whole fetches
         raise failed[0]

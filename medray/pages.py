@@ -41,12 +41,7 @@ def thumbnail(uri: str, prefixes: list[str] | None = None, servers: list[str] | 
     from medray.storage import dicomweb
 
     pacs = dicomweb.is_dicomweb(uri)
-    try:
-        if pacs:
-            dicomweb.check_allowed(uri, servers)
-        elif prefixes is not None and not storage.within(uri, prefixes):
-            raise storage.AccessDenied(uri)
-    except storage.AccessDenied:
+    if not (_on_allowed_server(uri, servers) if pacs else prefixes is None or storage.within(uri, prefixes)):
         return '<div class="noimg">not shown</div>'
     try:
         data = dicomweb.fetch_instance(uri) if pacs else storage.read_bytes(uri)
@@ -57,6 +52,16 @@ def thumbnail(uri: str, prefixes: list[str] | None = None, servers: list[str] | 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return img(buf.getvalue(), uri.rsplit("/", 1)[-1], "thumb")
+
+
+def _on_allowed_server(uri: str, servers: list[str] | None) -> bool:
+    from medray.storage import dicomweb
+
+    try:
+        dicomweb.check_allowed(uri, servers)
+    except (storage.AccessDenied, ValueError):  # another server, or no DICOMweb URI at all
+        return False
+    return True
 
 
 def reference_of(row: dict) -> str:

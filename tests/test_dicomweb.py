@@ -322,12 +322,12 @@ def test_a_run_killed_mid_query_resumes_and_stores_nothing_twice(ray_cluster, pa
     (the server named, the secret nowhere); a run whose driver is killed mid-query resumes with
     only the missing instances, and the PACS holds one SR per instance (the resumed run stores
     the killed one's SRs again under the same UIDs)."""
-    import signal
     import subprocess
     import sys
-    import time
     from collections import Counter
     from pathlib import Path
+
+    from _kill import kill_once_shards_land
 
     from medray.data.shards import read_shards
     from medray.infer import InferConfig, run_inference
@@ -347,17 +347,7 @@ def test_a_run_killed_mid_query_resumes_and_stores_nothing_twice(ray_cluster, pa
 
     proc = subprocess.Popen([exe, "infer", *flags, "--output", str(output)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not list(output.glob("part-*")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-query
-    proc.wait()
-    seen, stable_since = -1, time.monotonic()  # an actor caught mid-write may still finish its shard
-    while time.monotonic() - stable_since < 5:
-        now = len(list(output.glob("part-*")))
-        if now != seen:
-            seen, stable_since = now, time.monotonic()
-        time.sleep(0.2)
+    kill_once_shards_land(proc, output)  # the driver dies mid-query
     done_before = len(read_shards(str(output)))
     assert 0 < done_before < len(stored["MR"])
 

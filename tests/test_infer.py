@@ -135,6 +135,8 @@ def test_a_killed_actor_loses_no_row_and_duplicates_none(ray_cluster, bucket):
 
 
 def test_an_interrupted_run_resumes_with_only_the_missing_rows(ray_cluster, tmp_path):
+    from _kill import kill_once_shards_land
+
     write_synthetic("chest-vqa", str(tmp_path / "c"), n=96, seed=7)
     output = tmp_path / "out"
     exe = Path(sys.executable).with_name("medray")
@@ -144,19 +146,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_rows(ray_cluster, tmp_
                              "--question", "Is there an opacity?", "--max-new-tokens", "3", "--batch-size", "8",
                              "--rows-per-shard", "8"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and len(list(output.glob("part-*"))) < 2:
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-job
-    proc.wait()
-    # Ray stops the dead driver's actors within moments; one caught mid-write may still
-    # finish its shard (atomically), so count once the output has stopped changing.
-    seen, stable_since = -1, time.monotonic()
-    while time.monotonic() - stable_since < 5:
-        now = len(list(output.glob("part-*")))
-        if now != seen:
-            seen, stable_since = now, time.monotonic()
-        time.sleep(0.2)
+    kill_once_shards_land(proc, output, shards=2)  # the driver dies mid-job
     done_before = len(_rows(str(output)))
     assert 0 < done_before < 96
     assert not list(output.glob(".*partial"))  # no half-written shard is visible

@@ -14,6 +14,9 @@ Parquet footer), whatever the corpus holds. Each read task then, for its part:
 - yields the rest, a page at a time, so preprocessing starts on the first pages while the
   rest of the corpus is still being listed (pipeline.BLOCK_BYTES says how Ray Data cuts them).
 
+A PACS search is paged the same way (QIDO-RS, `SearchPart`); its instances are fetched later,
+by the decode tasks, a batch's at once (`fetch_instances`, WADO-RS).
+
 A row a records file cannot describe (not JSON, not a record, an unknown adapter) stays a
 row, with its error: it fails alone, in the output.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -248,3 +252,29 @@ class InputSource(Datasource):
         meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
         return [ReadTask(functools.partial(read_part_rows, part, cfg=self.conf, index_ref=self.index_ref,
                                            ledger=self.ledger), meta) for part in self.parts]
+
+
+FETCH_THREADS = 8
+
+
+def fetch_instances(uris: list[str], allowed: list[str] | None) -> dict:
+    """uri -> the instance's bytes, or the exception that fetching it raised (its row fails
+    alone); an instance on a server not `allowed` is not asked for."""
+    if not uris:
+        return {}
+
+    def fetch(uri):
+        try:
+            dicomweb.check_allowed(uri, allowed)
+            return dicomweb.fetch_instance(uri)
+        except Exception as e:
+            return e
+
+    return dict(zip(uris, _fetch_pool().map(fetch, uris)))
+
+
+@functools.cache
+def _fetch_pool() -> ThreadPoolExecutor:
+    # Kept for the process: its threads keep their HTTP sessions (dicomweb._session), and with
+    # them their connections to the PACS, from batch to batch.
+    return ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="dicomweb-fetch")

@@ -24,6 +24,7 @@ from medray.engines.types import Encoded, Request
 from .experts import Experts, encode_for_expert
 from .options import InferConfig, adapter_role
 from .prompts import messages_for
+from .sources import fetch_instances
 
 if TYPE_CHECKING:
     from medray.engines.protocol import BatchEngine
@@ -72,8 +73,8 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
     n = len(batch["id"])
     # A PACS answers each WADO-RS request in its own time: the batch's instances are asked for
     # at once, so a task waits on the server once per batch, not once per row.
-    fetched = _fetch_all([str(u) for u in batch["image"] if dicomweb.is_dicomweb(str(u))],
-                         conf.allowed_dicomweb_servers)
+    fetched = fetch_instances([str(u) for u in batch["image"] if dicomweb.is_dicomweb(str(u))],
+                              conf.allowed_dicomweb_servers)
     input_ids, pixels, errors, questions, kinds, prepared, image_kwargs = [], [], [], [], [], [], []
     for i in range(n):
         uri, question = str(batch["image"][i]), str(batch["question"][i]) or (conf.question or "")
@@ -87,7 +88,7 @@ def preprocess(batch: dict, *, cfg: dict) -> dict:
                 raise ValueError("no question: give --question or a question per row")
             images = []
             if uri and dicomweb.is_dicomweb(uri):
-                pass  # checked against the allowed servers as it was fetched (_fetch_all)
+                pass  # checked against the allowed servers as it was fetched (fetch_instances)
             elif uri and conf.allowed_image_prefixes is not None and not storage.within(uri, conf.allowed_image_prefixes):
                 raise PermissionError(f"{uri} is outside the allowed input prefixes {conf.allowed_image_prefixes}")
             if uri and dicomweb.is_dicomweb(uri):  # fetched for the whole batch at once, above
@@ -277,32 +278,6 @@ class Generator:
             study_uid=np.array([u[0] for u in uids], dtype=object),
             series_uid=np.array([u[1] for u in uids], dtype=object),
         )
-
-
-FETCH_THREADS = 8
-
-
-def _fetch_all(uris: list[str], allowed: list[str] | None) -> dict:
-    """uri -> the instance's bytes, or the exception that fetching it raised (its row fails
-    alone); an instance on a server not `allowed` is not asked for."""
-    if not uris:
-        return {}
-
-    def fetch(uri):
-        try:
-            dicomweb.check_allowed(uri, allowed)
-            return dicomweb.fetch_instance(uri)
-        except Exception as e:
-            return e
-
-    return dict(zip(uris, _fetch_pool().map(fetch, uris)))
-
-
-@functools.cache
-def _fetch_pool() -> ThreadPoolExecutor:
-    # Kept for the process: its threads keep their HTTP sessions (dicomweb._session), and with
-    # them their connections to the PACS, from batch to batch.
-    return ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="dicomweb-fetch")
 
 
 def _write_batch(batch: dict, *, output: str, fmt: str, metadata: dict[str, str] | None = None) -> dict:

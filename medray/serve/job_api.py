@@ -106,7 +106,7 @@ class JobApi:
     async def studies(self, url: str, limit: int, offset: int) -> dict:
         """A page of the studies a PACS query finds (QIDO-RS, on a server jobs may read): what
         the web page lists, to submit a job over the query narrowed to the studies picked."""
-        self.store()
+        self.store()  # a 404 where jobs are not configured: the list is for submitting one
         try:
             service = dicomweb.check_allowed(url, self.config.jobs.allowed_dicomweb_servers)
         except storage.AccessDenied as e:
